@@ -1,0 +1,117 @@
+// An image file opened for data I/O: O_DIRECT where the file system allows it, aligned
+// transfers, bounce buffers and read-modify-write for requests that are not aligned.
+#pragma once
+#include <sys/uio.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "status.h"
+
+namespace qcow2 {
+
+/// Host cache modes, named as qemu-img's -t/-T take them.
+enum class CacheMode { None, Writeback, Unsafe, Directsync, Writethrough };
+
+/// Parse a cache mode name; false when the name is unknown.
+bool ParseCacheMode(const std::string& name, CacheMode* mode);
+const char* CacheModeName(CacheMode mode);
+
+struct FileOptions {
+  bool writable = false;
+  bool create = false;  ///< create the file if missing (O_CREAT), never truncating it
+  CacheMode cache = CacheMode::None;
+};
+
+/// fallocate() flavours the layers above ask for.
+enum class AllocateMode { Allocate, PunchHole, ZeroRange };
+
+/// A held byte range of a file: writes that overlap wait for each other (see File::LockRange).
+class RangeLock;
+
+/// An open file or block device. Thread-safe: every method may be called from any worker.
+class File {
+ public:
+  static Status Open(const std::string& path, const FileOptions& options, std::shared_ptr<File>* out);
+  ~File();
+
+  const std::string& path() const { return path_; }
+  bool writable() const { return options_.writable; }
+  CacheMode cache() const { return options_.cache; }
+  bool direct() const { return direct_; }
+  /// True when O_DIRECT was asked for but the file system refused it.
+  bool directFallback() const { return directFallback_; }
+  bool blockDevice() const { return blockDevice_; }
+  /// Alignment that buffer addresses need (1 when buffered).
+  uint32_t memAlign() const { return memAlign_; }
+  /// Alignment that offsets and lengths need (1 when buffered).
+  uint32_t reqAlign() const { return reqAlign_; }
+
+  /// Read exactly `len` bytes at `off` into any buffer; bytes past the end of the file read as zero.
+  Status Read(void* buf, size_t len, uint64_t off);
+  /// Read like Read(), but a range that extends past the end of the file is an error.
+  Status ReadExact(void* buf, size_t len, uint64_t off);
+  /// Write `len` bytes at `off` from any buffer; unaligned edges do read-modify-write.
+  Status Write(const void* buf, size_t len, uint64_t off);
+  /// Vectored forms of Read and Write, the iovecs filling a contiguous range at `off`.
+  Status Readv(const struct iovec* iov, int count, uint64_t off);
+  Status Writev(const struct iovec* iov, int count, uint64_t off);
+  /// Make written data durable (fdatasync), except in cache mode unsafe.
+  Status Flush();
+  Status Allocate(AllocateMode mode, uint64_t off, uint64_t len);
+  Status Truncate(uint64_t size);
+  Status Size(uint64_t* size);
+  /// Bytes the file occupies on its file system (st_blocks * 512).
+  Status AllocatedBytes(uint64_t* bytes);
+  /// Next data (or hole) at or after `off`; *found = size of file when there is none.
+  Status SeekData(uint64_t off, uint64_t* found);
+  Status SeekHole(uint64_t off, uint64_t* found);
+  Status Close();
+
+ private:
+  File(std::string path, const FileOptions& options) : path_(std::move(path)), options_(options) {}
+  Status DiscoverAlignment();
+  bool Aligned(const void* buf, size_t len, uint64_t off) const;
+  Status RawPread(void* buf, size_t len, uint64_t off, size_t* done);
+  Status RawPwrite(const void* buf, size_t len, uint64_t off);
+  Status BouncedRead(void* buf, size_t len, uint64_t off);
+  Status BouncedWrite(const void* buf, size_t len, uint64_t off);
+  Status Fail(int err, const char* op, uint64_t off, size_t len) const;
+  int fd() const { return fd_.load(std::memory_order_acquire); }
+
+  friend class RangeLock;
+  void Lock(uint64_t start, uint64_t end);
+  void Unlock(uint64_t start, uint64_t end);
+
+  std::string path_;
+  FileOptions options_;
+  std::atomic<int> fd_{-1};
+  bool direct_ = false;
+  bool directFallback_ = false;
+  bool blockDevice_ = false;
+  uint32_t memAlign_ = 1;
+  uint32_t reqAlign_ = 1;
+
+  std::mutex rangeMu_;
+  std::condition_variable rangeCv_;
+  std::vector<std::pair<uint64_t, uint64_t>> lockedRanges_;
+};
+
+class RangeLock {
+ public:
+  RangeLock(File& file, uint64_t start, uint64_t end) : file_(file), start_(start), end_(end) { file_.Lock(start, end); }
+  ~RangeLock() { file_.Unlock(start_, end_); }
+  RangeLock(const RangeLock&) = delete;
+  RangeLock& operator=(const RangeLock&) = delete;
+
+ private:
+  File& file_;
+  uint64_t start_, end_;
+};
+
+}  // namespace qcow2

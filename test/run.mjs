@@ -1,0 +1,28 @@
+// Runs ava over the compiled tests and ends with the plain line "N passed, N failed".
+// ava's TAP reporter gives exact counts; a run that executes no test is a failure.
+import { spawn } from 'node:child_process';
+import { createRequire } from 'node:module';
+import readline from 'node:readline';
+
+const require = createRequire(import.meta.url);
+const ava = require.resolve('ava/entrypoints/cli.mjs');
+const child = spawn(process.execPath, [ava, '--tap', ...process.argv.slice(2)], {
+  stdio: ['inherit', 'pipe', 'inherit'],
+});
+
+const counts = { pass: 0, fail: 0, skip: 0, todo: 0 };
+const lines = readline.createInterface({ input: child.stdout });
+lines.on('line', (line) => {
+  process.stdout.write(line + '\n');
+  const m = /^# (pass|fail|skip|todo)\s+(\d+)/.exec(line);
+  if (m) counts[m[1]] = Number(m[2]);
+});
+
+child.on('close', (code) => {
+  const failed = counts.fail + (code !== 0 && counts.fail === 0 ? 1 : 0);
+  let summary = `${counts.pass} passed, ${failed} failed`;
+  if (counts.skip + counts.todo > 0) summary += `, ${counts.skip + counts.todo} skipped`;
+  process.stdout.write(summary + '\n');
+  if (counts.pass === 0) process.stderr.write('no test was executed: that is a failure\n');
+  process.exit(code === 0 && counts.pass > 0 && counts.fail === 0 ? 0 : 1);
+});
