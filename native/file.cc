@@ -76,6 +76,9 @@ Status File::Open(const std::string& path, const FileOptions& options, std::shar
   if (S_ISDIR(st.st_mode)) return Status::FromErrno(EISDIR, "could not open '" + path + "'");
   file->blockDevice_ = S_ISBLK(st.st_mode);
   if (file->direct_) QCOW2_TRY(file->DiscoverAlignment());
+  uint64_t size = 0;
+  QCOW2_TRY(file->Size(&size));
+  file->sizeHint_.store(size);
   *out = std::move(file);
   return Status::Ok();
 }
@@ -202,11 +205,40 @@ Status File::BouncedRead(void* buf, size_t len, uint64_t off) {
 
 Status File::Write(const void* buf, size_t len, uint64_t off) {
   if (!options_.writable) return Fail(EBADF, "write", off, len);
+  if (off + len > sizeHint_.load(std::memory_order_acquire)) return ExtendingWrite(buf, len, off);
   if (!direct_) return RawPwrite(buf, len, off);
   if (!Aligned(buf, len, off)) return BouncedWrite(buf, len, off);
   // Aligned writes still wait for read-modify-write cycles that cover the same blocks.
   RangeLock lock(*this, off, off + len);
   return RawPwrite(buf, len, off);
+}
+
+Status File::ExtendingWrite(const void* buf, size_t len, uint64_t off) {
+  if (!direct_ || Aligned(buf, len, off)) {
+    std::shared_lock<std::shared_mutex> extend(extendMu_);
+    if (direct_) {
+      RangeLock lock(*this, off, off + len);
+      QCOW2_TRY(RawPwrite(buf, len, off));
+    } else {
+      QCOW2_TRY(RawPwrite(buf, len, off));
+    }
+    NoteSize(off + len);
+    return Status::Ok();
+  }
+  std::unique_lock<std::shared_mutex> extend(extendMu_);
+  uint64_t before = 0;
+  QCOW2_TRY(Size(&before));
+  QCOW2_TRY(BouncedWrite(buf, len, off));
+  uint64_t end = std::max(before, off + len);
+  if (end % reqAlign_ != 0 && !blockDevice_) QCOW2_TRY(Truncate(end));
+  NoteSize(end);
+  return Status::Ok();
+}
+
+void File::NoteSize(uint64_t end) {
+  uint64_t seen = sizeHint_.load(std::memory_order_relaxed);
+  while (seen < end && !sizeHint_.compare_exchange_weak(seen, end, std::memory_order_release)) {
+  }
 }
 
 Status File::BouncedWrite(const void* buf, size_t len, uint64_t off) {
@@ -280,7 +312,7 @@ Status File::Writev(const struct iovec* iov, int count, uint64_t off) {
   size_t total = 0;
   for (int i = 0; i < count && aligned; i++) aligned = Aligned(iov[i].iov_base, iov[i].iov_len, 0);
   for (int i = 0; i < count; i++) total += iov[i].iov_len;
-  if (!aligned || count > IOV_MAX) {
+  if (!aligned || count > IOV_MAX || off + total > sizeHint_.load(std::memory_order_acquire)) {
     uint64_t pos = off;
     for (int i = 0; i < count; i++) {
       QCOW2_TRY(Write(iov[i].iov_base, iov[i].iov_len, pos));
@@ -336,6 +368,7 @@ Status File::Truncate(uint64_t size) {
   if (ftruncate(fd(), static_cast<off_t>(size)) != 0) {
     return Status::FromErrno(errno, "truncate of '" + path_ + "' to " + std::to_string(size) + " bytes failed");
   }
+  sizeHint_.store(size, std::memory_order_release);
   return Status::Ok();
 }
 

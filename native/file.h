@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -81,6 +82,8 @@ class File {
   Status RawPwrite(const void* buf, size_t len, uint64_t off);
   Status BouncedRead(void* buf, size_t len, uint64_t off);
   Status BouncedWrite(const void* buf, size_t len, uint64_t off);
+  Status ExtendingWrite(const void* buf, size_t len, uint64_t off);
+  void NoteSize(uint64_t end);
   Status Fail(int err, const char* op, uint64_t off, size_t len) const;
   int fd() const { return fd_.load(std::memory_order_acquire); }
 
@@ -96,6 +99,13 @@ class File {
   bool blockDevice_ = false;
   uint32_t memAlign_ = 1;
   uint32_t reqAlign_ = 1;
+
+  /// Writes that may extend the file hold this lock: shared for those that write exactly their
+  /// bytes, exclusive for an unaligned O_DIRECT one, which pads to whole blocks and then trims
+  /// the padding — never while another extending write could have put bytes there.
+  std::shared_mutex extendMu_;
+  /// The file size as this process last made or saw it; writes ending below it cannot extend.
+  std::atomic<uint64_t> sizeHint_{0};
 
   std::mutex rangeMu_;
   std::condition_variable rangeCv_;
