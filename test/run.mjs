@@ -1,11 +1,12 @@
 // Runs ava over the compiled tests and ends with the plain line "N passed, N failed".
 // ava's TAP reporter gives exact counts; a run that executes no test is a failure.
 import { spawn } from 'node:child_process';
-import { createRequire } from 'node:module';
+import path from 'node:path';
 import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
 
-const require = createRequire(import.meta.url);
-const ava = require.resolve('ava/entrypoints/cli.mjs');
+const root = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
+const ava = path.join(root, 'node_modules', 'ava', 'entrypoints', 'cli.mjs');
 const child = spawn(process.execPath, [ava, '--tap', ...process.argv.slice(2)], {
   stdio: ['inherit', 'pipe', 'inherit'],
 });
