@@ -5,6 +5,9 @@ export type Command = (argv: string[]) => Promise<number>;
 
 /** Each subcommand lives in its own module, loaded only when it runs. */
 const COMMANDS: Record<string, () => Promise<{ run: Command }>> = {
+  compare: () => import('./compare.js'),
+  convert: () => import('./convert.js'),
+  map: () => import('./map.js'),
 };
 
 function usage(): string {

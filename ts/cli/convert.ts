@@ -1,0 +1,98 @@
+/** `qcow2 convert [-f FMT] -O raw [-t CACHE] [-T CACHE] [-m N] [-W] [-p] [-S SIZE] [--target-is-zero] [-n] [-U] SRC DST`. */
+import { ErrorCodes, Qcow2Error } from '../errors.js';
+import { convert } from '../tools/convert.js';
+import { UsageError, lastOption, parseArgs, parseSize } from './args.js';
+import { ProgressPrinter, hasFlag, openImage, optionValue, parseCache, parseFormat } from './common.js';
+
+const SPEC = {
+  short: 'f:O:t:T:m:WpqS:nUh',
+  long: {
+    'target-is-zero': { value: false },
+    'force-share': { value: false, key: 'U' },
+    help: { value: false, key: 'h' },
+  },
+};
+
+const USAGE =
+  'usage: qcow2 convert [-U] [-p] [-q] [-n] [--target-is-zero] [-f fmt] [-t cache] [-T src_cache] ' +
+  '[-O output_fmt] [-S sparse_size] [-m num_coroutines] [-W] filename output_filename\n';
+
+/** qemu-img convert accepts 1 to 16 coroutines. */
+const MAX_COROUTINES = 16;
+
+function parseCoroutines(text: string): number {
+  const n = /^\d+$/.test(text) ? Number(text) : NaN;
+  if (!(n >= 1 && n <= MAX_COROUTINES)) {
+    throw new UsageError(`Invalid number of coroutines. Allowed number of coroutines is between 1 and ${MAX_COROUTINES}`);
+  }
+  return n;
+}
+
+function parseSparseSize(text: string): number {
+  let size: number;
+  try {
+    size = parseSize(text);
+  } catch {
+    throw new UsageError(
+      'Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E suffixes for\n' +
+        'kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.',
+    );
+  }
+  if (size % 512 !== 0 || size > 16 << 20) {
+    throw new UsageError(
+      'Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. ' +
+        'Select 0 to disable sparse detection (fully allocates output).',
+    );
+  }
+  return size;
+}
+
+export async function run(argv: string[]): Promise<number> {
+  const args = parseArgs(argv, SPEC);
+  if (hasFlag(args, 'h')) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const format = parseFormat(lastOption(args, 'f'));
+  const outputFormat = parseFormat(lastOption(args, 'O') ?? 'raw');
+  const targetCache = parseCache(lastOption(args, 't'), 'cache');
+  const sourceCache = parseCache(lastOption(args, 'T'), 'source cache');
+  const parallel = optionValue(args, 'm', parseCoroutines);
+  const sparseSize = optionValue(args, 'S', parseSparseSize);
+  const skipCreate = hasFlag(args, 'n');
+  const targetIsZero = hasFlag(args, 'target-is-zero');
+  if (targetIsZero && !skipCreate) throw new UsageError('--target-is-zero requires use of -n flag');
+  if (args.positional.length < 2) throw new UsageError('Must specify image file name');
+  if (args.positional.length > 2) {
+    throw new Qcow2Error(ErrorCodes.UNSUPPORTED, 'converting several source images into one is not supported yet');
+  }
+  const [source, target] = args.positional;
+  if (outputFormat !== 'raw') {
+    throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `ERR_QCOW2_UNSUPPORTED: output format '${outputFormat}' is not supported yet`);
+  }
+  const progress = new ProgressPrinter(hasFlag(args, 'p') && !hasFlag(args, 'q'), 1);
+  progress.set(0);
+  try {
+    const image = await openImage(source, { format, cache: sourceCache ?? 'writeback' });
+    try {
+      await convert(image, target, {
+        outputFormat,
+        targetCache,
+        parallel,
+        outOfOrder: hasFlag(args, 'W'),
+        sparseSize,
+        skipCreate,
+        targetIsZero,
+        onProgress: (done, total) => {
+          if (total > 0) progress.update(done, total);
+        },
+      });
+    } finally {
+      await image.close();
+    }
+    progress.set(100);
+  } finally {
+    progress.end();
+  }
+  return 0;
+}

@@ -1,0 +1,290 @@
+/** Copying an image into another (library side of `qcow2 convert`): sparse, parallel, bounded memory. */
+import { ErrorCodes, Qcow2Error, asQcow2Error, check, settle } from '../errors.js';
+import type { Image, ImageFormat } from '../image.js';
+import { CacheMode, allocAligned, native } from '../native.js';
+import { open } from '../open.js';
+import { RawImage } from '../raw.js';
+
+/** Largest piece read or written by one request: bounds memory to `parallel` × this. */
+export const COPY_CHUNK = 2 << 20;
+
+/** Granule of zero detection inside data: the usual file system block. */
+const ZERO_GRANULE = 4096;
+
+/** How many requests may be in flight at most. */
+export const MAX_PARALLEL = 32;
+
+export interface CopyOptions {
+  /** Requests in flight (1..32, default 8). */
+  parallel?: number;
+  /** Let writes land out of guest order (qemu-img -W); faster on some storage. */
+  outOfOrder?: boolean;
+  /**
+   * Zero runs of at least this many bytes inside data are not written (qemu-img -S, default
+   * 4096, a multiple of 512). 0 writes every byte, zeroes included: the target is fully allocated.
+   */
+  sparseSize?: number;
+  /** The target already reads as zero everywhere (it was just created, or the caller says so). */
+  targetIsZero?: boolean;
+  signal?: AbortSignal;
+  /** Called as data is copied: `done` of `total` bytes that must be written. */
+  onProgress?: (done: number, total: number) => void;
+}
+
+export interface ConvertOptions extends Omit<CopyOptions, 'targetIsZero'> {
+  /** Source format (probed when left out). */
+  format?: ImageFormat;
+  /** Target format: only 'raw' for now. */
+  outputFormat?: ImageFormat;
+  /** Host cache of the source (qemu-img -T; default 'writeback'). */
+  sourceCache?: CacheMode;
+  /** Host cache of the target (qemu-img -t; default 'unsafe': no flush to disk). */
+  targetCache?: CacheMode;
+  /** Write into an existing target instead of creating it (qemu-img -n). */
+  skipCreate?: boolean;
+  /** With skipCreate: the existing target reads as zero, so zero runs need no writes. */
+  targetIsZero?: boolean;
+  /** Follow the backing and data file names the source records (default false; the CLI sets it). */
+  followFileNames?: boolean;
+}
+
+/** One piece of work: a run to copy (`data`) or to zero, in guest order. */
+interface Piece {
+  offset: number;
+  length: number;
+  data: boolean;
+  /** Settles when the piece before it has been written (in-order mode only). */
+  previous: Promise<void>;
+  /** Settle once this piece is written, or failed. */
+  done: () => void;
+}
+
+/**
+ * Convert `source` (a path, or an open image the caller keeps ownership of) into a new or
+ * existing raw image at `target`.
+ */
+export async function convert(source: string | Image, target: string, options: ConvertOptions = {}): Promise<void> {
+  const outputFormat = options.outputFormat ?? 'raw';
+  if (outputFormat !== 'raw') {
+    throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `convert: output format '${outputFormat}' is not supported yet (raw only)`);
+  }
+  check(!options.targetIsZero || options.skipCreate === true, 'convert: targetIsZero needs skipCreate (-n)');
+  checkCopyOptions(options);
+  const input = typeof source === 'string' ? await openSource(source, options) : source;
+  try {
+    const output = options.skipCreate
+      ? await openExistingRaw(target, input.size, options.targetCache)
+      : await createRaw(target, input.size, options.targetCache);
+    try {
+      await copyImage(input, output, { ...options, targetIsZero: options.skipCreate ? options.targetIsZero : true });
+      await output.flush();
+    } finally {
+      await output.close();
+    }
+  } finally {
+    if (input !== source) await input.close();
+  }
+}
+
+function openSource(path: string, options: ConvertOptions): Promise<Image> {
+  return open(path, {
+    readOnly: true,
+    format: options.format,
+    cache: options.sourceCache ?? 'writeback',
+    followFileNames: options.followFileNames ?? false,
+  });
+}
+
+/** Create (or truncate) `path` as a raw image of `size` bytes that reads as zero. */
+async function createRaw(path: string, size: number, cache: CacheMode = 'unsafe'): Promise<RawImage> {
+  const file = await settle(native.NativeFile.open(path, { writable: true, create: true, cache }));
+  try {
+    // Emptying first drops the old blocks, so the new image is one hole.
+    await settle(file.truncate(0));
+    await settle(file.truncate(size));
+  } catch (error) {
+    await file.close();
+    throw error;
+  }
+  return RawImage.fromFile(path, file);
+}
+
+/** Open an existing raw target, which must hold at least `size` bytes. */
+async function openExistingRaw(path: string, size: number, cache: CacheMode = 'unsafe'): Promise<RawImage> {
+  const image = await RawImage.open(path, { cache });
+  if (image.size < size) {
+    await image.close();
+    throw new Qcow2Error(
+      ErrorCodes.INVALID_ARGUMENT,
+      `output file is smaller than input file (${image.size} < ${size} bytes)`,
+    );
+  }
+  return image;
+}
+
+function checkCopyOptions(options: CopyOptions): void {
+  const parallel = options.parallel ?? 8;
+  check(
+    Number.isSafeInteger(parallel) && parallel >= 1 && parallel <= MAX_PARALLEL,
+    `parallel must be an integer from 1 to ${MAX_PARALLEL}, got ${parallel}`,
+  );
+  const sparse = options.sparseSize ?? 4096;
+  check(
+    Number.isSafeInteger(sparse) && sparse >= 0 && sparse % 512 === 0 && sparse <= 16 << 20,
+    `sparseSize must be a multiple of 512 from 0 to 16777216, got ${sparse}`,
+  );
+}
+
+/**
+ * Copy every guest byte of `source` into `target` (which must be at least as large): data is
+ * read and written in pieces of at most 2 MiB, `parallel` at a time; zero runs are skipped
+ * when the target reads as zero already, else zeroed without writing buffers.
+ */
+export async function copyImage(source: Image, target: Image, options: CopyOptions = {}): Promise<void> {
+  checkCopyOptions(options);
+  check(target.size >= source.size, `copyImage: target (${target.size} bytes) is smaller than source (${source.size} bytes)`);
+  const parallel = options.parallel ?? 8;
+  const sparseSize = options.sparseSize ?? 4096;
+  // With -S 0 the target is fully allocated, so zero runs are written even on a zeroed target.
+  const skipZeroes = options.targetIsZero === true && sparseSize > 0;
+  const total = options.onProgress ? await bytesToWrite(source, sparseSize) : 0;
+  let done = 0;
+  const report = (length: number) => {
+    done += length;
+    options.onProgress?.(done, total);
+  };
+  options.onProgress?.(0, total);
+  const pieces = splitIntoPieces(source, options);
+  let failure: Qcow2Error | undefined;
+  const worker = async () => {
+    const buffer = allocAligned(COPY_CHUNK);
+    while (!failure) {
+      let next: Piece | undefined;
+      try {
+        next = await nextPiece(pieces);
+      } catch (error) {
+        failure ??= asQcow2Error(error);
+        return;
+      }
+      if (!next) return;
+      try {
+        await copyPiece(source, target, next, buffer, { skipZeroes, sparseSize, inOrder: !options.outOfOrder });
+        if (next.data || sparseSize === 0) report(next.length);
+      } catch (error) {
+        failure ??= asQcow2Error(error);
+      } finally {
+        next.done();
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: parallel }, worker));
+  await pieces.return(undefined);
+  if (failure) throw failure;
+}
+
+/** Take the next piece; a failure of the source (extents) is a failure of the copy. */
+async function nextPiece(pieces: AsyncGenerator<Piece>): Promise<Piece | undefined> {
+  const { value, done } = await pieces.next();
+  return done ? undefined : value;
+}
+
+function checkAborted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new Qcow2Error(ErrorCodes.ABORTED, 'the operation was aborted', { cause: signal.reason });
+}
+
+/** Bytes a copy writes: data, and with sparseSize 0 zero runs too (what qemu-img -p counts). */
+async function bytesToWrite(source: Image, sparseSize: number): Promise<number> {
+  let total = 0;
+  for await (const extent of source.extents()) {
+    if (extent.kind === 'data' || sparseSize === 0) total += extent.length;
+  }
+  return total;
+}
+
+/**
+ * The source's extents cut into pieces of at most COPY_CHUNK bytes, aligned to COPY_CHUNK in
+ * guest offsets (aligned requests suit O_DIRECT), each chained to the one before it.
+ */
+async function* splitIntoPieces(source: Image, options: CopyOptions): AsyncGenerator<Piece> {
+  let previous: Promise<void> = Promise.resolve();
+  for await (const extent of source.extents()) {
+    const data = extent.kind === 'data';
+    const end = extent.offset + extent.length;
+    for (let pos = extent.offset; pos < end; ) {
+      checkAborted(options.signal);
+      // Zero runs need no buffer, so they go as one request however long.
+      const length = data ? Math.min(COPY_CHUNK - (pos % COPY_CHUNK), end - pos) : end - pos;
+      let done!: () => void;
+      const written = new Promise<void>((resolve) => (done = resolve));
+      yield { offset: pos, length, data, previous, done };
+      previous = written;
+      pos += length;
+    }
+  }
+}
+
+interface PieceContext {
+  skipZeroes: boolean;
+  sparseSize: number;
+  inOrder: boolean;
+}
+
+async function copyPiece(source: Image, target: Image, piece: Piece, buffer: Buffer, ctx: PieceContext): Promise<void> {
+  if (!piece.data) {
+    if (ctx.inOrder) await piece.previous;
+    if (!ctx.skipZeroes) await target.writeZeroes(piece.offset, piece.length, { unmap: ctx.sparseSize > 0 });
+    return;
+  }
+  const view = buffer.subarray(0, piece.length);
+  await source.read(view, piece.offset);
+  if (ctx.inOrder) await piece.previous;
+  if (ctx.sparseSize === 0) {
+    await target.write(view, piece.offset);
+    return;
+  }
+  for (const run of dataAndZeroRuns(view, piece.offset, ctx.sparseSize)) {
+    if (run.data) await target.write(view.subarray(run.start, run.end), piece.offset + run.start);
+    else if (!ctx.skipZeroes) await target.writeZeroes(piece.offset + run.start, run.end - run.start, { unmap: true });
+  }
+}
+
+/**
+ * Split `buffer` (guest bytes from `offset`) into runs to write and zero runs of at least
+ * `minZero` bytes to leave out; zero detection works on 4 KiB granules aligned in guest offsets.
+ */
+export function dataAndZeroRuns(
+  buffer: Buffer,
+  offset: number,
+  minZero: number,
+): Array<{ start: number; end: number; data: boolean }> {
+  const granule = Math.min(ZERO_GRANULE, minZero);
+  const runs: Array<{ start: number; end: number; data: boolean }> = [];
+  let zeroStart = -1;
+  let dataStart = 0;
+  const closeZeroRun = (at: number) => {
+    if (zeroStart >= 0 && at - zeroStart >= minZero) {
+      if (zeroStart > dataStart) runs.push({ start: dataStart, end: zeroStart, data: true });
+      runs.push({ start: zeroStart, end: at, data: false });
+      dataStart = at;
+    }
+    zeroStart = -1;
+  };
+  for (let pos = 0; pos < buffer.length; ) {
+    const end = Math.min(buffer.length, pos + granule - ((offset + pos) % granule));
+    if (isZero(buffer, pos, end)) {
+      if (zeroStart < 0) zeroStart = pos;
+    } else {
+      closeZeroRun(pos);
+    }
+    pos = end;
+  }
+  closeZeroRun(buffer.length);
+  if (dataStart < buffer.length) runs.push({ start: dataStart, end: buffer.length, data: true });
+  return runs;
+}
+
+const ZEROES = Buffer.alloc(ZERO_GRANULE);
+
+function isZero(buffer: Buffer, start: number, end: number): boolean {
+  return buffer.compare(ZEROES, 0, end - start, start, end) === 0;
+}
