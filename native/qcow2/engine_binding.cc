@@ -1,5 +1,211 @@
-// Placeholder registration for the qcow2 engine; replaced by the engine itself.
+// The JS class Qcow2Engine: arguments become an EngineConfig on the main thread, the work runs
+// on the pool, and results become JS values in one place.
 #include <napi.h>
+
+#include "file_binding.h"
+#include "js.h"
+#include "qcow2/engine.h"
+
 namespace qcow2 {
-void InitEngine(Napi::Env, Napi::Object) {}
+namespace {
+
+using Keep = std::vector<Napi::Reference<Napi::Value>>;
+
+/// Runs per map() call unless the caller asks otherwise.
+constexpr size_t kDefaultMapRuns = 65536;
+/// Numbers per run in map() results: offset, length, kind, depth, hostOffset, flags.
+constexpr size_t kRunFields = 6;
+
+class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
+ public:
+  static void Init(Napi::Env env, Napi::Object exports) {
+    Napi::Function ctor = DefineClass(env, "Qcow2Engine", {
+        StaticMethod<&EngineWrap::Open>("open"),
+        InstanceMethod<&EngineWrap::Read>("read"),
+        InstanceMethod<&EngineWrap::Map>("map"),
+        InstanceMethod<&EngineWrap::Close>("close"),
+        InstanceAccessor<&EngineWrap::Info>("info"),
+    });
+    env.GetInstanceData<AddonData>()->engineConstructor = Napi::Persistent(ctor);
+    exports.Set("Qcow2Engine", ctor);
+  }
+
+  explicit EngineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EngineWrap>(info) {
+    if (info.Length() != 1 || !info[0].IsExternal()) {
+      throw Napi::TypeError::New(info.Env(), "Qcow2Engine cannot be constructed directly: use Qcow2Engine.open()");
+    }
+    engine_ = *info[0].As<Napi::External<std::shared_ptr<Engine>>>().Data();
+  }
+
+  /// The engine behind a Qcow2Engine object, or nullptr when `value` is not one.
+  static std::shared_ptr<Engine> EngineOf(Napi::Value value) {
+    if (!value.IsObject()) return nullptr;
+    Napi::Object obj = value.As<Napi::Object>();
+    if (!obj.InstanceOf(value.Env().GetInstanceData<AddonData>()->engineConstructor.Value())) return nullptr;
+    return Unwrap(obj)->engine_;
+  }
+
+ private:
+  static Napi::Value Open(const Napi::CallbackInfo& info);
+  Napi::Value Read(const Napi::CallbackInfo& info);
+  Napi::Value Map(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+  Napi::Value Info(const Napi::CallbackInfo& info);
+
+  std::shared_ptr<Engine> Live(Napi::Env env) {
+    if (!engine_) throw MakeError(env, Status::Error("ERR_QCOW2_CLOSED", "the qcow2 engine is closed"));
+    return engine_;
+  }
+
+  std::shared_ptr<Engine> engine_;
+};
+
+uint64_t RequiredOffset(const Napi::Object& o, const char* key) {
+  if (o.Get(key).IsUndefined()) throw Napi::TypeError::New(o.Env(), std::string("option ") + key + " is required");
+  return OptionOffset(o, key, 0);
 }
+
+uint32_t SmallInteger(const Napi::Object& o, const char* key, uint64_t max) {
+  uint64_t v = RequiredOffset(o, key);
+  if (v > max) {
+    throw Napi::RangeError::New(o.Env(), std::string("option ") + key + " must be at most " + std::to_string(max) +
+                                             ", got " + std::to_string(v));
+  }
+  return static_cast<uint32_t>(v);
+}
+
+size_t PowerOfTwoOption(const Napi::Object& o, const char* key, size_t fallback, size_t min, size_t max) {
+  uint64_t v = OptionOffset(o, key, fallback);
+  if (v < min || v > max || (v & (v - 1))) {
+    throw Napi::RangeError::New(o.Env(), std::string("option ") + key + " must be a power of two between " +
+                                             std::to_string(min) + " and " + std::to_string(max) + ", got " +
+                                             std::to_string(v));
+  }
+  return static_cast<size_t>(v);
+}
+
+EngineConfig ParseConfig(const Napi::Object& o) {
+  EngineConfig c;
+  c.clusterBits = SmallInteger(o, "clusterBits", 63);
+  c.virtualSize = RequiredOffset(o, "size");
+  c.l1TableOffset = RequiredOffset(o, "l1TableOffset");
+  c.l1Size = RequiredOffset(o, "l1Size");
+  c.refcountOrder = SmallInteger(o, "refcountOrder", 63);
+  c.extendedL2 = OptionBool(o, "extendedL2", false);
+  std::string compression = OptionString(o, "compressionType", "zlib");
+  if (compression == "zstd") {
+    c.compression = Compression::Zstd;
+  } else if (compression != "zlib") {
+    throw Napi::TypeError::New(o.Env(), "option compressionType must be 'zlib' or 'zstd', got '" + compression + "'");
+  }
+  c.externalDataFile = OptionBool(o, "externalDataFile", false);
+  c.dataFileRaw = OptionBool(o, "dataFileRaw", false);
+  uint64_t cacheBytes = OptionOffset(o, "l2CacheSize", c.mapper.l2CacheBytes);
+  if (cacheBytes < 512) throw Napi::RangeError::New(o.Env(), "option l2CacheSize must be at least 512 bytes, got " + std::to_string(cacheBytes));
+  c.mapper.l2CacheBytes = static_cast<size_t>(cacheBytes);
+  c.mapper.l2SliceBytes = PowerOfTwoOption(o, "l2SliceSize", c.mapper.l2SliceBytes, 512, 2u << 20);
+  return c;
+}
+
+Backing ParseBacking(Napi::Env env, Napi::Value value) {
+  Backing backing;
+  if (value.IsUndefined() || value.IsNull()) return backing;
+  if (!value.IsObject()) throw Napi::TypeError::New(env, "backing must be an object { engine | file, size }");
+  Napi::Object o = value.As<Napi::Object>();
+  backing.size = RequiredOffset(o, "size");
+  if (!o.Get("engine").IsUndefined()) {
+    backing.engine = EngineWrap::EngineOf(o.Get("engine"));
+    if (!backing.engine) throw Napi::TypeError::New(env, "backing.engine must be an open Qcow2Engine");
+  } else {
+    backing.raw = FileWrap::FileOf(o.Get("file"));
+    if (!backing.raw) throw Napi::TypeError::New(env, "backing.file must be an open NativeFile");
+  }
+  return backing;
+}
+
+std::shared_ptr<File> OptionalFile(Napi::Env env, Napi::Value value, const char* name) {
+  if (value.IsUndefined() || value.IsNull()) return nullptr;
+  auto file = FileWrap::FileOf(value);
+  if (!file) throw Napi::TypeError::New(env, std::string(name) + " must be an open NativeFile");
+  return file;
+}
+
+Napi::Value EngineWrap::Open(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto image = FileWrap::FileOf(info[0]);
+  if (!image) throw Napi::TypeError::New(env, "file must be an open NativeFile");
+  EngineConfig config = ParseConfig(Args(info).Object(1, "params"));
+  auto dataFile = OptionalFile(env, info[2], "dataFile");
+  Backing backing = ParseBacking(env, info[3]);
+  auto opened = std::make_shared<std::shared_ptr<Engine>>();
+  return RunAsync(
+      env, [=] { return Engine::Open(config, image, dataFile, backing, opened.get()); },
+      [opened](Napi::Env env) -> Napi::Value {
+        auto ctor = env.GetInstanceData<AddonData>()->engineConstructor.Value();
+        return ctor.New({Napi::External<std::shared_ptr<Engine>>::New(env, opened.get())});
+      });
+}
+
+Napi::Value EngineWrap::Read(const Napi::CallbackInfo& info) {
+  Args args(info);
+  Keep keep;
+  PinnedBytes buf = args.Bytes(0, "buffer", &keep);
+  uint64_t off = args.Offset(1, "offset");
+  auto engine = Live(info.Env());
+  return RunAsync(
+      info.Env(), [=] { return engine->Read(buf.data, buf.length, GuestOffset{off}); }, nullptr, std::move(keep));
+}
+
+Napi::Value EngineWrap::Map(const Napi::CallbackInfo& info) {
+  Args args(info);
+  uint64_t off = args.Offset(0, "offset");
+  uint64_t len = args.Offset(1, "length");
+  uint64_t maxRuns = info.Length() > 2 && !info[2].IsUndefined() ? args.Offset(2, "maxRuns") : kDefaultMapRuns;
+  if (maxRuns == 0) throw Napi::RangeError::New(info.Env(), "maxRuns must be at least 1");
+  auto engine = Live(info.Env());
+  auto runs = std::make_shared<std::vector<MapRun>>();
+  return RunAsync(
+      info.Env(), [=] { return engine->Map(GuestOffset{off}, len, 0, static_cast<size_t>(maxRuns), runs.get()); },
+      [runs](Napi::Env env) -> Napi::Value {
+        auto out = Napi::Float64Array::New(env, runs->size() * kRunFields);
+        double* p = out.Data();
+        for (const MapRun& r : *runs) {
+          *p++ = static_cast<double>(r.offset);
+          *p++ = static_cast<double>(r.length);
+          *p++ = static_cast<double>(r.kind);
+          *p++ = r.depth;
+          *p++ = r.hasHost ? static_cast<double>(r.host) : -1;
+          *p++ = r.flags;
+        }
+        return out;
+      });
+}
+
+Napi::Value EngineWrap::Close(const Napi::CallbackInfo& info) {
+  std::shared_ptr<Engine> engine = std::move(engine_);
+  return RunAsync(info.Env(), [engine] {
+    if (engine) engine->Close();
+    return Status::Ok();
+  });
+}
+
+Napi::Value EngineWrap::Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto engine = Live(env);
+  L2CacheStats stats = engine->cache().Stats();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("clusterSize", static_cast<double>(engine->geometry().clusterSize));
+  o.Set("size", static_cast<double>(engine->size()));
+  o.Set("l2CacheSize", static_cast<double>(engine->cache().capacityBytes()));
+  o.Set("l2SliceSize", static_cast<double>(engine->cache().sliceBytes()));
+  o.Set("l2CacheHits", static_cast<double>(stats.hits));
+  o.Set("l2CacheMisses", static_cast<double>(stats.misses));
+  o.Set("l2CachedSlices", static_cast<double>(stats.slices));
+  return o;
+}
+
+}  // namespace
+
+void InitEngine(Napi::Env env, Napi::Object exports) { EngineWrap::Init(env, exports); }
+
+}  // namespace qcow2

@@ -1,8 +1,164 @@
-/** Opening qcow2 images: header, engine and backing chain. Being written (engine work). */
-import { ErrorCodes, Qcow2Error } from '../errors.js';
-import type { Image } from '../image.js';
-import type { OpenOptions } from '../open.js';
+/** Opening qcow2 images: header, data file, backing chain and the native engine. */
+import { realpath } from 'node:fs/promises';
+import path from 'node:path';
 
-export async function openQcow2(path: string, _options: OpenOptions): Promise<Image> {
-  throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `opening qcow2 image '${path}': the qcow2 engine is not built yet`);
+import { ErrorCodes, Qcow2Error, asQcow2Error, settle } from '../errors.js';
+import type { Image } from '../image.js';
+import { CacheMode, NativeFile, Qcow2EngineBacking, Qcow2EngineParams, native } from '../native.js';
+import { DEFAULT_MAX_CHAIN_DEPTH, OpenOptions, checkOpenOptions, probeFormat } from '../open.js';
+import { RawImage } from '../raw.js';
+import { Qcow2Header, readHeader } from './header.js';
+import { Qcow2Image } from './image.js';
+
+/** Where an image sits in the chain being opened. */
+interface ChainState {
+  /** 0 for the image asked for, 1 for its backing file, … */
+  depth: number;
+  /** Real paths of the images above, to refuse loops. */
+  seen: Set<string>;
+}
+
+/** Open the qcow2 image at `path` (and, when allowed, its data file and backing chain). */
+export async function openQcow2(imagePath: string, options: OpenOptions = {}): Promise<Qcow2Image> {
+  checkOpenOptions(options);
+  return openMember(imagePath, options, { depth: 0, seen: new Set() });
+}
+
+/** A file name from the image, resolved against the image's directory like qemu-img does. */
+function resolveName(imagePath: string, name: string): string {
+  return path.isAbsolute(name) ? name : path.join(path.dirname(imagePath), name);
+}
+
+async function realPathOf(file: string): Promise<string> {
+  try {
+    return await realpath(file);
+  } catch (error) {
+    throw asQcow2Error(error);
+  }
+}
+
+/** Refuse to follow file names the image carries unless the caller allowed it. */
+function checkFileNames(imagePath: string, header: Qcow2Header, options: OpenOptions): void {
+  if (options.followFileNames) return;
+  const named =
+    header.externalDataFile && header.dataFile !== undefined
+      ? `the external data file '${header.dataFile}'`
+      : header.backingFile !== undefined && options.backing !== false
+        ? `the backing file '${header.backingFile}'`
+        : undefined;
+  if (named) {
+    throw new Qcow2Error(
+      ErrorCodes.FILE_NAME_NOT_ALLOWED,
+      `image '${imagePath}' names ${named}; pass { followFileNames: true } to open it` +
+        (named.includes('backing') ? ' (or { backing: false } to read without it)' : ''),
+    );
+  }
+}
+
+/** Refuse what cannot be opened the way it was asked for. */
+function checkOpenable(imagePath: string, header: Qcow2Header, readOnly: boolean): void {
+  if (header.externalDataFile && header.dataFile === undefined) {
+    throw new Qcow2Error(
+      ErrorCodes.INVALID_HEADER,
+      `image '${imagePath}' keeps its data in an external data file but does not name it`,
+    );
+  }
+  if (readOnly) return;
+  if (header.dirty) {
+    throw new Qcow2Error(
+      ErrorCodes.UNSUPPORTED,
+      `image '${imagePath}' was not closed cleanly (dirty bit set) and its refcounts cannot be repaired yet; open it read-only`,
+    );
+  }
+  if (header.corrupt) {
+    throw new Qcow2Error(ErrorCodes.CORRUPT, `image '${imagePath}' is marked corrupt; it can only be opened read-only`);
+  }
+}
+
+function engineParams(header: Qcow2Header): Qcow2EngineParams {
+  return {
+    clusterBits: header.clusterBits,
+    size: header.size,
+    l1TableOffset: header.l1TableOffset,
+    l1Size: header.l1Size,
+    refcountOrder: header.refcountOrder,
+    extendedL2: header.extendedL2,
+    compressionType: header.compressionType,
+    externalDataFile: header.externalDataFile,
+    dataFileRaw: header.dataFileRaw,
+  };
+}
+
+async function openMember(imagePath: string, options: OpenOptions, state: ChainState): Promise<Qcow2Image> {
+  const real = await realPathOf(imagePath);
+  if (state.seen.has(real)) {
+    throw new Qcow2Error(ErrorCodes.BACKING_LOOP, `backing chain loops: '${imagePath}' is already in the chain`);
+  }
+  const { header } = await readHeader(imagePath);
+  const readOnly = state.depth > 0 || (options.readOnly ?? false);
+  checkOpenable(imagePath, header, readOnly);
+  checkFileNames(imagePath, header, options);
+  const cache = (state.depth > 0 ? options.backingCache : undefined) ?? options.cache ?? 'none';
+  const opened: { close(): Promise<void> }[] = [];
+  try {
+    const file = await openFile(imagePath, readOnly, cache, opened);
+    let dataFile: { file: NativeFile; path: string } | undefined;
+    if (header.externalDataFile && header.dataFile !== undefined) {
+      const dataPath = resolveName(imagePath, header.dataFile);
+      dataFile = { file: await openFile(dataPath, readOnly, cache, opened), path: dataPath };
+    }
+    let backing: Image | undefined;
+    if (header.backingFile !== undefined && options.backing !== false) {
+      const seen = new Set(state.seen).add(real);
+      backing = await openBacking(imagePath, header, options, { depth: state.depth + 1, seen });
+      opened.push(backing);
+    }
+    const engine = await settle(native.Qcow2Engine.open(file, engineParams(header), dataFile?.file, engineBacking(backing)));
+    return new Qcow2Image({ path: imagePath, readOnly, header, engine, file, dataFile, backing });
+  } catch (error) {
+    await Promise.allSettled(opened.map((o) => o.close()));
+    throw asQcow2Error(error);
+  }
+}
+
+async function openFile(
+  file: string,
+  readOnly: boolean,
+  cache: CacheMode,
+  opened: { close(): Promise<void> }[],
+): Promise<NativeFile> {
+  const handle = await settle(native.NativeFile.open(file, { writable: !readOnly, cache }));
+  opened.push(handle);
+  return handle;
+}
+
+/** The backing image of `imagePath`, opened read-only in its format. */
+async function openBacking(imagePath: string, header: Qcow2Header, options: OpenOptions, state: ChainState): Promise<Image> {
+  const maxDepth = options.maxChainDepth ?? DEFAULT_MAX_CHAIN_DEPTH;
+  if (state.depth > maxDepth) {
+    throw new Qcow2Error(
+      ErrorCodes.CHAIN_TOO_DEEP,
+      `backing chain of '${imagePath}' is deeper than the limit of ${maxDepth} (maxChainDepth)`,
+    );
+  }
+  const backingPath = resolveName(imagePath, header.backingFile!);
+  const format = (state.depth === 1 ? options.backingFormat : undefined) ?? header.backingFormat ?? (await probeFormat(backingPath));
+  if (format === 'qcow2') return openMember(backingPath, options, state);
+  if (format === 'raw') {
+    const real = await realPathOf(backingPath);
+    if (state.seen.has(real)) {
+      throw new Qcow2Error(ErrorCodes.BACKING_LOOP, `backing chain loops: '${backingPath}' is already in the chain`);
+    }
+    return RawImage.open(backingPath, { readOnly: true, cache: options.backingCache ?? options.cache ?? 'none' });
+  }
+  throw new Qcow2Error(
+    ErrorCodes.UNSUPPORTED,
+    `backing file '${backingPath}' of '${imagePath}' has format '${format as string}' (only qcow2 and raw are supported)`,
+  );
+}
+
+function engineBacking(backing: Image | undefined): Qcow2EngineBacking | null {
+  if (backing instanceof Qcow2Image) return { engine: backing.engine, size: backing.size };
+  if (backing instanceof RawImage) return { file: backing.file, size: backing.size };
+  return null;
 }

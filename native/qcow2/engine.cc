@@ -1,0 +1,231 @@
+#include "qcow2/engine.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "buffer.h"
+
+namespace qcow2 {
+namespace {
+
+constexpr const char* kInvalidHeader = "ERR_QCOW2_INVALID_HEADER";
+
+uint64_t AlignDown(uint64_t v, uint64_t a) { return v & ~(a - 1); }
+uint64_t AlignUp(uint64_t v, uint64_t a) { return AlignDown(v + a - 1, a); }
+
+/// The last cluster a worker thread decompressed, so that small sequential reads inflate it once.
+struct InflatedCluster {
+  uint64_t engine = 0;
+  uint64_t host = 0;
+  AlignedBuffer data;
+};
+
+/// Per-thread scratch memory for compressed bytes, grown to the largest descriptor seen.
+AlignedBuffer& CompressedScratch(size_t bytes) {
+  thread_local AlignedBuffer scratch;
+  if (scratch.size() < bytes) scratch = AlignedBuffer(bytes);
+  return scratch;
+}
+
+Status CheckConfig(const EngineConfig& c, const std::shared_ptr<File>& dataFile) {
+  if (c.clusterBits < 9 || c.clusterBits > 21) {
+    return Status::Error(kInvalidHeader, "cluster bits must be between 9 and 21, got " + std::to_string(c.clusterBits));
+  }
+  if (c.extendedL2 && c.clusterBits < 14) {
+    return Status::Error(kInvalidHeader, "extended L2 entries need clusters of at least 16384 bytes, got " +
+                                             std::to_string(1ull << c.clusterBits));
+  }
+  if (c.refcountOrder > 6) {
+    return Status::Error(kInvalidHeader, "refcount order must be at most 6, got " + std::to_string(c.refcountOrder));
+  }
+  if (c.externalDataFile && !dataFile) {
+    return Status::Error("ERR_QCOW2_INVALID_ARGUMENT", "the image keeps its data in an external data file, and none was given");
+  }
+  return Status::Ok();
+}
+
+std::atomic<uint64_t> nextEngineId{1};
+
+}  // namespace
+
+void AppendRun(std::vector<MapRun>* out, const MapRun& run) {
+  if (!out->empty()) {
+    MapRun& last = out->back();
+    bool continues = last.offset + last.length == run.offset && last.kind == run.kind && last.depth == run.depth &&
+                     last.flags == run.flags && !(run.flags & kRunCompressed) && last.hasHost == run.hasHost &&
+                     (!run.hasHost || last.host + last.length == run.host);
+    if (continues) {
+      last.length += run.length;
+      return;
+    }
+  }
+  out->push_back(run);
+}
+
+Status Engine::Open(const EngineConfig& config, std::shared_ptr<File> image, std::shared_ptr<File> dataFile,
+                    Backing backing, std::shared_ptr<Engine>* out) {
+  QCOW2_TRY(CheckConfig(config, dataFile));
+  std::shared_ptr<Engine> engine(new Engine());
+  engine->config_ = config;
+  engine->id_ = nextEngineId.fetch_add(1);
+  QCOW2_TRY(image->Size(&engine->imageFileSize_));
+  if (backing.engine) backing.size = std::min(backing.size, backing.engine->size());
+  const Geometry geometry = Geometry::Make(config.clusterBits, config.extendedL2, config.virtualSize);
+  const HostBounds bounds{engine->imageFileSize_, config.externalDataFile};
+  QCOW2_TRY(Mapper::Load(geometry, bounds, config.l1TableOffset, config.l1Size, image, config.mapper, &engine->mapper_));
+  engine->image_ = std::move(image);
+  engine->dataFile_ = std::move(dataFile);
+  engine->backing_ = std::move(backing);
+  *out = std::move(engine);
+  return Status::Ok();
+}
+
+Status Engine::Live() const {
+  if (closed_.load(std::memory_order_acquire)) {
+    return Status::Error("ERR_QCOW2_CLOSED", "the image '" + image_->path() + "' is closed");
+  }
+  return Status::Ok();
+}
+
+void Engine::Close() {
+  closed_.store(true, std::memory_order_release);
+  mapper_->cache().Clear();
+}
+
+Status Engine::Read(uint8_t* buf, uint64_t len, GuestOffset at) {
+  QCOW2_TRY(Live());
+  if (at.value > size() || len > size() - at.value) {
+    return Status::Error("ERR_QCOW2_OUT_OF_BOUNDS", "read of " + std::to_string(len) + " bytes at guest offset " +
+                                                        std::to_string(at.value) + " is past the end of the disk (" +
+                                                        std::to_string(size()) + " bytes)");
+  }
+  for (uint64_t done = 0; done < len;) {
+    const GuestOffset pos{at.value + done};
+    Segment seg;
+    QCOW2_TRY(mapper_->Resolve(pos, len - done, &seg));
+    uint8_t* dst = buf + done;
+    switch (seg.kind) {
+      case ClusterKind::Data: QCOW2_TRY(DataFile().Read(dst, seg.length, seg.host)); break;
+      case ClusterKind::Zero: std::memset(dst, 0, seg.length); break;
+      case ClusterKind::Unallocated: QCOW2_TRY(ReadBacking(dst, seg.length, pos)); break;
+      case ClusterKind::Compressed: QCOW2_TRY(ReadCompressed(dst, seg, pos)); break;
+    }
+    done += seg.length;
+  }
+  return Status::Ok();
+}
+
+Status Engine::ReadBacking(uint8_t* buf, uint64_t len, GuestOffset at) {
+  const uint64_t avail = at.value < backing_.size ? std::min(len, backing_.size - at.value) : 0;
+  if (avail > 0) {
+    if (backing_.engine) {
+      QCOW2_TRY(backing_.engine->Read(buf, avail, at));
+    } else {
+      QCOW2_TRY(backing_.raw->Read(buf, avail, at.value));
+    }
+  }
+  std::memset(buf + avail, 0, len - avail);
+  return Status::Ok();
+}
+
+Status Engine::ReadCompressed(uint8_t* buf, const Segment& seg, GuestOffset at) {
+  const uint64_t clusterSize = geometry().clusterSize;
+  const uint64_t inCluster = geometry().InCluster(at);
+  if (inCluster == 0 && seg.length == clusterSize) return Inflate(seg, buf);
+  thread_local InflatedCluster last;
+  if (last.engine != id_ || last.host != seg.host || last.data.size() != clusterSize) {
+    if (last.data.size() != clusterSize) last.data = AlignedBuffer(clusterSize);
+    last.engine = 0;
+    QCOW2_TRY(Inflate(seg, last.data.data()));
+    last.engine = id_;
+    last.host = seg.host;
+  }
+  std::memcpy(buf, last.data.data() + inCluster, seg.length);
+  return Status::Ok();
+}
+
+Status Engine::Inflate(const Segment& seg, uint8_t* cluster) {
+  const uint64_t clusterSize = geometry().clusterSize;
+  // The descriptor bounds the input (at most two clusters); the file's end may come sooner.
+  const uint64_t bytes = std::min({seg.compressedBytes, imageFileSize_ - seg.host, 2 * clusterSize});
+  const uint64_t first = AlignDown(seg.host, kBufferAlign);
+  const uint64_t span = AlignUp(seg.host + bytes, kBufferAlign) - first;
+  AlignedBuffer& scratch = CompressedScratch(span);
+  QCOW2_TRY(image_->Read(scratch.data(), span, first));
+  Status st = DecompressCluster(config_.compression, scratch.data() + (seg.host - first), bytes, cluster, clusterSize);
+  if (!st.ok()) st.message = "compressed cluster at host offset " + std::to_string(seg.host) + ": " + st.message;
+  return st;
+}
+
+Status Engine::Map(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out) {
+  QCOW2_TRY(Live());
+  if (at.value > size() || len > size() - at.value) {
+    return Status::Error("ERR_QCOW2_OUT_OF_BOUNDS", "map of " + std::to_string(len) + " bytes at guest offset " +
+                                                        std::to_string(at.value) + " is past the end of the disk (" +
+                                                        std::to_string(size()) + " bytes)");
+  }
+  const uint32_t dataFlags = config_.externalDataFile ? uint32_t{kRunDataFile} : 0u;
+  const uint64_t end = at.value + len;
+  for (uint64_t pos = at.value; pos < end && out->size() < maxRuns;) {
+    Segment seg;
+    QCOW2_TRY(mapper_->Resolve(GuestOffset{pos}, end - pos, &seg));
+    switch (seg.kind) {
+      case ClusterKind::Data:
+        AppendRun(out, {pos, seg.length, RunKind::Data, depth, true, seg.host, dataFlags});
+        break;
+      case ClusterKind::Zero:
+        AppendRun(out, {pos, seg.length, RunKind::Zero, depth, seg.hasHost, seg.host, seg.hasHost ? dataFlags : 0});
+        break;
+      case ClusterKind::Compressed:
+        AppendRun(out, {pos, seg.length, RunKind::Data, depth, true, seg.host, kRunCompressed});
+        break;
+      case ClusterKind::Unallocated: QCOW2_TRY(MapBacking(GuestOffset{pos}, seg.length, depth, maxRuns, out)); break;
+    }
+    pos += seg.length;
+  }
+  return Status::Ok();
+}
+
+Status Engine::MapBacking(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out) {
+  const bool hasBacking = backing_.engine || backing_.raw;
+  const uint64_t avail = hasBacking && at.value < backing_.size ? std::min(len, backing_.size - at.value) : 0;
+  if (avail > 0) {
+    if (backing_.engine) {
+      QCOW2_TRY(backing_.engine->Map(at, avail, depth + 1, maxRuns, out));
+    } else {
+      QCOW2_TRY(MapRaw(at, avail, depth + 1, maxRuns, out));
+    }
+    const MapRun& last = out->back();
+    if (last.offset + last.length < at.value + avail) return Status::Ok();  // stopped at maxRuns
+  }
+  if (avail < len) {
+    // Past the end of the backing image the disk reads as zeros, reported (as qemu-img map
+    // does) at the depth of the image whose backing ended.
+    AppendRun(out, {at.value + avail, len - avail, RunKind::Unallocated, depth, false, 0, 0});
+  }
+  return Status::Ok();
+}
+
+Status Engine::MapRaw(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out) {
+  File& raw = *backing_.raw;
+  const uint64_t end = at.value + len;
+  for (uint64_t pos = at.value; pos < end && out->size() < maxRuns;) {
+    // Holes of a raw file read as zeros; without SEEK_DATA support everything counts as data.
+    uint64_t data = pos;
+    if (!raw.SeekData(pos, &data).ok()) data = pos;
+    data = std::min(std::max(data, pos), end);
+    if (data > pos) {
+      AppendRun(out, {pos, data - pos, RunKind::Zero, depth, true, pos, kRunRawFile});
+      pos = data;
+      continue;
+    }
+    uint64_t hole = end;
+    if (!raw.SeekHole(pos, &hole).ok() || hole <= pos) hole = end;
+    hole = std::min(hole, end);
+    AppendRun(out, {pos, hole - pos, RunKind::Data, depth, true, pos, kRunRawFile});
+    pos = hole;
+  }
+  return Status::Ok();
+}
+
+}  // namespace qcow2

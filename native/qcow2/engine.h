@@ -1,0 +1,105 @@
+// The qcow2 read engine: one guest request in, the fewest host reads out. A backing image is
+// another Engine (or a raw File) read directly from here, whatever the depth of the chain.
+#pragma once
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "file.h"
+#include "qcow2/compress.h"
+#include "qcow2/mapper.h"
+
+namespace qcow2 {
+
+class Engine;
+
+/// The values of the parsed header the engine needs (header decoding stays in TypeScript).
+struct EngineConfig {
+  uint32_t clusterBits = 16;
+  uint64_t virtualSize = 0;
+  uint64_t l1TableOffset = 0;
+  uint64_t l1Size = 0;
+  uint32_t refcountOrder = 4;
+  bool extendedL2 = false;
+  Compression compression = Compression::Zlib;
+  bool externalDataFile = false;
+  /// The data file is a valid raw image of the disk: guest offset == data file offset.
+  bool dataFileRaw = false;
+  MapperOptions mapper;
+};
+
+/// What unallocated clusters fall through to: another engine, a raw file, or nothing (zeros).
+struct Backing {
+  std::shared_ptr<Engine> engine;
+  std::shared_ptr<File> raw;
+  /// Virtual size of the backing image; bytes past it read as zeros.
+  uint64_t size = 0;
+};
+
+/// What a map run describes, as `qemu-img map` distinguishes it.
+enum class RunKind : uint8_t { Data = 0, Zero = 1, Unallocated = 2 };
+
+/// Flags of a map run.
+enum RunFlags : uint32_t {
+  kRunCompressed = 1,  ///< stored compressed; `host` is where the compressed bytes start
+  kRunDataFile = 2,    ///< `host` is an offset in the external data file of the image at `depth`
+  kRunRawFile = 4,     ///< the image at `depth` is a raw file; `host` is an offset in it
+};
+
+/// A run of guest bytes of one kind found at one depth of the chain.
+struct MapRun {
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  RunKind kind = RunKind::Unallocated;
+  uint32_t depth = 0;
+  bool hasHost = false;
+  uint64_t host = 0;
+  uint32_t flags = 0;
+};
+
+/// A read-only qcow2 image. Every method is thread-safe and may run on any worker at once.
+class Engine {
+ public:
+  /// Check the configuration against the files and load the L1 table.
+  static Status Open(const EngineConfig& config, std::shared_ptr<File> image, std::shared_ptr<File> dataFile,
+                     Backing backing, std::shared_ptr<Engine>* out);
+
+  /// Fill `buf` with `len` guest bytes from `at`; the range must lie inside the disk.
+  Status Read(uint8_t* buf, uint64_t len, GuestOffset at);
+
+  /// Append the runs describing [at, at + len) to `out`, found at `depth` or below, stopping
+  /// once `out` holds `maxRuns` runs (the runs then cover a prefix of the range).
+  Status Map(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out);
+
+  /// Refuse further requests and drop the cached tables; requests already running finish.
+  void Close();
+
+  const Geometry& geometry() const { return mapper_->geometry(); }
+  uint64_t size() const { return geometry().virtualSize; }
+  L2Cache& cache() { return mapper_->cache(); }
+
+ private:
+  Engine() = default;
+  Status Live() const;
+  File& DataFile() const { return config_.externalDataFile ? *dataFile_ : *image_; }
+  Status ReadBacking(uint8_t* buf, uint64_t len, GuestOffset at);
+  Status ReadCompressed(uint8_t* buf, const Segment& seg, GuestOffset at);
+  Status Inflate(const Segment& seg, uint8_t* cluster);
+  Status MapBacking(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out);
+  Status MapRaw(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out);
+
+  EngineConfig config_;
+  std::shared_ptr<File> image_;
+  std::shared_ptr<File> dataFile_;
+  Backing backing_;
+  uint64_t imageFileSize_ = 0;
+  std::unique_ptr<Mapper> mapper_;
+  /// Distinguishes engines in per-thread caches, even when one is freed and another takes its address.
+  uint64_t id_ = 0;
+  std::atomic<bool> closed_{false};
+};
+
+/// Append `run` to `out`, merging it into the last run when it continues it exactly.
+void AppendRun(std::vector<MapRun>* out, const MapRun& run);
+
+}  // namespace qcow2

@@ -1,0 +1,61 @@
+// A cache of L2 table slices, shared by every request of an engine. The map is guarded by a
+// mutex that is never held across I/O: concurrent misses on the same slice may both load it.
+#pragma once
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+
+#include "buffer.h"
+#include "file.h"
+#include "qcow2/layout.h"
+
+namespace qcow2 {
+
+/// A slice of an L2 table as it lies on disk (big-endian entries), immutable once loaded.
+class L2Slice {
+ public:
+  explicit L2Slice(size_t bytes) : bytes_(bytes) {}
+  uint8_t* data() { return bytes_.data(); }
+  /// Word `i` of the slice: entry i (8-byte entries), or half of an extended entry.
+  uint64_t Word(size_t i) const { return LoadBE64(bytes_.data() + 8 * i); }
+
+ private:
+  AlignedBuffer bytes_;
+};
+
+struct L2CacheStats {
+  uint64_t hits = 0;
+  uint64_t misses = 0;
+  uint64_t slices = 0;
+};
+
+/// LRU cache of L2 slices keyed by their host offset in the image file.
+class L2Cache {
+ public:
+  /// `sliceBytes` divides the cluster size; `capacityBytes` bounds the memory held.
+  L2Cache(std::shared_ptr<File> file, size_t sliceBytes, size_t capacityBytes);
+  size_t sliceBytes() const { return sliceBytes_; }
+  size_t capacityBytes() const { return capacity_ * sliceBytes_; }
+  /// The slice at host offset `offset` (a multiple of the slice size), loading it on a miss.
+  Status Get(uint64_t offset, std::shared_ptr<const L2Slice>* out);
+  L2CacheStats Stats();
+  /// Drop every cached slice (requests holding one keep it until they finish).
+  void Clear();
+
+ private:
+  using Lru = std::list<std::pair<uint64_t, std::shared_ptr<const L2Slice>>>;
+  bool Lookup(uint64_t offset, std::shared_ptr<const L2Slice>* out);
+  void Insert(uint64_t offset, const std::shared_ptr<const L2Slice>& slice);
+
+  std::shared_ptr<File> file_;
+  size_t sliceBytes_;
+  size_t capacity_;
+  std::mutex mu_;
+  Lru lru_;  // most recently used first
+  std::unordered_map<uint64_t, Lru::iterator> index_;
+  uint64_t hits_ = 0, misses_ = 0;
+};
+
+}  // namespace qcow2

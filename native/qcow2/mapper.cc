@@ -1,0 +1,140 @@
+#include "qcow2/mapper.h"
+
+#include <algorithm>
+
+namespace qcow2 {
+namespace {
+
+constexpr const char* kCorrupt = "ERR_QCOW2_CORRUPT";
+/// No valid L2 table offset is odd: marks an L1 entry whose checks failed.
+constexpr uint64_t kInvalid = 1;
+
+bool CanMerge(const Segment& seg, uint64_t segStart, ClusterKind kind, bool hasHost, uint64_t host, uint64_t at) {
+  if (kind != seg.kind || kind == ClusterKind::Compressed || hasHost != seg.hasHost) return false;
+  return !hasHost || host == seg.host + (at - segStart);
+}
+
+}  // namespace
+
+Mapper::Mapper(const Geometry& geometry, const HostBounds& bounds, std::shared_ptr<File> image,
+               const MapperOptions& options)
+    : geometry_(geometry),
+      bounds_(bounds),
+      sliceBytes_(std::min<size_t>(options.l2SliceBytes, geometry.clusterSize)),
+      entriesPerSlice_(sliceBytes_ / geometry.entryBytes),
+      cache_(std::move(image), sliceBytes_, options.l2CacheBytes) {}
+
+Status Mapper::Load(const Geometry& geometry, const HostBounds& bounds, uint64_t l1Offset, uint64_t l1Entries,
+                    std::shared_ptr<File> image, const MapperOptions& options, std::unique_ptr<Mapper>* out) {
+  const uint64_t needed = geometry.L1EntriesNeeded();
+  if (l1Entries < needed) {
+    return Status::Error(kCorrupt, "the L1 table has " + std::to_string(l1Entries) + " entries, too few for a disk of " +
+                                       std::to_string(geometry.virtualSize) + " bytes (" + std::to_string(needed) +
+                                       " needed)");
+  }
+  if (l1Entries > kMaxL1Bytes / 8) {
+    return Status::Error(kCorrupt, "the L1 table has " + std::to_string(l1Entries) + " entries, more than the limit of " +
+                                       std::to_string(kMaxL1Bytes / 8));
+  }
+  const uint64_t l1Bytes = l1Entries * 8;
+  if (l1Entries > 0 && (l1Offset & (geometry.clusterSize - 1))) {
+    return Status::Error(kCorrupt, "the L1 table offset " + std::to_string(l1Offset) +
+                                       " is not aligned to the cluster size " + std::to_string(geometry.clusterSize));
+  }
+  if (l1Offset > bounds.imageFileSize || l1Bytes > bounds.imageFileSize - l1Offset) {
+    return Status::Error(kCorrupt, "the L1 table (" + std::to_string(l1Bytes) + " bytes at offset " +
+                                       std::to_string(l1Offset) + ") ends past the end of the image file (" +
+                                       std::to_string(bounds.imageFileSize) + " bytes)");
+  }
+  // The cache never needs more than every L2 table of the image.
+  MapperOptions sized = options;
+  sized.l2CacheBytes = std::min<uint64_t>(options.l2CacheBytes, std::max<uint64_t>(l1Entries, 1) * geometry.clusterSize);
+  std::unique_ptr<Mapper> mapper(new Mapper(geometry, bounds, image, sized));
+  AlignedBuffer table(std::max<uint64_t>(l1Bytes, 8));
+  if (l1Bytes > 0) QCOW2_TRY(image->Read(table.data(), l1Bytes, l1Offset));
+  mapper->l1Raw_.resize(l1Entries);
+  mapper->l2Offsets_.resize(l1Entries);
+  for (uint64_t i = 0; i < l1Entries; i++) {
+    const uint64_t raw = LoadBE64(table.data() + 8 * i);
+    uint64_t l2 = 0;
+    mapper->l1Raw_[i] = raw;
+    mapper->l2Offsets_[i] = DecodeL1Entry(geometry, bounds, i, raw, &l2).ok() ? l2 : kInvalid;
+  }
+  *out = std::move(mapper);
+  return Status::Ok();
+}
+
+Status Mapper::L2SliceFor(GuestOffset at, uint64_t l2Offset, std::shared_ptr<const L2Slice>* slice,
+                          uint64_t* firstCluster, uint64_t* sliceEnd) {
+  const uint64_t sliceIndex = geometry_.L2Index(at) / entriesPerSlice_;
+  const uint64_t tableFirstCluster = geometry_.L1Index(at) << geometry_.l2Bits;
+  *firstCluster = tableFirstCluster + sliceIndex * entriesPerSlice_;
+  *sliceEnd = (*firstCluster + entriesPerSlice_) << geometry_.clusterBits;
+  return cache_.Get(l2Offset + sliceIndex * sliceBytes_, slice);
+}
+
+Status Mapper::PieceAt(const L2Slice& slice, uint64_t sliceFirstCluster, GuestOffset at, Piece* out) const {
+  const Geometry& g = geometry_;
+  const uint64_t index = (at.value >> g.clusterBits) - sliceFirstCluster;
+  const uint64_t raw = g.extendedL2 ? slice.Word(2 * index) : slice.Word(index);
+  const uint64_t bitmap = g.extendedL2 ? slice.Word(2 * index + 1) : 0;
+  L2Entry entry;
+  QCOW2_TRY(DecodeL2Entry(g, bounds_, GuestOffset{g.ClusterStart(at)}, raw, bitmap, &entry));
+  const uint64_t clusterStart = g.ClusterStart(at);
+  const uint64_t inCluster = g.InCluster(at);
+  uint32_t sc = static_cast<uint32_t>(inCluster >> g.subclusterBits);
+  const ClusterKind kind = entry.KindOf(g, sc);
+  uint64_t end = clusterStart + g.clusterSize;
+  if (g.extendedL2 && kind != ClusterKind::Compressed) {
+    while (sc + 1 < kSubclusters && entry.KindOf(g, sc + 1) == kind) sc++;
+    end = clusterStart + (uint64_t{sc + 1} << g.subclusterBits);
+  }
+  out->kind = kind;
+  out->end = end;
+  out->compressedBytes = entry.compressedBytes;
+  if (kind == ClusterKind::Compressed) {
+    out->hasHost = true;
+    out->host = entry.host;
+  } else {
+    out->hasHost = entry.hostAllocated && (kind == ClusterKind::Data || kind == ClusterKind::Zero);
+    out->host = out->hasHost ? entry.host + inCluster : 0;
+  }
+  return Status::Ok();
+}
+
+Status Mapper::Resolve(GuestOffset at, uint64_t maxLength, Segment* out) {
+  const Geometry& g = geometry_;
+  const uint64_t l1Index = g.L1Index(at);
+  if (l1Index >= l2Offsets_.size()) {
+    return Status::Error("ERR_QCOW2_OUT_OF_BOUNDS", "guest offset " + std::to_string(at.value) +
+                                                        " is past what the L1 table maps");
+  }
+  const uint64_t l2Offset = l2Offsets_[l1Index];
+  if (l2Offset == kInvalid) {
+    uint64_t unused;
+    return DecodeL1Entry(g, bounds_, l1Index, l1Raw_[l1Index], &unused);
+  }
+  uint64_t limit = std::min(at.value + maxLength, (l1Index + 1) << (g.clusterBits + g.l2Bits));
+  if (l2Offset == 0) {
+    *out = Segment{ClusterKind::Unallocated, limit - at.value, false, 0, 0};
+    return Status::Ok();
+  }
+  std::shared_ptr<const L2Slice> slice;
+  uint64_t firstCluster, sliceEnd;
+  QCOW2_TRY(L2SliceFor(at, l2Offset, &slice, &firstCluster, &sliceEnd));
+  limit = std::min(limit, sliceEnd);
+  Piece piece;
+  QCOW2_TRY(PieceAt(*slice, firstCluster, at, &piece));
+  *out = Segment{piece.kind, std::min(piece.end, limit) - at.value, piece.hasHost, piece.host, piece.compressedBytes};
+  uint64_t pos = at.value + out->length;
+  while (pos < limit && piece.kind != ClusterKind::Compressed) {
+    // An entry that fails its checks ends the segment here; the next request for it reports the error.
+    if (!PieceAt(*slice, firstCluster, GuestOffset{pos}, &piece).ok()) break;
+    if (!CanMerge(*out, at.value, piece.kind, piece.hasHost, piece.host, pos)) break;
+    pos = std::min(piece.end, limit);
+  }
+  out->length = pos - at.value;
+  return Status::Ok();
+}
+
+}  // namespace qcow2

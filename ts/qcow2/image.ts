@@ -1,0 +1,200 @@
+/** Qcow2Image: an open qcow2 image whose reads, mapping and backing chain run in the native engine. */
+import { Readable } from 'node:stream';
+
+import { ErrorCodes, Qcow2Error, asQcow2Error, settle } from '../errors.js';
+import { Extent, ExtentKind, ExtentOptions, Image, ReadStreamOptions, checkRange, extentRange, imageReadStream } from '../image.js';
+import { MAP_RUN_FIELDS, MapFlags, MapKind, NativeFile, Qcow2Engine } from '../native.js';
+import type { Qcow2Header } from './header.js';
+
+/** Runs asked of the engine per map() call while iterating extents. */
+const EXTENT_BATCH = 65536;
+
+const KIND_NAMES: Record<number, ExtentKind> = {
+  [MapKind.Data]: 'data',
+  [MapKind.Zero]: 'zero',
+  [MapKind.Unallocated]: 'unallocated',
+};
+
+/** The parts a Qcow2Image is made of; open.ts assembles them. */
+export interface Qcow2ImageParts {
+  path: string;
+  readOnly: boolean;
+  header: Qcow2Header;
+  engine: Qcow2Engine;
+  file: NativeFile;
+  /** The external data file and its resolved path, when the image has one. */
+  dataFile?: { file: NativeFile; path: string };
+  backing?: Image;
+}
+
+/** One run of an engine map() result, before it becomes an Extent. */
+interface Run {
+  offset: number;
+  length: number;
+  kind: number;
+  depth: number;
+  host: number;
+  flags: number;
+}
+
+/** Two runs that continue each other exactly, so that one extent describes both. */
+function continues(a: Run, b: Run): boolean {
+  if (a.offset + a.length !== b.offset || a.kind !== b.kind || a.depth !== b.depth || a.flags !== b.flags) return false;
+  if (b.flags & MapFlags.Compressed) return false;
+  if ((a.host < 0) !== (b.host < 0)) return false;
+  return a.host < 0 || a.host + a.length === b.host;
+}
+
+/** An open qcow2 image. Writing is not supported yet: this class reads. */
+export class Qcow2Image implements Image {
+  readonly format = 'qcow2' as const;
+  readonly path: string;
+  readonly readOnly: boolean;
+  /** The parsed header, as the image was opened. */
+  readonly header: Qcow2Header;
+  /** The backing image, when the image has one and it was opened. */
+  readonly backing: Image | undefined;
+  /** Where the external data file is, when the image has one. */
+  readonly dataFilePath: string | undefined;
+  #engine: Qcow2Engine | undefined;
+  #file: NativeFile;
+  #dataFile: NativeFile | undefined;
+  #pending = new Set<Promise<unknown>>();
+  #closing: Promise<void> | undefined;
+
+  constructor(parts: Qcow2ImageParts) {
+    this.path = parts.path;
+    this.readOnly = parts.readOnly;
+    this.header = parts.header;
+    this.backing = parts.backing;
+    this.dataFilePath = parts.dataFile?.path;
+    this.#engine = parts.engine;
+    this.#file = parts.file;
+    this.#dataFile = parts.dataFile?.file;
+  }
+
+  get size(): number {
+    return this.header.size;
+  }
+
+  /** The native engine, for an overlay whose engine reads this image directly. */
+  get engine(): Qcow2Engine {
+    return this.#live();
+  }
+
+  #live(): Qcow2Engine {
+    if (!this.#engine) throw new Qcow2Error(ErrorCodes.CLOSED, `image '${this.path}' is closed`);
+    return this.#engine;
+  }
+
+  /** Run a native request, remembering it so that close() waits for it. */
+  async #track<T>(request: Promise<T>): Promise<T> {
+    this.#pending.add(request);
+    try {
+      return await settle(request);
+    } finally {
+      this.#pending.delete(request);
+    }
+  }
+
+  async read(buffer: Uint8Array, offset: number): Promise<void> {
+    const engine = this.#live();
+    checkRange(offset, buffer.byteLength, this.size, 'read');
+    if (buffer.byteLength === 0) return;
+    await this.#track(engine.read(buffer, offset));
+  }
+
+  #refuseWrite(what: string): never {
+    this.#live();
+    if (this.readOnly) throw new Qcow2Error(ErrorCodes.READ_ONLY, `${what}: image '${this.path}' is read-only`);
+    throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `${what}: writing qcow2 images is not supported yet`);
+  }
+
+  async write(_buffer: Uint8Array, _offset: number): Promise<void> {
+    this.#refuseWrite('write');
+  }
+
+  async writeZeroes(_offset: number, _length: number): Promise<void> {
+    this.#refuseWrite('writeZeroes');
+  }
+
+  async discard(_offset: number, _length: number): Promise<void> {
+    this.#refuseWrite('discard');
+  }
+
+  /** Nothing is ever written, so there is nothing to make durable. */
+  async flush(): Promise<void> {
+    this.#live();
+  }
+
+  /** Close the image and its backing chain, once the requests already running have finished. */
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async #close(): Promise<void> {
+    const engine = this.#engine;
+    if (!engine) return;
+    this.#engine = undefined;
+    await Promise.allSettled([...this.#pending]);
+    const results = await Promise.allSettled([engine.close(), this.#file.close(), this.#dataFile?.close()]);
+    const backing = await Promise.allSettled([this.backing?.close()]);
+    for (const r of [...results, ...backing]) {
+      if (r.status === 'rejected') throw asQcow2Error(r.reason);
+    }
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+
+  /** The file holding the data of a run found at `depth` of this image's chain. */
+  fileAt(depth: number, flags: number): string {
+    if (depth === 0) return flags & MapFlags.DataFile && this.dataFilePath ? this.dataFilePath : this.path;
+    if (this.backing instanceof Qcow2Image) return this.backing.fileAt(depth - 1, flags);
+    return this.backing?.path ?? this.path;
+  }
+
+  #extent(run: Run): Extent {
+    const extent: Extent = { offset: run.offset, length: run.length, kind: KIND_NAMES[run.kind], depth: run.depth };
+    if (run.host >= 0) {
+      extent.hostOffset = run.host;
+      extent.file = this.fileAt(run.depth, run.flags);
+    }
+    if (run.flags & MapFlags.Compressed) extent.compressed = true;
+    return extent;
+  }
+
+  /** Runs of data, zeros and unallocated space, with the depth of the chain each comes from. */
+  async *extents(options?: ExtentOptions): AsyncGenerator<Extent> {
+    const { offset, end } = extentRange(options, this.size);
+    let held: Run | undefined;
+    for (let pos = offset; pos < end; ) {
+      const runs = await this.#track(this.#live().map(pos, end - pos, EXTENT_BATCH));
+      if (runs.length === 0) throw new Qcow2Error(ErrorCodes.CORRUPT, `mapping '${this.path}' at offset ${pos} made no progress`);
+      for (let i = 0; i < runs.length; i += MAP_RUN_FIELDS) {
+        const run: Run = {
+          offset: runs[i],
+          length: runs[i + 1],
+          kind: runs[i + 2],
+          depth: runs[i + 3],
+          host: runs[i + 4],
+          flags: runs[i + 5],
+        };
+        if (held && continues(held, run)) {
+          held.length += run.length;
+          continue;
+        }
+        if (held) yield this.#extent(held);
+        held = run;
+      }
+      pos = held!.offset + held!.length;
+    }
+    if (held) yield this.#extent(held);
+  }
+
+  createReadStream(options?: ReadStreamOptions): Readable {
+    return imageReadStream(this, options);
+  }
+}
