@@ -55,9 +55,86 @@ export interface NativeFileConstructor {
   open(path: string, options?: NativeFileOptions): Promise<NativeFile>;
 }
 
+/** Header values the qcow2 engine needs (from ts/qcow2/header.ts), plus cache tuning. */
+export interface Qcow2EngineParams {
+  clusterBits: number;
+  /** Virtual disk size in bytes. */
+  size: number;
+  l1TableOffset: number;
+  l1Size: number;
+  refcountOrder: number;
+  extendedL2?: boolean;
+  compressionType?: 'zlib' | 'zstd';
+  externalDataFile?: boolean;
+  dataFileRaw?: boolean;
+  /** Bytes of L2 tables kept in memory (default 32 MiB: 256 GiB of guest data at 64 KiB clusters). */
+  l2CacheSize?: number;
+  /** Bytes per cached L2 slice, a power of two (default 4096, at most the cluster size). */
+  l2SliceSize?: number;
+}
+
+/** What unallocated clusters of a qcow2 engine read from: another engine or a raw file, up to `size`. */
+export type Qcow2EngineBacking = { engine: Qcow2Engine; size: number } | { file: NativeFile; size: number };
+
+/** Kinds in Qcow2Engine.map() results. */
+export const enum MapKind {
+  Data = 0,
+  Zero = 1,
+  Unallocated = 2,
+}
+
+/** Flags in Qcow2Engine.map() results. */
+export const enum MapFlags {
+  /** Stored compressed; the host offset is where the compressed bytes start. */
+  Compressed = 1,
+  /** The host offset is in the external data file of the image at that depth. */
+  DataFile = 2,
+  /** The image at that depth is a raw file; the host offset is in it. */
+  RawFile = 4,
+}
+
+/** Numbers per run in Qcow2Engine.map() results. */
+export const MAP_RUN_FIELDS = 6;
+
+/** Statistics and geometry of an open engine. */
+export interface Qcow2EngineInfo {
+  clusterSize: number;
+  size: number;
+  l2CacheSize: number;
+  l2SliceSize: number;
+  l2CacheHits: number;
+  l2CacheMisses: number;
+  l2CachedSlices: number;
+}
+
+/** The native qcow2 read engine of one image; reads fall through its backing in C++. */
+export interface Qcow2Engine {
+  readonly info: Qcow2EngineInfo;
+  /** Fill `buffer` with guest bytes from `offset` (inside the disk). */
+  read(buffer: Uint8Array, offset: number): Promise<void>;
+  /**
+   * Runs describing [offset, offset + length), MAP_RUN_FIELDS numbers each:
+   * offset, length, kind (MapKind), depth, hostOffset (-1 for none), flags (MapFlags).
+   * At most `maxRuns` runs (default 65536): they may then cover only a prefix of the range.
+   */
+  map(offset: number, length: number, maxRuns?: number): Promise<Float64Array>;
+  /** Refuse further requests and drop the cached tables; the files stay open (their owners close them). */
+  close(): Promise<void>;
+}
+
+export interface Qcow2EngineConstructor {
+  open(
+    file: NativeFile,
+    params: Qcow2EngineParams,
+    dataFile?: NativeFile | null,
+    backing?: Qcow2EngineBacking | null,
+  ): Promise<Qcow2Engine>;
+}
+
 /** Everything the addon exports. */
 export interface NativeAddon {
   NativeFile: NativeFileConstructor;
+  Qcow2Engine: Qcow2EngineConstructor;
   /** A zero-filled Buffer over memory aligned to `bufferAlign`, from the addon's pool. */
   allocAligned(size: number): Buffer;
   bufferAlign: number;
