@@ -15,3 +15,7 @@ export { convert, copyImage } from './tools/convert.js';
 export type { ConvertOptions, CopyOptions } from './tools/convert.js';
 export { mapImage } from './tools/map.js';
 export type { MapEntry, MapOptions } from './tools/map.js';
+export { parseHeader, readHeader, serializeHeader } from './qcow2/header.js';
+export type { FeatureName, HeaderExtension, Qcow2Header } from './qcow2/header.js';
+export { info, infoChain } from './tools/info.js';
+export type { BitmapInfo, ImageInfo, InfoOptions, Qcow2SpecificInfo, SnapshotInfo } from './tools/info.js';

@@ -7,6 +7,7 @@ export type Command = (argv: string[]) => Promise<number>;
 const COMMANDS: Record<string, () => Promise<{ run: Command }>> = {
   compare: () => import('./compare.js'),
   convert: () => import('./convert.js'),
+  info: () => import('./info.js'),
   map: () => import('./map.js'),
 };
 

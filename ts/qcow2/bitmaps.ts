@@ -1,0 +1,114 @@
+/** The qcow2 bitmap directory: persistent dirty bitmaps' names, flags and tables, every field bounded. */
+import { ErrorCodes, Qcow2Error } from '../errors.js';
+import { align8 } from './extensions.js';
+import type { Qcow2Header } from './header.js';
+import { MetadataFile, readRange } from './metadata-file.js';
+
+/** Bitmap directory entry flags. */
+export const BitmapFlag = { IN_USE: 1, AUTO: 2, EXTRA_DATA_COMPATIBLE: 4 } as const;
+const KNOWN_FLAGS = 0b111;
+/** The only bitmap type: dirty tracking. */
+export const BITMAP_TYPE_DIRTY_TRACKING = 1;
+/** Granularity bits qemu supports (512 B..2 GiB). */
+export const MIN_GRANULARITY_BITS = 9;
+export const MAX_GRANULARITY_BITS = 31;
+/** qemu's bound on bitmap names. */
+export const MAX_BITMAP_NAME = 1023;
+const FIXED_ENTRY_SIZE = 24;
+
+/** One bitmap as its directory entry describes it. */
+export interface BitmapEntry {
+  name: string;
+  bitmapTableOffset: number;
+  /** Entries of the bitmap table. */
+  bitmapTableSize: number;
+  flags: number;
+  inUse: boolean;
+  auto: boolean;
+  type: number;
+  granularityBits: number;
+  /** Bytes of the virtual disk one bit covers. */
+  granularity: number;
+  extraData: Buffer;
+}
+
+function corrupt(message: string): Qcow2Error {
+  return new Qcow2Error(ErrorCodes.CORRUPT, message);
+}
+
+/** Bitmap table entries a bitmap of this granularity needs for the disk. */
+export function bitmapTableEntries(size: number, granularityBits: number, clusterSize: number): number {
+  const bits = Math.ceil(size / 2 ** granularityBits);
+  return Math.ceil(Math.ceil(bits / 8) / clusterSize);
+}
+
+function decodeEntry(dir: Buffer, at: number, index: number, header: Qcow2Header, fileSize: number): { entry: BitmapEntry; next: number } {
+  if (at + FIXED_ENTRY_SIZE > dir.length) throw corrupt(`bitmap ${index}: entry at ${at} runs past the directory size ${dir.length}`);
+  const tableOffset = dir.readBigUInt64BE(at);
+  const bitmapTableSize = dir.readUInt32BE(at + 8);
+  const flags = dir.readUInt32BE(at + 12);
+  const type = dir[at + 16];
+  const granularityBits = dir[at + 17];
+  const nameSize = dir.readUInt16BE(at + 18);
+  const extraSize = dir.readUInt32BE(at + 20);
+  const next = at + align8(FIXED_ENTRY_SIZE + extraSize + nameSize);
+  if (next > dir.length) throw corrupt(`bitmap ${index}: entry of ${next - at} bytes at ${at} runs past the directory size ${dir.length}`);
+  if (nameSize < 1 || nameSize > MAX_BITMAP_NAME) throw corrupt(`bitmap ${index}: name size ${nameSize} is outside 1..${MAX_BITMAP_NAME}`);
+  if (type !== BITMAP_TYPE_DIRTY_TRACKING) throw corrupt(`bitmap ${index}: type ${type} is not ${BITMAP_TYPE_DIRTY_TRACKING} (dirty tracking)`);
+  if (granularityBits < MIN_GRANULARITY_BITS || granularityBits > MAX_GRANULARITY_BITS) {
+    throw corrupt(`bitmap ${index}: granularity bits ${granularityBits} is outside ${MIN_GRANULARITY_BITS}..${MAX_GRANULARITY_BITS}`);
+  }
+  if ((flags & ~KNOWN_FLAGS) !== 0) throw corrupt(`bitmap ${index}: reserved flag bits 0x${(flags & ~KNOWN_FLAGS).toString(16)} are set`);
+  const expected = bitmapTableEntries(header.size, granularityBits, header.clusterSize);
+  if (bitmapTableSize !== expected) {
+    throw corrupt(`bitmap ${index}: bitmap table size ${bitmapTableSize} entries does not match the ${expected} the disk size needs`);
+  }
+  if (tableOffset > BigInt(Number.MAX_SAFE_INTEGER)) throw corrupt(`bitmap ${index}: bitmap table offset ${tableOffset} exceeds 2^53`);
+  const bitmapTableOffset = Number(tableOffset);
+  if (bitmapTableOffset % header.clusterSize !== 0) {
+    throw corrupt(`bitmap ${index}: bitmap table offset ${bitmapTableOffset} is not aligned to the cluster size ${header.clusterSize}`);
+  }
+  if (bitmapTableSize > 0 && (bitmapTableOffset < header.clusterSize || bitmapTableOffset + bitmapTableSize * 8 > fileSize)) {
+    throw corrupt(`bitmap ${index}: bitmap table at ${bitmapTableOffset} (+${bitmapTableSize * 8} bytes) lies outside ${header.clusterSize}..${fileSize}`);
+  }
+  const extraStart = at + FIXED_ENTRY_SIZE;
+  const nameStart = extraStart + extraSize;
+  const entry: BitmapEntry = {
+    name: dir.toString('utf8', nameStart, nameStart + nameSize),
+    bitmapTableOffset,
+    bitmapTableSize,
+    flags,
+    inUse: (flags & BitmapFlag.IN_USE) !== 0,
+    auto: (flags & BitmapFlag.AUTO) !== 0,
+    type,
+    granularityBits,
+    granularity: 2 ** granularityBits,
+    extraData: Buffer.from(dir.subarray(extraStart, nameStart)),
+  };
+  return { entry, next };
+}
+
+/** Decode a whole bitmap directory: `nbBitmaps` entries filling exactly `dir.length` bytes, names unique. */
+export function parseBitmapDirectory(dir: Buffer, header: Qcow2Header, fileSize: number): BitmapEntry[] {
+  const nb = header.bitmaps?.nbBitmaps ?? 0;
+  const entries: BitmapEntry[] = [];
+  const names = new Set<string>();
+  let at = 0;
+  for (let index = 0; index < nb; index++) {
+    const { entry, next } = decodeEntry(dir, at, index, header, fileSize);
+    if (names.has(entry.name)) throw corrupt(`bitmap ${index}: name '${entry.name}' is used twice`);
+    names.add(entry.name);
+    entries.push(entry);
+    at = next;
+  }
+  if (at !== dir.length) throw corrupt(`bitmap directory: ${nb} entries take ${at} bytes, the extension says ${dir.length}`);
+  return entries;
+}
+
+/** Read the bitmap directory the header's bitmaps extension points at ([] when there is none). */
+export async function readBitmaps(file: MetadataFile, header: Qcow2Header): Promise<BitmapEntry[]> {
+  if (!header.bitmaps) return [];
+  const { bitmapDirectoryOffset, bitmapDirectorySize } = header.bitmaps;
+  const dir = await readRange(file, bitmapDirectoryOffset, bitmapDirectorySize, 'bitmap directory');
+  return parseBitmapDirectory(dir, header, file.size);
+}
