@@ -1,5 +1,5 @@
 /** Helpers the CLI commands share: opening images like qemu-img, option values, sizes, progress. */
-import { ErrorCodes, Qcow2Error, asQcow2Error } from '../errors.js';
+import { Qcow2Error, asQcow2Error } from '../errors.js';
 import type { Image, ImageFormat } from '../image.js';
 import { CACHE_MODES, CacheMode } from '../native.js';
 import { open } from '../open.js';
@@ -102,7 +102,6 @@ export interface TextSink {
  */
 export class ProgressPrinter {
   #last = 0;
-  #current = 0;
 
   constructor(
     readonly enabled: boolean,
@@ -110,9 +109,9 @@ export class ProgressPrinter {
     private readonly out: TextSink = process.stdout,
   ) {}
 
-  /** Show `done` of `total` (a total of 0 counts as complete). */
+  /** Show `done` of `total` (nothing to do shows as 0%, as in qemu-img). */
   update(done: number, total: number): void {
-    this.set(total > 0 ? (100 * done) / total : 100);
+    this.set(total > 0 ? (100 * done) / total : 0);
   }
 
   /** Show `percent` (clamped to 100), if it moved enough since the last line. */
@@ -120,7 +119,6 @@ export class ProgressPrinter {
     if (!this.enabled) return;
     // qemu keeps the value in a C float: round the same way so the printed digits agree.
     const value = Math.fround(Math.min(percent, 100));
-    this.#current = value;
     if (value > this.#last + this.minStep || value < this.#last - this.minStep || value === 0 || value === 100) {
       this.#last = value;
       this.out.write(`    (${value.toFixed(2)}/100%)\r`);
@@ -130,10 +128,6 @@ export class ProgressPrinter {
   /** The line qemu-img ends a progress display with. */
   end(): void {
     if (this.enabled) this.out.write('\n');
-  }
-
-  get current(): number {
-    return this.#current;
   }
 }
 
@@ -162,9 +156,4 @@ export class OutputBuffer {
     this.#length = 0;
     if (!this.stream.write(text)) await new Promise<void>((resolve) => this.stream.once('drain', resolve));
   }
-}
-
-/** Raise qemu-img's error for an option that needs another ("--target-is-zero requires use of -n flag"). */
-export function requireOption(ok: boolean, message: string): void {
-  if (!ok) throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, message);
 }

@@ -43,7 +43,6 @@ export async function run(argv: string[]): Promise<number> {
       printError(error);
       return EXIT.openFailed;
     }
-    progress.set(0);
     const result = await compareImages(images[0], images[1], {
       strict,
       onProgress: (done, total) => progress.update(done, total),

@@ -83,8 +83,9 @@ export async function run(argv: string[]): Promise<number> {
         sparseSize,
         skipCreate,
         targetIsZero,
+        // The 0% line is already out; a source without data only shows 0% and 100%.
         onProgress: (done, total) => {
-          if (total > 0) progress.update(done, total);
+          if (done > 0) progress.update(done, total);
         },
       });
     } finally {
