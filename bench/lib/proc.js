@@ -67,7 +67,8 @@ let timeFileSeq = 0;
 /**
  * Run a command to completion and measure it.
  * Resolves { wallMs, peakRssKiB, code, signal, stdout, stderr }; never rejects for a failing command.
- * `stdout` is 'ignore' (default), 'capture', or a file path to write it to.
+ * `stdout` is 'ignore' (default), 'capture', or a file path to write it to. `watch`, when given, is
+ * polled every 500 ms and kills the command when it returns a reason (e.g. the disk filling up).
  */
 function runMeasured(command, options = {}) {
   const argv = toArgv(command);
@@ -84,21 +85,38 @@ function runMeasured(command, options = {}) {
   }
   return new Promise((resolve) => {
     const start = process.hrtime.bigint();
-    const child = spawn(full[0], full.slice(1), { stdio, env: options.env ?? process.env, cwd: options.cwd });
+    // Its own process group, so a watchdog can kill the command together with GNU time.
+    const child = spawn(full[0], full.slice(1), { stdio, env: options.env ?? process.env, cwd: options.cwd, detached: true });
+    let killedFor = '';
+    const watchdog = options.watch
+      ? setInterval(() => {
+          const reason = options.watch();
+          if (reason && !killedFor) {
+            killedFor = reason;
+            try {
+              process.kill(-child.pid, 'SIGKILL');
+            } catch {
+              // it has just exited
+            }
+          }
+        }, 500)
+      : null;
     const stdout = [];
     const stderr = [];
     child.stdout?.on('data', (d) => stdout.push(d));
     child.stderr.on('data', (d) => stderr.push(d));
     const poller = timeFile ? null : pollPeakRss(child.pid);
     child.on('error', (error) => {
+      if (watchdog) clearInterval(watchdog);
       if (outFd !== null) fs.closeSync(outFd);
       resolve({ wallMs: NaN, peakRssKiB: NaN, code: -1, signal: null, stdout: '', stderr: String(error.message) });
     });
     child.on('close', (code, signal) => {
       const wallMs = Number(process.hrtime.bigint() - start) / 1e6;
+      if (watchdog) clearInterval(watchdog);
       if (outFd !== null) fs.closeSync(outFd);
       const peakRssKiB = timeFile ? readTimeFile(timeFile) : poller.stop();
-      const err = Buffer.concat(stderr).toString('utf8');
+      const err = (killedFor ? `killed by the watchdog: ${killedFor}\n` : '') + Buffer.concat(stderr).toString('utf8');
       resolve({ wallMs, peakRssKiB, code: code ?? -1, signal, stdout: Buffer.concat(stdout).toString('utf8'), stderr: err });
     });
   });

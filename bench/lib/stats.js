@@ -26,6 +26,14 @@ function formatKiB(kib) {
   return Number.isFinite(kib) ? `${(kib / 1024).toFixed(1)} MiB` : '-';
 }
 
+/** Bytes as "4 GiB", "256 MiB" or "1.5 GiB". */
+function formatBytes(n) {
+  if (!Number.isFinite(n)) return '-';
+  const [unit, div] = n >= 2 ** 30 ? ['GiB', 2 ** 30] : n >= 2 ** 20 ? ['MiB', 2 ** 20] : ['KiB', 1024];
+  const v = n / div;
+  return `${Number.isInteger(v) ? v : v.toFixed(2)} ${unit}`;
+}
+
 /** A count with thousands separators. */
 function formatCount(n, digits = 0) {
   return Number.isFinite(n) ? n.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits }) : '-';
@@ -61,4 +69,4 @@ function markdownTable(headers, rows) {
   ].join('\n');
 }
 
-module.exports = { median, maximum, formatMs, formatKiB, formatCount, formatRatio, formatMBps, printTable, markdownTable };
+module.exports = { median, maximum, formatMs, formatKiB, formatBytes, formatCount, formatRatio, formatMBps, printTable, markdownTable };

@@ -1,0 +1,320 @@
+#!/usr/bin/env node
+'use strict';
+/**
+ * Issue 3's read-path scenarios: ours vs qemu-img side by side, cache mode none on both sides.
+ *
+ *   node bench/scenarios/read-path.js [--runs N] [--only ID,ID] [--small] [--no-drop-caches] [--markdown] [--clean]
+ *
+ * IDs: convert-full, convert-aged, convert-zlib, convert-zstd, map-aged, randread, memory, fio.
+ * Images are built once in BENCH_DIR (default /tmp/qcow2-bench) and reused; --clean removes the folder
+ * and exits. --small shrinks every image (for trying the harness; not figures to record).
+ */
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const { spawnSync } = require('node:child_process');
+
+const { BENCH_DIR, benchDirUsage, benchPath, cleanBenchDir } = require('../lib/benchdir.js');
+const { compareCommands } = require('../lib/compare.js');
+const { runFioJob, STANDARD_JOBS } = require('../lib/fio.js');
+const { GiB, MiB, agedQcow2, compressedQcow2, fullQcow2 } = require('../lib/fixtures.js');
+const { dropCaches, runChecked, runMeasured } = require('../lib/proc.js');
+const { formatBytes, formatCount, formatKiB, formatMs, formatRatio, markdownTable, median, printTable } = require('../lib/stats.js');
+
+const ALL = ['convert-full', 'convert-aged', 'convert-zlib', 'convert-zstd', 'map-aged', 'randread', 'memory', 'fio'];
+const MEMORY_LIMIT_KIB = 256 * 1024;
+/** The watchdog kills a command when the bench disk's free space falls below this. */
+const MIN_FREE_BYTES = 12 * GiB;
+
+function parseCommandLine(argv) {
+  const options = { runs: 3, only: ALL, small: false, dropCaches: true, markdown: false, clean: false, readCount: 500000 };
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === '--runs') options.runs = Number(argv[++i]);
+    else if (arg === '--only') options.only = (argv[++i] ?? '').split(',').filter(Boolean);
+    else if (arg === '--small') options.small = true;
+    else if (arg === '--no-drop-caches') options.dropCaches = false;
+    else if (arg === '--markdown') options.markdown = true;
+    else if (arg === '--clean') options.clean = true;
+    else if (arg === '--read-count') options.readCount = Number(argv[++i]);
+    else throw new Error(`unknown argument '${arg}'`);
+  }
+  const unknown = options.only.filter((id) => !ALL.includes(id));
+  if (unknown.length) throw new Error(`unknown scenario ${unknown.join(', ')} (known: ${ALL.join(', ')})`);
+  if (!Number.isSafeInteger(options.runs) || options.runs <= 0) throw new Error(`--runs needs a positive integer, got ${options.runs}`);
+  return options;
+}
+
+/** Image sizes of the real scenarios, or of the --small trial. */
+function sizes(small) {
+  return small
+    ? { full: 256 * MiB, aged: 4 * GiB, compressed: 64 * MiB, baseline: 64 * MiB, fio: '512M' }
+    : { full: 4 * GiB, aged: 64 * GiB, compressed: GiB, baseline: 256 * MiB, fio: '2G' };
+}
+
+const log = (line) => process.stderr.write(`${line}\n`);
+
+/** Kill a command before the disk fills up (our side might write zeroes where qemu-img leaves holes). */
+function diskWatch() {
+  const { bavail, bsize } = fs.statfsSync(BENCH_DIR);
+  return bavail * bsize < MIN_FREE_BYTES ? `free space in ${BENCH_DIR} fell below ${MIN_FREE_BYTES / GiB} GiB` : '';
+}
+
+/** `qemu-img compare` of the two outputs; '' when identical, else what differs. */
+async function compareOutputs(a, b) {
+  const r = await runMeasured(['qemu-img', 'compare', '-q', '-f', 'raw', '-F', 'raw', a, b], { stdout: 'capture' });
+  if (r.code === 0) return '';
+  return r.code === 1 ? 'outputs DIFFER' : `qemu-img compare failed: ${r.stderr.trim()}`;
+}
+
+/** A row of the final table. `higherIsBetter` rows compare throughput, the others wall time. */
+function row(fields) {
+  return { ours: '-', theirs: '-', ratio: NaN, target: '', met: 'n/a', note: '', ...fields };
+}
+
+/** Time `qcow2 convert` against `qemu-img convert` on `image`; outputs removed afterwards. */
+async function convertScenario(id, title, image, maxRatio, options, memory) {
+  const outOurs = benchPath('out', `${id}-ours.raw`);
+  const outTheirs = benchPath('out', `${id}-qemu.raw`);
+  const args = (out) => ['convert', '-f', 'qcow2', '-O', 'raw', '-t', 'none', '-T', 'none', image, out];
+  try {
+    const result = await compareCommands(['qcow2', ...args(outOurs)], ['qemu-img', ...args(outTheirs)], {
+      runs: options.runs,
+      dropCaches: options.dropCaches,
+      watch: diskWatch,
+      log,
+      before: async (side) => fs.rmSync(side === 'ours' ? outOurs : outTheirs, { force: true }),
+    });
+    const same = result.ours.failed ? '' : await compareOutputs(outOurs, outTheirs);
+    memory.push({ what: title, imageSize: fileSizes(image), kib: result.ours.maxRssKiB, failed: result.ours.failed });
+    return comparisonRow(title, result, maxRatio, same ? same : result.ours.failed ? '' : 'output identical to qemu-img\'s');
+  } finally {
+    fs.rmSync(outOurs, { force: true });
+    fs.rmSync(outTheirs, { force: true });
+  }
+}
+
+/** "virtual X, file Y" of an image, for the memory table. */
+function fileSizes(image) {
+  const info = JSON.parse(spawnSync('qemu-img', ['info', '--output=json', image], { encoding: 'utf8' }).stdout);
+  return `virtual ${formatBytes(info['virtual-size'])}, file ${formatBytes(info['actual-size'])}`;
+}
+
+/** The table row of a wall-time comparison. */
+function comparisonRow(title, result, maxRatio, note) {
+  const met = Number.isFinite(result.ratio) ? (result.ratio <= maxRatio ? 'yes' : 'NO') : 'failed';
+  const fail = (side) => (side.failed ? `FAILED (${side.error.slice(0, 120)})` : '');
+  return row({
+    scenario: title,
+    ours: fail(result.ours) || `${formatMs(result.ours.medianMs)} (${formatKiB(result.ours.maxRssKiB)})`,
+    theirs: fail(result.theirs) || `${formatMs(result.theirs.medianMs)} (${formatKiB(result.theirs.maxRssKiB)})`,
+    ratio: result.ratio,
+    target: `≤ ${maxRatio.toFixed(2)}`,
+    met,
+    note,
+    commands: [result.ours.command, result.theirs.command],
+  });
+}
+
+/** `map --output=json` of the aged image, both outputs kept for a byte comparison. */
+async function mapScenario(title, image, options) {
+  const outOurs = benchPath('out', 'map-ours.json');
+  const outTheirs = benchPath('out', 'map-qemu.json');
+  const args = ['map', '-f', 'qcow2', '--output=json', image];
+  const result = await compareCommands(['qcow2', ...args], ['qemu-img', ...args], {
+    runs: options.runs,
+    dropCaches: options.dropCaches,
+    log,
+    stdout: { ours: outOurs, theirs: outTheirs },
+  });
+  let note = '';
+  if (!result.ours.failed && !result.theirs.failed) {
+    note = fs.readFileSync(outOurs).equals(fs.readFileSync(outTheirs)) ? 'output identical to qemu-img\'s' : `output DIFFERS (${outOurs} vs ${outTheirs})`;
+  }
+  const lines = result.theirs.failed ? 0 : fs.readFileSync(outTheirs, 'utf8').split('\n').length - 1;
+  return comparisonRow(`map --output=json, ${title}`, result, 1.0, `${note}; ${formatCount(lines)} lines`);
+}
+
+/** IOPS from `qemu-img bench` output ("Run completed in X seconds."). */
+function qemuBenchIops(result, count) {
+  const m = /Run completed in ([\d.]+) seconds/.exec(result.stdout);
+  if (result.code !== 0 || !m) throw new Error(`qemu-img bench failed: ${result.stderr.trim() || result.stdout.trim()}`);
+  return count / Number(m[1]);
+}
+
+/** IOPS of our library (bench/lib/readload.js) in its own process. */
+function readloadIops(result) {
+  if (result.code !== 0) throw new Error(result.stderr.trim() || `exit ${result.code ?? result.signal}`);
+  return JSON.parse(result.stdout).iops;
+}
+
+/** Random (and qemu-img-bench-like sequential) 4 KiB reads at depth 16: ours, qemu-img bench, fio. */
+async function randreadScenario(image, options) {
+  const count = options.readCount;
+  const readload = (pattern) => ['node', path.join(__dirname, '..', 'lib', 'readload.js'), image, '--depth', '16', '--size', '4096', '--count', String(count), '--pattern', pattern];
+  const qemuBench = ['qemu-img', 'bench', '-f', 'qcow2', '-t', 'none', '-d', '16', '-s', '4k', '-c', String(count), image];
+  const figures = { random: [], sequential: [], qemu: [] };
+  const errors = {};
+  const attempt = async (key, command, parse) => {
+    if (errors[key]) return;
+    if (options.dropCaches) dropCaches();
+    try {
+      figures[key].push(parse(await runMeasured(command, { stdout: 'capture' })));
+    } catch (error) {
+      errors[key] = error.message;
+      log(`  ${key}: FAILED ${error.message}`);
+    }
+  };
+  for (let r = 0; r < options.runs; r++) {
+    await attempt('random', readload('random'), readloadIops);
+    await attempt('qemu', qemuBench, (res) => qemuBenchIops(res, count));
+    await attempt('sequential', readload('sequential'), readloadIops);
+    log(`  round ${r + 1}: ours random ${formatCount(figures.random.at(-1))}, qemu-img bench ${formatCount(figures.qemu.at(-1))}, ours sequential ${formatCount(figures.sequential.at(-1))} IOPS`);
+  }
+  const fio = await runFioJob({ name: 'randread-image', rw: 'randread', bs: '4k', iodepth: 16, readonly: true }, image, { runtime: 10 });
+  const med = { random: median(figures.random), sequential: median(figures.sequential), qemu: median(figures.qemu) };
+  const iops = (key) => (errors[key] ? `FAILED (${errors[key].slice(0, 120)})` : `${formatCount(med[key])} IOPS`);
+  const ratioRow = (scenario, key, theirs, theirsText, min, note) => {
+    const ratio = med[key] / theirs;
+    return row({
+      scenario,
+      ours: iops(key),
+      theirs: theirsText,
+      ratio,
+      target: `≥ ${min.toFixed(2)}`,
+      met: Number.isFinite(ratio) ? (ratio >= min ? 'yes' : 'NO') : 'failed',
+      note,
+      commands,
+    });
+  };
+  const commands = [readload('random').join(' '), `${qemuBench.join(' ')}; ${fio.command}`];
+  const qemuText = errors.qemu ? `FAILED (${errors.qemu})` : `${formatCount(med.qemu)} IOPS`;
+  return [
+    ratioRow('4 KiB reads depth 16, library, random vs qemu-img bench', 'random', med.qemu, qemuText, 1.0, 'qemu-img bench reads sequentially (4 KiB steps); ratio of IOPS'),
+    ratioRow('4 KiB reads depth 16, library, same sequential pattern as qemu-img bench', 'sequential', med.qemu, qemuText, 1.0, 'ratio of IOPS'),
+    ratioRow('4 KiB random reads depth 16, library vs fio randread', 'random', fio.iops, `fio ${formatCount(fio.iops)} IOPS`, 0.9, 'fio randread on the image file'),
+  ];
+}
+
+/** Peak RSS of our convert against the limit and across image sizes. */
+function memoryRows(memory) {
+  return memory.map((m) =>
+    row({
+      scenario: `peak RSS of our ${m.what} (${m.imageSize})`,
+      ours: m.failed ? 'FAILED' : formatKiB(m.kib),
+      target: '≤ 256 MiB, flat in image size',
+      met: m.failed ? 'failed' : m.kib <= MEMORY_LIMIT_KIB ? 'yes' : 'NO',
+    }),
+  );
+}
+
+/** fio's standard jobs on a file of the bench folder, removed afterwards. */
+async function fioFigures(size) {
+  const file = benchPath('fio', 'fio-test.dat');
+  try {
+    const results = [];
+    for (const job of [STANDARD_JOBS[1], STANDARD_JOBS[0], STANDARD_JOBS[2], STANDARD_JOBS[3]]) {
+      log(`fio ${job.name} …`);
+      results.push(await runFioJob(job, file, { size, runtime: 10 }));
+    }
+    return results;
+  } finally {
+    fs.rmSync(file, { force: true });
+  }
+}
+
+/** Run `fn`, turning a failure (e.g. a fixture that would not build) into a failed row. */
+async function guarded(title, fn) {
+  try {
+    return await fn();
+  } catch (error) {
+    log(`${title}: FAILED ${error.stack ?? error}`);
+    return row({ scenario: title, ours: `FAILED (${String(error.message).slice(0, 160)})`, met: 'failed' });
+  }
+}
+
+function machine() {
+  const qemu = spawnSync('qemu-img', ['--version'], { encoding: 'utf8' }).stdout.split('\n')[0];
+  return `${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), ${(os.totalmem() / GiB).toFixed(0)} GiB RAM, Linux ${os.release()}, node ${process.version}, ${qemu}`;
+}
+
+async function main() {
+  const options = parseCommandLine(process.argv.slice(2));
+  if (options.clean) {
+    cleanBenchDir();
+    process.stdout.write(`removed ${BENCH_DIR}\n`);
+    return;
+  }
+  const size = sizes(options.small);
+  const want = (id) => options.only.includes(id);
+  const rows = [];
+  const memory = [];
+  log(`bench folder ${BENCH_DIR}; ${options.runs} runs per side; page cache ${options.dropCaches ? 'dropped before every run' : 'kept'}`);
+  if (want('memory')) {
+    // A small image first: the peak RSS of the big converts is judged against this one's.
+    await guarded('convert baseline (memory)', async () => convertScenario('convert-baseline', `convert -O raw, ${formatBytes(size.baseline)} fully allocated qcow2`, await fullQcow2(size.baseline, log), Infinity, { ...options, runs: 1 }, memory));
+  }
+  if (want('convert-full')) {
+    rows.push(await guarded('convert -O raw, full qcow2', async () => convertScenario('convert-full', `convert -O raw, ${formatBytes(size.full)} fully allocated qcow2`, await fullQcow2(size.full, log), 0.75, options, memory)));
+  }
+  if (want('convert-aged') || want('map-aged')) {
+    const title = `${formatBytes(size.aged)} aged qcow2 (10 % of clusters)`;
+    let image;
+    try {
+      image = await agedQcow2(size.aged, 0.1, log);
+    } catch (error) {
+      rows.push(row({ scenario: title, ours: `FAILED building: ${error.message}`, met: 'failed' }));
+    }
+    if (image && want('convert-aged')) rows.push(await guarded(`convert -O raw, ${title}`, () => convertScenario('convert-aged', `convert -O raw, ${title}`, image, 0.6, options, memory)));
+    if (image && want('map-aged')) rows.push(await guarded('map, aged', () => mapScenario(title, image, options)));
+  }
+  for (const type of ['zlib', 'zstd']) {
+    if (!want(`convert-${type}`)) continue;
+    const title = `convert -O raw, ${formatBytes(size.compressed)} ${type}-compressed qcow2 (half-compressible)`;
+    rows.push(await guarded(title, async () => convertScenario(`convert-${type}`, title, await compressedQcow2(size.compressed, type, log), 0.6, options, memory)));
+  }
+  if (want('randread')) {
+    const result = await guarded('random reads', async () => randreadScenario(await fullQcow2(size.full, log), options));
+    rows.push(...[result].flat());
+  }
+  if (want('memory')) rows.push(...memoryRows(memory));
+  let fio = [];
+  if (want('fio')) {
+    try {
+      fio = await fioFigures(size.fio);
+    } catch (error) {
+      log(`fio: FAILED ${error.message}`);
+    }
+  }
+  report(rows, fio, options);
+  const resultsFile = benchPath(`results-read-path-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
+  fs.writeFileSync(resultsFile, JSON.stringify({ machine: machine(), options, rows, fio }, null, 2) + '\n');
+  log(`results saved in ${resultsFile}; bench folder holds ${(benchDirUsage() / GiB).toFixed(1)} GiB`);
+}
+
+/** Print the table (and the fio figures) as text or Markdown. */
+function report(rows, fio, options) {
+  const headers = ['scenario', 'ours', 'qemu-img / reference', 'ratio', 'target', 'met?', 'note'];
+  const cells = rows.map((r) => [r.scenario, r.ours, r.theirs, formatRatio(r.ratio), r.target, r.met, r.note]);
+  const fioHeaders = ['fio (libaio, O_DIRECT, depth 16)', 'bandwidth', 'IOPS'];
+  const fioCells = fio.map((f) => [f.name, `${f.mbps.toFixed(0)} MB/s`, formatCount(f.iops)]);
+  process.stdout.write(`${machine()}\n`);
+  if (options.markdown) {
+    process.stdout.write(markdownTable(headers, cells) + '\n\n');
+    if (fio.length) process.stdout.write(markdownTable(fioHeaders, fioCells) + '\n');
+  } else {
+    printTable(headers, cells);
+    if (fio.length) printTable(fioHeaders, fioCells);
+  }
+  const printed = new Set();
+  for (const r of rows) {
+    if (!r.commands || printed.has(r.commands.join())) continue;
+    printed.add(r.commands.join());
+    process.stdout.write(`  ${r.scenario}:\n    ours:   ${r.commands[0]}\n    theirs: ${r.commands[1]}\n`);
+  }
+}
+
+main().catch((error) => {
+  process.stderr.write(`${error.stack ?? error}\n`);
+  process.exitCode = 1;
+});
