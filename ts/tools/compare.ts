@@ -48,6 +48,8 @@ export class CompareError extends Qcow2Error {
 
 /** One piece of work: guest bytes [offset, offset + length) to compare; a side that is not read is zero. */
 interface Piece {
+  /** Position in the sequence of pieces and skipped runs, for progress. */
+  index: number;
   offset: number;
   length: number;
   readA: boolean;
@@ -111,7 +113,7 @@ async function* pieces(a: Image, b: Image, state: Comparison, strict: boolean): 
     }
     const end = Math.min(ea.offset + ea.length, eb.offset + eb.length);
     if (ea.kind === 'data' || eb.kind === 'data') {
-      yield* split(pos, end, ea.kind === 'data', eb.kind === 'data');
+      yield* split(state, pos, end, ea.kind === 'data', eb.kind === 'data');
     } else {
       state.skipped(end - pos);
     }
@@ -123,22 +125,26 @@ async function* pieces(a: Image, b: Image, state: Comparison, strict: boolean): 
   for await (const extent of statusOf(longer, common, longer.size - common)) {
     if (state.stopsBefore(extent.offset)) return;
     const end = extent.offset + extent.length;
-    if (extent.kind === 'data') yield* split(extent.offset, end, longer === a, longer === b);
+    if (extent.kind === 'data') yield* split(state, extent.offset, end, longer === a, longer === b);
     else state.skipped(extent.length);
   }
 }
 
 /** [start, end) cut into pieces of at most COMPARE_CHUNK bytes, counted from `start` as qemu-img does. */
-function* split(start: number, end: number, readA: boolean, readB: boolean): Generator<Piece> {
+function* split(state: Comparison, start: number, end: number, readA: boolean, readB: boolean): Generator<Piece> {
   for (let pos = start; pos < end; pos += COMPARE_CHUNK) {
-    yield { offset: pos, length: Math.min(COMPARE_CHUNK, end - pos), readA, readB };
+    yield { index: state.reserve(), offset: pos, length: Math.min(COMPARE_CHUNK, end - pos), readA, readB };
   }
 }
 
 /** What a running comparison has found so far, and its progress. */
 class Comparison {
   #first: Difference | undefined;
+  /** Bytes compared before the first piece still pending: progress, as a sequential compare makes it. */
   #done = 0;
+  #reserved = 0;
+  #nextToCount = 0;
+  #finished = new Map<number, number>();
 
   constructor(
     private readonly total: number,
@@ -162,9 +168,25 @@ class Comparison {
     return this.#first !== undefined && this.#first.offset <= offset;
   }
 
+  /** The index of the next piece or skipped run. */
+  reserve(): number {
+    return this.#reserved++;
+  }
+
+  /** A run that needs no I/O is compared as soon as it is met. */
   skipped(length: number): void {
-    this.#done += length;
-    this.options.onProgress?.(this.#done, this.total);
+    this.finish(this.reserve(), length);
+  }
+
+  /** Piece `index` matched: advance progress over every finished piece before the first pending one. */
+  finish(index: number, length: number): void {
+    this.#finished.set(index, length);
+    const before = this.#done;
+    for (let n = this.#finished.get(this.#nextToCount); n !== undefined; n = this.#finished.get(this.#nextToCount)) {
+      this.#finished.delete(this.#nextToCount++);
+      this.#done += n;
+    }
+    if (this.#done !== before) this.options.onProgress?.(this.#done, this.total);
   }
 
   /** Compare the pieces with `parallel` workers, each with its own two buffers. */
@@ -187,7 +209,7 @@ class Comparison {
           if (this.stopsBefore(piece.offset)) continue;
           const at = await comparePiece(a, b, piece, bufferA, bufferB);
           if (at !== undefined) this.found({ verdict: 'content', offset: at });
-          this.skipped(piece.length);
+          else this.finish(piece.index, piece.length);
         } catch (error) {
           failure ??= error;
         }
