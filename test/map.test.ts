@@ -69,9 +69,22 @@ test('qcow2 image: data, zero clusters, unallocated clusters, partial cluster ra
   const file = path.join(await tempDir(t), 'plain.qcow2');
   await qemuImg('create', '-q', '-f', 'qcow2', file, '10M');
   await qemuIo('-c', 'write -P 1 0 64k', '-c', 'write -z 1M 64k', '-c', 'write -P 2 2M 192k', '-c', 'write -P 3 5M 64k', '-c', 'write -P 4 4M 64k', file);
-  await qemuIo('-c', 'write -z -u 2112k 64k', file);
+  // Zeroing allocated clusters without unmap keeps their host offsets (zero, present, offset).
+  await qemuIo('-c', 'write -z -u 2112k 64k', '-c', 'write -z 5M 64k', '-c', 'write -z 0 64k', file);
   await sameMap(t, file);
   await sameMap(t, file, '--start-offset', '1000', '--max-length', '3M');
+});
+
+test('qcow2 version 2 and extended L2 images: subcluster runs like qemu-img', async (t) => {
+  const dir = await tempDir(t);
+  const v2 = path.join(dir, 'v2.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', v2, '4M');
+  await qemuIo('-c', 'write -P 1 0 64k', '-c', 'write -z 1M 64k', '-c', 'write -P 4 3M 64k', '-c', 'write -z 3M 64k', v2);
+  await sameMap(t, v2);
+  const extended = path.join(dir, 'extended.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', extended, '4M');
+  await qemuIo('-c', 'write -P 1 0 64k', '-c', 'write -z 0 8k', '-c', 'write -P 2 24k 8k', '-c', 'write -z 2M 64k', extended);
+  await sameMap(t, extended);
 });
 
 test('qcow2 image with compressed clusters: JSON matches, human fails like qemu-img', async (t) => {

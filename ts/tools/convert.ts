@@ -111,7 +111,13 @@ async function createRaw(path: string, size: number, cache: CacheMode = 'unsafe'
 
 /** Open an existing raw target, which must hold at least `size` bytes. */
 async function openExistingRaw(path: string, size: number, cache: CacheMode = 'unsafe'): Promise<RawImage> {
-  const image = await RawImage.open(path, { cache });
+  let image: RawImage;
+  try {
+    image = await RawImage.open(path, { cache });
+  } catch (error) {
+    const cause = asQcow2Error(error);
+    throw new Qcow2Error(cause.code, `Could not open '${path}': ${cause.message}`, { cause });
+  }
   if (image.size < size) {
     await image.close();
     throw new Qcow2Error(
