@@ -37,7 +37,7 @@ export interface SnapshotEntry {
 /** The snapshot table read from an image. */
 export interface SnapshotTable {
   entries: SnapshotEntry[];
-  /** Bytes the table occupies from header.snapshotsOffset. */
+  /** Bytes the table occupies from header.snapshotsOffset, the last entry's padding included. */
   byteLength: number;
 }
 
@@ -126,10 +126,11 @@ export async function readSnapshots(file: MetadataFile, header: Qcow2Header): Pr
     if (extraSize > MAX_SNAPSHOT_EXTRA_DATA) {
       throw corrupt(`snapshot ${index}: extra data size ${extraSize} exceeds ${MAX_SNAPSHOT_EXTRA_DATA}`);
     }
-    const length = align8(FIXED_ENTRY_SIZE + extraSize + buf.readUInt16BE(at + 12) + buf.readUInt16BE(at + 14));
+    const length = FIXED_ENTRY_SIZE + extraSize + buf.readUInt16BE(at + 12) + buf.readUInt16BE(at + 14);
+    // qemu-img leaves the last entry's padding out of the file: only the entry itself must be there.
     buf = await reader.ensure(at + length, `entry ${index}`);
     entries.push(decodeEntry(buf, at, index, header, file.size));
-    at += length;
+    at += align8(length);
   }
   return { entries, byteLength: at };
 }
