@@ -165,3 +165,27 @@ test('library: compareImages reports verdict, offset and size mismatch', async (
   t.deepEqual(await compareImages(a, b, { strict: true }), { identical: false, verdict: 'size', sizeMismatch: true });
   t.deepEqual(await compareImages(a, a), { identical: true, verdict: 'identical', sizeMismatch: false });
 });
+
+test('strict mode over images of one content built six ways: qemu-img verdicts pair by pair', async (t) => {
+  const dir = await tempDir(t);
+  const at = (name: string) => path.join(dir, name);
+  await qemuImg('create', '-q', '-f', 'qcow2', at('src.qcow2'), '4M');
+  await qemuIo('-c', 'write -P 1 0 64k', '-c', 'write -P 2 1M 128k', '-c', 'write -P 3 3M 4k', at('src.qcow2'));
+  await qemuImg('convert', '-O', 'raw', at('src.qcow2'), at('sparse.raw'));
+  await qemuImg('convert', '-S', '0', '-O', 'raw', at('src.qcow2'), at('full.raw'));
+  await qemuImg('convert', '-c', '-O', 'qcow2', at('src.qcow2'), at('compressed.qcow2'));
+  await qemuImg('create', '-q', '-f', 'qcow2', '-b', 'src.qcow2', '-F', 'qcow2', at('overlay.qcow2'));
+  await qemuIo('-c', 'write -P 2 1M 64k', '-c', 'write -z 2M 64k', at('overlay.qcow2'));
+  await qemuImg('create', '-q', '-f', 'qcow2', at('half.qcow2'), '2M');
+  await qemuIo('-c', 'write -P 1 0 64k', '-c', 'write -P 2 1M 128k', at('half.qcow2'));
+  await qemuImg('create', '-q', '-f', 'qcow2', '-b', 'half.qcow2', '-F', 'qcow2', at('short-backing.qcow2'), '4M');
+  await qemuIo('-c', 'write -P 3 3M 4k', at('short-backing.qcow2'));
+  const names = ['src.qcow2', 'sparse.raw', 'full.raw', 'compressed.qcow2', 'overlay.qcow2', 'short-backing.qcow2'];
+  for (const [i, a] of names.entries()) {
+    for (const b of names.slice(i + 1)) {
+      t.is(await sameVerdict(t, '-s', at(a), at(b)), 1, `${a} ${b}`);
+    }
+  }
+  t.is(await sameVerdict(t, '-s', at('short-backing.qcow2'), at('short-backing.qcow2')), 0);
+  t.is(await sameVerdict(t, at('short-backing.qcow2'), at('full.raw')), 0);
+});

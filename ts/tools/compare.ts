@@ -62,11 +62,29 @@ interface Difference {
   offset: number;
 }
 
-/** The allocation status qemu-img compare -s compares, as one string. */
-function statusKey(image: Image, extent: Extent): string {
+/** Virtual sizes down the backing chain of `image`: [its own, its backing file's, …]. */
+function chainSizes(image: Image): number[] {
+  const sizes: number[] = [];
+  for (let layer: Image | undefined = image; layer; layer = (layer as { backing?: Image }).backing) sizes.push(layer.size);
+  return sizes;
+}
+
+/**
+ * The allocation status qemu-img compare -s compares, as one string: allocated, zero, data,
+ * placed in a file, and whether the run ends where the answering layer (or the image) ends.
+ */
+function statusKey(image: Image, sizes: number[], extent: Extent): string {
   const e = mapEntryOf(image, extent);
-  const eof = extent.offset + extent.length === image.size;
-  return `${e.present}:${e.zero}:${e.data}:${e.offset !== undefined}:${eof}`;
+  const end = extent.offset + extent.length;
+  let allocated = e.present;
+  let eof = end === image.size;
+  if (extent.kind === 'unallocated') {
+    // Unallocated above a backing file means past that file's end: QEMU counts the zeroes it
+    // makes up there as allocated. At the bottom of the chain the bottom file's end counts.
+    if (extent.depth < sizes.length - 1) allocated = true;
+    else eof ||= end === sizes[extent.depth];
+  }
+  return `${allocated}:${e.zero}:${e.data}:${e.offset !== undefined}:${eof}`;
 }
 
 /** Wrap the extents of `image` so that their failures are status failures naming the image. */
@@ -106,8 +124,10 @@ async function* pieces(a: Image, b: Image, state: Comparison, strict: boolean): 
   const extentsB = statusOf(b, 0, common)[Symbol.asyncIterator]();
   let ea = (await extentsA.next()).value as Extent | undefined;
   let eb = (await extentsB.next()).value as Extent | undefined;
+  const sizesA = chainSizes(a);
+  const sizesB = chainSizes(b);
   for (let pos = 0; pos < common && ea && eb && !state.stopsBefore(pos); ) {
-    if (strict && statusKey(a, ea) !== statusKey(b, eb)) {
+    if (strict && statusKey(a, sizesA, ea) !== statusKey(b, sizesB, eb)) {
       state.found({ verdict: 'status', offset: pos });
       return;
     }
