@@ -177,6 +177,20 @@ test('a chain of depth 3 mixing raw and qcow2, with a shorter backing image', as
   const extents: Extent[] = [];
   for await (const e of image.extents()) extents.push(e);
   t.true(extents.some((e) => e.depth === 2 && e.kind === 'data' && e.file === base));
+  // A window of the disk maps as the same runs, clipped to it.
+  const [from, to] = [70000, (3 << 20) + 5000];
+  const clipped = extents
+    .filter((e) => e.offset < to && e.offset + e.length > from)
+    .map((e) => {
+      const start = Math.max(e.offset, from);
+      const shift = start - e.offset;
+      const out = { ...e, offset: start, length: Math.min(e.offset + e.length, to) - start };
+      if (e.hostOffset !== undefined) out.hostOffset = e.hostOffset + shift;
+      return out;
+    });
+  const windowed: Extent[] = [];
+  for await (const e of image.extents({ offset: from, length: to - from })) windowed.push(e);
+  t.deepEqual(windowed, clipped);
   await image.close();
 });
 

@@ -61,6 +61,7 @@ export class Qcow2Image implements Image {
   #dataFile: NativeFile | undefined;
   #pending = new Set<Promise<unknown>>();
   #closing: Promise<void> | undefined;
+  #chainFiles: { path: string; dataFile?: string }[] | undefined;
 
   constructor(parts: Qcow2ImageParts) {
     this.path = parts.path;
@@ -151,9 +152,20 @@ export class Qcow2Image implements Image {
 
   /** The file holding the data of a run found at `depth` of this image's chain. */
   fileAt(depth: number, flags: number): string {
-    if (depth === 0) return flags & MapFlags.DataFile && this.dataFilePath ? this.dataFilePath : this.path;
-    if (this.backing instanceof Qcow2Image) return this.backing.fileAt(depth - 1, flags);
-    return this.backing?.path ?? this.path;
+    const files = (this.#chainFiles ??= this.#listChainFiles());
+    const at = files[Math.min(depth, files.length - 1)];
+    return flags & MapFlags.DataFile && at.dataFile ? at.dataFile : at.path;
+  }
+
+  /** The image file (and data file) at each depth of the chain, looked up once. */
+  #listChainFiles(): { path: string; dataFile?: string }[] {
+    const files: { path: string; dataFile?: string }[] = [];
+    for (let image: Image | undefined = this; image; ) {
+      const qcow2: Qcow2Image | undefined = image instanceof Qcow2Image ? image : undefined;
+      files.push({ path: image.path, dataFile: qcow2?.dataFilePath });
+      image = qcow2?.backing;
+    }
+    return files;
   }
 
   #extent(run: Run): Extent {
@@ -166,32 +178,65 @@ export class Qcow2Image implements Image {
     return extent;
   }
 
-  /** Runs of data, zeros and unallocated space, with the depth of the chain each comes from. */
-  async *extents(options?: ExtentOptions): AsyncGenerator<Extent> {
-    const { offset, end } = extentRange(options, this.size);
+  /**
+   * Runs of data, zeros and unallocated space, with the depth of the chain each comes from.
+   * A hand-written iterator over batches of the engine's map(): an async generator would cost
+   * several promise turns per extent, which adds up over hundreds of thousands of extents.
+   */
+  extents(options?: ExtentOptions): AsyncIterable<Extent> {
+    return { [Symbol.asyncIterator]: () => this.#extentIterator(options) };
+  }
+
+  #extentIterator(options: ExtentOptions | undefined): AsyncIterator<Extent> {
+    let range: { offset: number; end: number } | undefined;
+    let pos = -1;
+    let stopped = false;
     let held: Run | undefined;
-    for (let pos = offset; pos < end; ) {
-      const runs = await this.#track(this.#live().map(pos, end - pos, EXTENT_BATCH));
-      if (runs.length === 0) throw new Qcow2Error(ErrorCodes.CORRUPT, `mapping '${this.path}' at offset ${pos} made no progress`);
-      for (let i = 0; i < runs.length; i += MAP_RUN_FIELDS) {
-        const run: Run = {
-          offset: runs[i],
-          length: runs[i + 1],
-          kind: runs[i + 2],
-          depth: runs[i + 3],
-          host: runs[i + 4],
-          flags: runs[i + 5],
-        };
-        if (held && continues(held, run)) {
-          held.length += run.length;
-          continue;
+    let ready: Extent[] = [];
+    let index = 0;
+    const finished: IteratorResult<Extent> = { done: true, value: undefined };
+    /** Map the next batch, turning every run but the last (which may continue) into an extent. */
+    const fill = async (): Promise<IteratorResult<Extent>> => {
+      if (stopped) return finished;
+      range ??= extentRange(options, this.size);
+      if (pos < 0) pos = range.offset;
+      ready = [];
+      index = 0;
+      while (ready.length === 0 && pos < range.end) {
+        const runs = await this.#track(this.#live().map(pos, range.end - pos, EXTENT_BATCH));
+        if (runs.length === 0) throw new Qcow2Error(ErrorCodes.CORRUPT, `mapping '${this.path}' at offset ${pos} made no progress`);
+        for (let i = 0; i < runs.length; i += MAP_RUN_FIELDS) {
+          const run: Run = {
+            offset: runs[i],
+            length: runs[i + 1],
+            kind: runs[i + 2],
+            depth: runs[i + 3],
+            host: runs[i + 4],
+            flags: runs[i + 5],
+          };
+          if (held && continues(held, run)) {
+            held.length += run.length;
+          } else {
+            if (held) ready.push(this.#extent(held));
+            held = run;
+          }
         }
-        if (held) yield this.#extent(held);
-        held = run;
+        pos = held!.offset + held!.length;
       }
-      pos = held!.offset + held!.length;
-    }
-    if (held) yield this.#extent(held);
+      if (pos >= range.end && held) {
+        ready.push(this.#extent(held));
+        held = undefined;
+      }
+      return index < ready.length ? { done: false, value: ready[index++] } : finished;
+    };
+    return {
+      next: () => (index < ready.length ? Promise.resolve({ done: false, value: ready[index++] }) : fill()),
+      return: async () => {
+        stopped = true;
+        ready = [];
+        return finished;
+      },
+    };
   }
 
   createReadStream(options?: ReadStreamOptions): Readable {
