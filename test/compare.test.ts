@@ -35,6 +35,8 @@ test('identical images: raw against qcow2, in both orders and strict mode', asyn
   t.is(await sameVerdict(t, raw, raw), 0);
   t.is(await sameVerdict(t, '-s', qcow, qcow), 0);
   t.is(await sameVerdict(t, '-f', 'qcow2', '-F', 'raw', qcow, raw), 0);
+  t.is(await sameVerdict(t, '-f', 'qcow2', qcow, raw), 0);
+  t.is(await sameVerdict(t, '-F', 'qcow2', raw, qcow), 0);
 });
 
 test('content mismatch: the offset of the first different sector', async (t) => {

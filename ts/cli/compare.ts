@@ -25,7 +25,7 @@ export async function run(argv: string[]): Promise<number> {
     return 0;
   }
   const formatA = parseFormat(lastOption(args, 'f'));
-  const formatB = parseFormat(lastOption(args, 'F')) ?? formatA;
+  const formatB = parseFormat(lastOption(args, 'F'));
   const cache = parseCache(lastOption(args, 'T'), 'source cache');
   const quiet = hasFlag(args, 'q');
   const strict = hasFlag(args, 's');

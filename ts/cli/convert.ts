@@ -84,9 +84,11 @@ export async function run(argv: string[]): Promise<number> {
         skipCreate,
         targetIsZero,
         // The 0% line is already out; a source without data only shows 0% and 100%.
-        onProgress: (done, total) => {
-          if (done > 0) progress.update(done, total);
-        },
+        onProgress: progress.enabled
+          ? (done, total) => {
+              if (done > 0) progress.update(done, total);
+            }
+          : undefined,
       });
     } finally {
       await image.close();

@@ -1,4 +1,6 @@
 /** Copying an image into another (library side of `qcow2 convert`): sparse, parallel, bounded memory. */
+import { stat } from 'node:fs/promises';
+
 import { ErrorCodes, Qcow2Error, asQcow2Error, check, settle } from '../errors.js';
 import type { Image, ImageFormat } from '../image.js';
 import { CacheMode, allocAligned, native } from '../native.js';
@@ -72,6 +74,7 @@ export async function convert(source: string | Image, target: string, options: C
   checkCopyOptions(options);
   const input = typeof source === 'string' ? await openSource(source, options) : source;
   try {
+    await refuseSameFile(input.path, target);
     const output = options.skipCreate
       ? await openExistingRaw(target, input.size, options.targetCache)
       : await createRaw(target, input.size, options.targetCache);
@@ -93,6 +96,14 @@ function openSource(path: string, options: ConvertOptions): Promise<Image> {
     cache: options.sourceCache ?? 'writeback',
     followFileNames: options.followFileNames ?? false,
   });
+}
+
+/** Creating the target would empty the source when both name one file (qemu-img's locks refuse it too). */
+async function refuseSameFile(sourcePath: string, targetPath: string): Promise<void> {
+  const [a, b] = await Promise.all([stat(sourcePath).catch(() => undefined), stat(targetPath).catch(() => undefined)]);
+  if (a && b && a.dev === b.dev && a.ino === b.ino) {
+    throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `convert: target '${targetPath}' is the source image '${sourcePath}'`);
+  }
 }
 
 /** Create (or truncate) `path` as a raw image of `size` bytes that reads as zero. */
