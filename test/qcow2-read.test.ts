@@ -4,7 +4,7 @@ import path from 'node:path';
 
 import test, { ExecutionContext } from 'ava';
 
-import { ErrorCodes, Extent, Image, Qcow2Image, open } from '../ts/index.js';
+import { ErrorCodes, Extent, Image, Qcow2Image, Qcow2OpenOptions, open, openQcow2 } from '../ts/index.js';
 import { patternBytes, qemuImg, qemuIo, tempDir } from './helpers/qemu.js';
 
 /** Open an image the way the CLI does: following its file names. */
@@ -272,7 +272,7 @@ test('a 2 TiB sparse image with clusters written far apart', async (t) => {
   await image.close();
 });
 
-test('many parallel reads of random ranges equal the raw conversion, with and without O_DIRECT', async (t) => {
+test('many parallel reads of random ranges equal the raw conversion, with and without O_DIRECT, with a tiny L2 cache', async (t) => {
   const dir = await tempDir(t);
   const base = path.join(dir, 'base.qcow2');
   const file = path.join(dir, 'top.qcow2');
@@ -283,8 +283,9 @@ test('many parallel reads of random ranges equal the raw conversion, with and wi
   const raw = path.join(dir, 'top.raw');
   await qemuImg('convert', '-O', 'raw', file, raw);
   const expected = await readFile(raw);
-  for (const cache of ['none', 'writeback'] as const) {
-    const image = await openChain(file, { cache });
+  const configs: Qcow2OpenOptions[] = [{ cache: 'none' }, { cache: 'writeback' }, { cache: 'none', l2CacheSize: 1024, l2SliceSize: 512 }];
+  for (const config of configs) {
+    const image = await openQcow2(file, { readOnly: true, followFileNames: true, ...config });
     const ranges = Array.from({ length: 400 }, (_, i) => {
       const off = (i * 2654435761) % (expected.length - 1);
       return [off, 1 + ((i * 40503) % Math.min(300000, expected.length - off))];
@@ -297,7 +298,7 @@ test('many parallel reads of random ranges equal the raw conversion, with and wi
       }),
     );
     const bad = ranges.findIndex(([off, len], i) => !buffers[i].equals(expected.subarray(off, off + len)));
-    t.is(bad, -1, `cache ${cache}: read ${bad} (${ranges[bad]}) differs`);
+    t.is(bad, -1, `${JSON.stringify(config)}: read ${bad} (${ranges[bad]}) differs`);
     await image.close();
   }
 });
@@ -316,6 +317,8 @@ test('createReadStream yields the disk, and reads past the end are refused', asy
   await t.throwsAsync(image.read(Buffer.alloc(2), (3 << 20) - 1), { code: ErrorCodes.OUT_OF_BOUNDS });
   await image.close();
   await t.throwsAsync(image.read(Buffer.alloc(1), 0), { code: ErrorCodes.CLOSED });
+  await t.throwsAsync(openQcow2(file, { l2SliceSize: 1000 }), { code: ErrorCodes.INVALID_ARGUMENT, message: /l2SliceSize/ });
+  await t.throwsAsync(openQcow2(file, { l2CacheSize: -1 }), { code: ErrorCodes.INVALID_ARGUMENT, message: /l2CacheSize/ });
 });
 
 test('writes are refused: read-only images say so, writable ones are not supported yet', async (t) => {

@@ -9,6 +9,7 @@ export type { OpenOptions } from './open.js';
 export { RawImage } from './raw.js';
 export { Qcow2Image } from './qcow2/image.js';
 export { openQcow2 } from './qcow2/open.js';
+export type { Qcow2OpenOptions } from './qcow2/open.js';
 export { CompareError, compareImages } from './tools/compare.js';
 export type { CompareOptions, CompareResult, CompareVerdict } from './tools/compare.js';
 export { convert, copyImage } from './tools/convert.js';

@@ -99,19 +99,33 @@ Status Engine::Read(uint8_t* buf, uint64_t len, GuestOffset at) {
                                                         std::to_string(at.value) + " is past the end of the disk (" +
                                                         std::to_string(size()) + " bytes)");
   }
+  // Data segments that continue each other on the host (across L2 slices and tables too)
+  // become one read.
+  uint64_t pendingStart = 0, pendingHost = 0, pendingLength = 0;
   for (uint64_t done = 0; done < len;) {
     const GuestOffset pos{at.value + done};
     Segment seg;
     QCOW2_TRY(mapper_->Resolve(pos, len - done, &seg));
     uint8_t* dst = buf + done;
-    switch (seg.kind) {
-      case ClusterKind::Data: QCOW2_TRY(DataFile().Read(dst, seg.length, seg.host)); break;
-      case ClusterKind::Zero: std::memset(dst, 0, seg.length); break;
-      case ClusterKind::Unallocated: QCOW2_TRY(ReadBacking(dst, seg.length, pos)); break;
-      case ClusterKind::Compressed: QCOW2_TRY(ReadCompressed(dst, seg, pos)); break;
+    if (seg.kind == ClusterKind::Data) {
+      if (pendingLength > 0 && pendingStart + pendingLength == done && pendingHost + pendingLength == seg.host) {
+        pendingLength += seg.length;
+      } else {
+        if (pendingLength > 0) QCOW2_TRY(DataFile().Read(buf + pendingStart, pendingLength, pendingHost));
+        pendingStart = done;
+        pendingHost = seg.host;
+        pendingLength = seg.length;
+      }
+    } else if (seg.kind == ClusterKind::Zero) {
+      std::memset(dst, 0, seg.length);
+    } else if (seg.kind == ClusterKind::Unallocated) {
+      QCOW2_TRY(ReadBacking(dst, seg.length, pos));
+    } else {
+      QCOW2_TRY(ReadCompressed(dst, seg, pos));
     }
     done += seg.length;
   }
+  if (pendingLength > 0) QCOW2_TRY(DataFile().Read(buf + pendingStart, pendingLength, pendingHost));
   return Status::Ok();
 }
 

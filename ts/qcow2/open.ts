@@ -18,10 +18,30 @@ interface ChainState {
   seen: Set<string>;
 }
 
+/** Options of qcow2 images beyond those every format takes. */
+export interface Qcow2OpenOptions extends OpenOptions {
+  /** Bytes of L2 tables each image of the chain keeps in memory (default 32 MiB: 256 GiB of guest data at 64 KiB clusters). */
+  l2CacheSize?: number;
+  /** Bytes per cached L2 slice: a power of two from 512 to 2 MiB (default 4096; whole tables when the cluster is smaller). */
+  l2SliceSize?: number;
+}
+
 /** Open the qcow2 image at `path` (and, when allowed, its data file and backing chain). */
-export async function openQcow2(imagePath: string, options: OpenOptions = {}): Promise<Qcow2Image> {
+export async function openQcow2(imagePath: string, options: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
   checkOpenOptions(options);
+  checkCacheOptions(options);
   return openMember(imagePath, options, { depth: 0, seen: new Set() });
+}
+
+function checkCacheOptions(options: Qcow2OpenOptions): void {
+  const { l2CacheSize, l2SliceSize } = options;
+  if (l2CacheSize !== undefined && !(Number.isSafeInteger(l2CacheSize) && l2CacheSize >= 512)) {
+    throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `l2CacheSize must be an integer of at least 512 bytes, got ${l2CacheSize}`);
+  }
+  const powerOfTwo = l2SliceSize !== undefined && Number.isSafeInteger(l2SliceSize) && (l2SliceSize & (l2SliceSize - 1)) === 0;
+  if (l2SliceSize !== undefined && !(powerOfTwo && l2SliceSize >= 512 && l2SliceSize <= 2 << 20)) {
+    throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `l2SliceSize must be a power of two from 512 to 2097152, got ${l2SliceSize}`);
+  }
 }
 
 /** A file name from the image, resolved against the image's directory like qemu-img does. */
@@ -38,7 +58,7 @@ async function realPathOf(file: string): Promise<string> {
 }
 
 /** Refuse to follow file names the image carries unless the caller allowed it. */
-function checkFileNames(imagePath: string, header: Qcow2Header, options: OpenOptions): void {
+function checkFileNames(imagePath: string, header: Qcow2Header, options: Qcow2OpenOptions): void {
   if (options.followFileNames) return;
   const named =
     header.externalDataFile && header.dataFile !== undefined
@@ -75,8 +95,10 @@ function checkOpenable(imagePath: string, header: Qcow2Header, readOnly: boolean
   }
 }
 
-function engineParams(header: Qcow2Header): Qcow2EngineParams {
+function engineParams(header: Qcow2Header, options: Qcow2OpenOptions): Qcow2EngineParams {
   return {
+    ...(options.l2CacheSize !== undefined ? { l2CacheSize: options.l2CacheSize } : {}),
+    ...(options.l2SliceSize !== undefined ? { l2SliceSize: options.l2SliceSize } : {}),
     clusterBits: header.clusterBits,
     size: header.size,
     l1TableOffset: header.l1TableOffset,
@@ -89,7 +111,7 @@ function engineParams(header: Qcow2Header): Qcow2EngineParams {
   };
 }
 
-async function openMember(imagePath: string, options: OpenOptions, state: ChainState): Promise<Qcow2Image> {
+async function openMember(imagePath: string, options: Qcow2OpenOptions, state: ChainState): Promise<Qcow2Image> {
   const real = await realPathOf(imagePath);
   if (state.seen.has(real)) {
     throw new Qcow2Error(ErrorCodes.BACKING_LOOP, `backing chain loops: '${imagePath}' is already in the chain`);
@@ -113,7 +135,7 @@ async function openMember(imagePath: string, options: OpenOptions, state: ChainS
       backing = await openBacking(imagePath, header, options, { depth: state.depth + 1, seen });
       opened.push(backing);
     }
-    const engine = await settle(native.Qcow2Engine.open(file, engineParams(header), dataFile?.file, engineBacking(backing)));
+    const engine = await settle(native.Qcow2Engine.open(file, engineParams(header, options), dataFile?.file, engineBacking(backing)));
     return new Qcow2Image({ path: imagePath, readOnly, header, engine, file, dataFile, backing });
   } catch (error) {
     await Promise.allSettled(opened.map((o) => o.close()));
@@ -133,7 +155,7 @@ async function openFile(
 }
 
 /** The backing image of `imagePath`, opened read-only in its format. */
-async function openBacking(imagePath: string, header: Qcow2Header, options: OpenOptions, state: ChainState): Promise<Image> {
+async function openBacking(imagePath: string, header: Qcow2Header, options: Qcow2OpenOptions, state: ChainState): Promise<Image> {
   const maxDepth = options.maxChainDepth ?? DEFAULT_MAX_CHAIN_DEPTH;
   if (state.depth > maxDepth) {
     throw new Qcow2Error(
