@@ -20,12 +20,18 @@ struct InflatedCluster {
   AlignedBuffer data;
 };
 
-/// Per-thread scratch memory for compressed bytes, grown to the largest descriptor seen.
-AlignedBuffer& CompressedScratch(size_t bytes) {
-  thread_local AlignedBuffer scratch;
-  if (scratch.size() < bytes) scratch = AlignedBuffer(bytes);
-  return scratch;
+InflatedCluster& LastInflated() {
+  thread_local InflatedCluster last;
+  return last;
 }
+
+/// Compressed bytes read with one I/O are kept per thread up to this size; larger spans borrow
+/// from the buffer pool, so that 32 threads never pin much memory.
+constexpr uint64_t kKeptScratch = 1u << 20;
+/// A batch of compressed clusters is read with one I/O spanning at most this many bytes.
+constexpr uint64_t kMaxCompressedSpan = 4u << 20;
+/// Gap allowed between the compressed data of consecutive clusters of one batch.
+constexpr uint64_t kMaxCompressedGap = 4096;
 
 Status CheckConfig(const EngineConfig& c, const std::shared_ptr<File>& dataFile) {
   if (c.clusterBits < 9 || c.clusterBits > 21) {
@@ -102,6 +108,7 @@ Status Engine::Read(uint8_t* buf, uint64_t len, GuestOffset at) {
   // Data segments that continue each other on the host (across L2 slices and tables too)
   // become one read.
   uint64_t pendingStart = 0, pendingHost = 0, pendingLength = 0;
+  CompressedBatch batch;
   for (uint64_t done = 0; done < len;) {
     const GuestOffset pos{at.value + done};
     Segment seg;
@@ -120,13 +127,14 @@ Status Engine::Read(uint8_t* buf, uint64_t len, GuestOffset at) {
       std::memset(dst, 0, seg.length);
     } else if (seg.kind == ClusterKind::Unallocated) {
       QCOW2_TRY(ReadBacking(dst, seg.length, pos));
-    } else {
-      QCOW2_TRY(ReadCompressed(dst, seg, pos));
+    } else if (!ServeFromLastInflated(dst, seg, pos)) {
+      if (!batch.Continues(seg)) QCOW2_TRY(ReadCompressed(&batch));
+      batch.Add(dst, seg, pos);
     }
     done += seg.length;
   }
   if (pendingLength > 0) QCOW2_TRY(DataFile().Read(buf + pendingStart, pendingLength, pendingHost));
-  return Status::Ok();
+  return ReadCompressed(&batch);
 }
 
 Status Engine::ReadBacking(uint8_t* buf, uint64_t len, GuestOffset at) {
@@ -142,31 +150,68 @@ Status Engine::ReadBacking(uint8_t* buf, uint64_t len, GuestOffset at) {
   return Status::Ok();
 }
 
-Status Engine::ReadCompressed(uint8_t* buf, const Segment& seg, GuestOffset at) {
+bool CompressedBatch::Continues(const Segment& seg) const {
+  if (count == 0) return true;
+  if (count == kMaxItems) return false;
+  const Item& last = items[count - 1];
+  const uint64_t lastEnd = last.seg.host + last.seg.compressedBytes;
+  return seg.host >= last.seg.host && seg.host <= lastEnd + kMaxCompressedGap &&
+         seg.host + seg.compressedBytes - items[0].seg.host <= kMaxCompressedSpan;
+}
+
+void CompressedBatch::Add(uint8_t* dst, const Segment& seg, GuestOffset at) { items[count++] = {dst, seg, at}; }
+
+bool Engine::ServeFromLastInflated(uint8_t* dst, const Segment& seg, GuestOffset at) {
+  const InflatedCluster& last = LastInflated();
+  if (last.engine != id_ || last.host != seg.host || last.data.size() != geometry().clusterSize) return false;
+  std::memcpy(dst, last.data.data() + geometry().InCluster(at), seg.length);
+  return true;
+}
+
+Status Engine::ReadCompressed(CompressedBatch* batch) {
+  if (batch->count == 0) return Status::Ok();
   const uint64_t clusterSize = geometry().clusterSize;
-  const uint64_t inCluster = geometry().InCluster(at);
-  if (inCluster == 0 && seg.length == clusterSize) return Inflate(seg, buf);
-  thread_local InflatedCluster last;
-  if (last.engine != id_ || last.host != seg.host || last.data.size() != clusterSize) {
+  // A descriptor bounds its input (at most two clusters); the file's end may come sooner.
+  auto inputBytes = [&](const Segment& seg) {
+    return std::min({seg.compressedBytes, imageFileSize_ - seg.host, 2 * clusterSize});
+  };
+  uint64_t end = 0;
+  for (size_t i = 0; i < batch->count; i++) end = std::max(end, batch->items[i].seg.host + inputBytes(batch->items[i].seg));
+  const uint64_t first = AlignDown(batch->items[0].seg.host, kBufferAlign);
+  const uint64_t span = AlignUp(end, kBufferAlign) - first;
+  thread_local AlignedBuffer kept;
+  AlignedBuffer borrowed;
+  AlignedBuffer* scratch = &kept;
+  if (span > kKeptScratch) {
+    borrowed = AlignedBuffer(span);
+    scratch = &borrowed;
+  } else if (kept.size() < span) {
+    kept = AlignedBuffer(span);
+  }
+  const size_t count = batch->count;
+  batch->count = 0;
+  QCOW2_TRY(image_->Read(scratch->data(), span, first));
+  for (size_t i = 0; i < count; i++) {
+    const CompressedBatch::Item& item = batch->items[i];
+    const uint8_t* in = scratch->data() + (item.seg.host - first);
+    const uint64_t inCluster = geometry().InCluster(item.at);
+    if (inCluster == 0 && item.seg.length == clusterSize) {
+      QCOW2_TRY(Inflate(item.seg, in, inputBytes(item.seg), item.dst));
+      continue;
+    }
+    InflatedCluster& last = LastInflated();
     if (last.data.size() != clusterSize) last.data = AlignedBuffer(clusterSize);
     last.engine = 0;
-    QCOW2_TRY(Inflate(seg, last.data.data()));
+    QCOW2_TRY(Inflate(item.seg, in, inputBytes(item.seg), last.data.data()));
     last.engine = id_;
-    last.host = seg.host;
+    last.host = item.seg.host;
+    std::memcpy(item.dst, last.data.data() + inCluster, item.seg.length);
   }
-  std::memcpy(buf, last.data.data() + inCluster, seg.length);
   return Status::Ok();
 }
 
-Status Engine::Inflate(const Segment& seg, uint8_t* cluster) {
-  const uint64_t clusterSize = geometry().clusterSize;
-  // The descriptor bounds the input (at most two clusters); the file's end may come sooner.
-  const uint64_t bytes = std::min({seg.compressedBytes, imageFileSize_ - seg.host, 2 * clusterSize});
-  const uint64_t first = AlignDown(seg.host, kBufferAlign);
-  const uint64_t span = AlignUp(seg.host + bytes, kBufferAlign) - first;
-  AlignedBuffer& scratch = CompressedScratch(span);
-  QCOW2_TRY(image_->Read(scratch.data(), span, first));
-  Status st = DecompressCluster(config_.compression, scratch.data() + (seg.host - first), bytes, cluster, clusterSize);
+Status Engine::Inflate(const Segment& seg, const uint8_t* in, uint64_t bytes, uint8_t* cluster) {
+  Status st = DecompressCluster(config_.compression, in, bytes, cluster, geometry().clusterSize);
   if (!st.ok()) st.message = "compressed cluster at host offset " + std::to_string(seg.host) + ": " + st.message;
   return st;
 }

@@ -57,6 +57,22 @@ struct MapRun {
   uint32_t flags = 0;
 };
 
+/// Compressed clusters of one request whose data lie close together in the image file.
+struct CompressedBatch {
+  static constexpr size_t kMaxItems = 64;
+  struct Item {
+    uint8_t* dst;
+    Segment seg;
+    GuestOffset at;
+  };
+  Item items[kMaxItems];
+  size_t count = 0;
+
+  /// True when `seg`'s compressed data can join the batch's single read.
+  bool Continues(const Segment& seg) const;
+  void Add(uint8_t* dst, const Segment& seg, GuestOffset at);
+};
+
 /// A read-only qcow2 image. Every method is thread-safe and may run on any worker at once.
 class Engine {
  public:
@@ -83,8 +99,11 @@ class Engine {
   Status Live() const;
   File& DataFile() const { return config_.externalDataFile ? *dataFile_ : *image_; }
   Status ReadBacking(uint8_t* buf, uint64_t len, GuestOffset at);
-  Status ReadCompressed(uint8_t* buf, const Segment& seg, GuestOffset at);
-  Status Inflate(const Segment& seg, uint8_t* cluster);
+  /// Copy the part of a compressed cluster this thread inflated last; false when it was another.
+  bool ServeFromLastInflated(uint8_t* dst, const Segment& seg, GuestOffset at);
+  /// Read the batch's compressed bytes with one I/O and inflate each cluster; empties the batch.
+  Status ReadCompressed(CompressedBatch* batch);
+  Status Inflate(const Segment& seg, const uint8_t* in, uint64_t bytes, uint8_t* cluster);
   Status MapBacking(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out);
   Status MapRaw(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out);
 
