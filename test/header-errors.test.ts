@@ -4,7 +4,7 @@ import path from 'node:path';
 
 import test, { ExecutionContext } from 'ava';
 
-import { ErrorCodes } from '../ts/index.js';
+import { ErrorCodes } from '../ts/errors.js';
 import { encodeExtensionArea, ExtensionType, HeaderExtension } from '../ts/qcow2/extensions.js';
 import { parseHeader, readHeader, readHeaderFrom } from '../ts/qcow2/header.js';
 import { openMetadataFile } from '../ts/qcow2/metadata-file.js';

@@ -4,11 +4,11 @@ import path from 'node:path';
 
 import test from 'ava';
 
-import { ErrorCodes } from '../ts/index.js';
+import { ErrorCodes } from '../ts/errors.js';
 import { ExtensionType } from '../ts/qcow2/extensions.js';
 import { clearUnknownAutoclear, parseHeader, readHeader, serializeHeader } from '../ts/qcow2/header.js';
 import { qemuImg, runProgram, tempDir } from './helpers/qemu.js';
-import { VARIANTS } from './helpers/qcow2-variants.js';
+import { VARIANTS, qemuImgIn } from './helpers/qcow2-variants.js';
 
 for (const variant of VARIANTS) {
   test(`header round trip: ${variant.name}`, async (t) => {
@@ -93,6 +93,21 @@ test('unknown extensions and header fields survive a rewrite byte for byte', asy
   t.is(again.backingFile, 'base.img');
   t.is(again.backingFormat, 'raw');
   t.deepEqual(serializeHeader(again), area);
+});
+
+test('names that are not UTF-8 keep their bytes through parse and serialise', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'n.qcow2');
+  await qemuImgIn(dir, 'create', '-f', 'qcow2', '-u', '-b', 'BACKINGNAME', '-F', 'raw', '-o', 'data_file=DATAFILE', file, '1M');
+  const bytes = await readFile(file);
+  Buffer.from([0x62, 0xff, 0xc0, 0x80, 0xe2, 0x82, 0x41, 0xed, 0xa0, 0x80, 0xf4]).copy(bytes, bytes.indexOf('BACKINGNAME'));
+  Buffer.from([0xfe, 0x64, 0xf0, 0x9f, 0x98, 0x80, 0x80, 0xe9]).copy(bytes, bytes.indexOf('DATAFILE'));
+  await writeFile(file, bytes);
+  const { header } = await readHeader(file);
+  t.is(header.backingFile, 'b\udcff\udcc0\udc80\udce2\udc82A\udced\udca0\udc80\udcf4');
+  t.is(header.dataFile, '\udcfed😀\udc80\udce9');
+  const out = serializeHeader(header);
+  t.deepEqual(out, bytes.subarray(0, out.length));
 });
 
 test('edited fields are what serialiseHeader writes: backing file, format, flags', async (t) => {

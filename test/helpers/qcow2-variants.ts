@@ -1,7 +1,18 @@
 /** qcow2 images made by qemu-img with every creation option the header can record, for header and info tests. */
+import { execFile } from 'node:child_process';
 import path from 'node:path';
 
 import { qemuImg } from './qemu.js';
+
+/** Run qemu-img in `dir`: relative names it creates (data files) land there, and are recorded relative. */
+export function qemuImgIn(dir: string, ...args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile('qemu-img', args, { cwd: dir, encoding: 'utf8' }, (error, stdout, stderr) => {
+      if (error) reject(new Error(`qemu-img ${args.join(' ')} failed: ${stderr}`));
+      else resolve(stdout);
+    });
+  });
+}
 
 /** One kind of image: how qemu-img makes it, and header fields it must have. */
 export interface Variant {
@@ -15,8 +26,7 @@ export interface Variant {
 }
 
 function create(dir: string, name: string, size: string, options: string[] = []): Promise<string> {
-  const file = path.join(dir, name);
-  return qemuImg('create', '-f', 'qcow2', ...options, file, size).then(() => file);
+  return qemuImgIn(dir, 'create', '-f', 'qcow2', ...options, name, size).then(() => path.join(dir, name));
 }
 
 const refcountVariants: Variant[] = [1, 2, 4, 8, 16, 32, 64].map((bits) => ({
@@ -151,7 +161,7 @@ export const VARIANTS: Variant[] = [
         '-o',
         'cluster_size=32k,extended_l2=on,compression_type=zstd,lazy_refcounts=on,refcount_bits=8,data_file=all.data',
       ]);
-      await qemuImg('bitmap', '--add', file, 'bm');
+      await qemuImgIn(dir, 'bitmap', '--add', file, 'bm');
       return file;
     },
     expect: { clusterBits: 15, refcountOrder: 3, extendedL2: true, lazyRefcounts: true, compressionType: 'zstd' },

@@ -1,4 +1,5 @@
 /** `qcow2 info [-f FMT] [--output=human|json] [--backing-chain] [-U] IMG`: qemu-img info's output. */
+import { encodeName } from '../qcow2/text.js';
 import { ImageInfo, info, infoChain } from '../tools/info.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
 import { dumpNested, qemuJson, QemuJsonValue, sizeToStr, snapshotTable } from './qemu-format.js';
@@ -92,7 +93,8 @@ export async function run(argv: string[]): Promise<number> {
     const value = args.options.has('backing-chain') ? chain : chain[0];
     process.stdout.write(qemuJson(value as unknown as QemuJsonValue) + '\n');
   } else {
-    process.stdout.write(chain.map((image) => humanInfo(image).join('\n') + '\n').join('\n'));
+    // Names are written as the bytes the image stores, like qemu-img does.
+    process.stdout.write(encodeName(chain.map((image) => humanInfo(image).join('\n') + '\n').join('\n')));
   }
   return 0;
 }

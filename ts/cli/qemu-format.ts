@@ -1,4 +1,5 @@
 /** Output in qemu-img's formats: sizes ("196 KiB"), pretty JSON, snapshot tables, nested key dumps. */
+import { encodeName } from '../qcow2/text.js';
 
 const SIZE_SUFFIXES = ['', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei'];
 
@@ -52,22 +53,51 @@ function stripZeros(text: string): string {
   return text.includes('.') ? text.replace(/0+$/, '').replace(/\.$/, '') : text;
 }
 
-/** A JSON string the way qemu writes it: only ASCII printable characters stay, all else is escaped. */
+const REPLACEMENT = 0xfffd;
+const MIN_FOR_LENGTH = [0, 0, 0x80, 0x800, 0x10000];
+
+/**
+ * Code points of `bytes` the way qemu's JSON writer decodes them: a lead byte and the
+ * continuation bytes after it form one sequence, and any bad sequence (cut short, overlong,
+ * a surrogate, above U+10FFFF) is one U+FFFD, except the overlong NUL C0 80, which is U+0000.
+ */
+function qemuCodePoints(bytes: Uint8Array): number[] {
+  const out: number[] = [];
+  let at = 0;
+  while (at < bytes.length) {
+    const lead = bytes[at];
+    if (lead < 0xc0 || lead >= 0xf8) {
+      out.push(lead < 0x80 ? lead : REPLACEMENT);
+      at++;
+      continue;
+    }
+    const need = lead >= 0xf0 ? 4 : lead >= 0xe0 ? 3 : 2;
+    let code = lead & (0x7f >> need);
+    let n = 1;
+    for (; n < need && at + n < bytes.length && (bytes[at + n] & 0xc0) === 0x80; n++) code = (code << 6) | (bytes[at + n] & 0x3f);
+    at += n;
+    if (n < need) out.push(REPLACEMENT);
+    else if (code < MIN_FOR_LENGTH[need]) out.push(need === 2 && code === 0 ? 0 : REPLACEMENT);
+    else if ((code >= 0xd800 && code <= 0xdfff) || code > 0x10ffff) out.push(REPLACEMENT);
+    else out.push(code);
+  }
+  return out;
+}
+
+const SHORT_ESCAPES: Record<number, string> = { 0x22: '\\"', 0x5c: '\\\\', 0x08: '\\b', 0x0c: '\\f', 0x0a: '\\n', 0x0d: '\\r', 0x09: '\\t' };
+
+function unicodeEscape(unit: number): string {
+  return '\\u' + unit.toString(16).toUpperCase().padStart(4, '0');
+}
+
+/** A JSON string the way qemu writes it: only printable ASCII stays, all else is escaped (names' raw bytes as qemu decodes them). */
 export function qemuJsonString(text: string): string {
   let out = '"';
-  for (const ch of text) {
-    const code = ch.codePointAt(0)!;
-    if (ch === '"') out += '\\"';
-    else if (ch === '\\') out += '\\\\';
-    else if (ch === '\b') out += '\\b';
-    else if (ch === '\f') out += '\\f';
-    else if (ch === '\n') out += '\\n';
-    else if (ch === '\r') out += '\\r';
-    else if (ch === '\t') out += '\\t';
-    else if (code >= 0x20 && code < 0x7f) out += ch;
-    else {
-      for (let i = 0; i < ch.length; i++) out += '\\u' + ch.charCodeAt(i).toString(16).toUpperCase().padStart(4, '0');
-    }
+  for (const code of qemuCodePoints(encodeName(text))) {
+    if (SHORT_ESCAPES[code]) out += SHORT_ESCAPES[code];
+    else if (code >= 0x20 && code < 0x7f) out += String.fromCharCode(code);
+    else if (code > 0xffff) out += unicodeEscape(0xd800 + ((code - 0x10000) >> 10)) + unicodeEscape(0xdc00 + ((code - 0x10000) & 0x3ff));
+    else out += unicodeEscape(code);
   }
   return out + '"';
 }
@@ -128,7 +158,7 @@ export interface SnapshotRow {
 
 /** Pad `text` to `width` bytes (printf counts bytes, not characters). */
 function padBytes(text: string, width: number, left: boolean): string {
-  const fill = ' '.repeat(Math.max(0, width - Buffer.byteLength(text)));
+  const fill = ' '.repeat(Math.max(0, width - encodeName(text).length));
   return left ? text + fill : fill + text;
 }
 
@@ -136,14 +166,19 @@ function two(n: number): string {
   return String(n).padStart(2, '0');
 }
 
-/** The columns of one table line: ID, TAG, VM SIZE, DATE, VM CLOCK, ICOUNT. */
+/** The columns after the tag: VM SIZE, DATE, VM CLOCK, ICOUNT (right-aligned). */
+function tail(size: string, date: string, clock: string, icount: string): string {
+  return `${padBytes(size, 8, false)}${padBytes(date, 20, false)}${padBytes(clock, 13, false)}${padBytes(icount, 11, false)}`;
+}
+
+/** One table row; the tag column is one narrower than the heading's, with a separating space. */
 function snapshotLine(id: string, tag: string, size: string, date: string, clock: string, icount: string): string {
-  return `${padBytes(id, 9, true)} ${padBytes(tag, 17, true)} ${padBytes(size, 7, false)}${padBytes(date, 20, false)}${padBytes(clock, 13, false)}${padBytes(icount, 11, false)}`;
+  return `${padBytes(id, 9, true)} ${padBytes(tag, 16, true)} ${tail(size, date, clock, icount)}`;
 }
 
 /** qemu-img's snapshot table: a header line and one line per snapshot (dates in local time). */
 export function snapshotTable(rows: readonly SnapshotRow[]): string[] {
-  const lines = [snapshotLine('ID', 'TAG', 'VM SIZE', 'DATE', 'VM CLOCK', 'ICOUNT')];
+  const lines = [`${padBytes('ID', 10, true)}${padBytes('TAG', 17, true)}${tail('VM SIZE', 'DATE', 'VM CLOCK', 'ICOUNT')}`];
   for (const s of rows) {
     const d = new Date(s.dateSec * 1000);
     const date = `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;

@@ -3,6 +3,7 @@ import { ErrorCodes, Qcow2Error } from '../errors.js';
 import { align8 } from './extensions.js';
 import type { Qcow2Header } from './header.js';
 import { MetadataFile, readRange } from './metadata-file.js';
+import { decodeName } from './text.js';
 
 /** Bitmap directory entry flags. */
 export const BitmapFlag = { IN_USE: 1, AUTO: 2, EXTRA_DATA_COMPATIBLE: 4 } as const;
@@ -74,7 +75,7 @@ function decodeEntry(dir: Buffer, at: number, index: number, header: Qcow2Header
   const extraStart = at + FIXED_ENTRY_SIZE;
   const nameStart = extraStart + extraSize;
   const entry: BitmapEntry = {
-    name: dir.toString('utf8', nameStart, nameStart + nameSize),
+    name: decodeName(dir.subarray(nameStart, nameStart + nameSize)),
     bitmapTableOffset,
     bitmapTableSize,
     flags,

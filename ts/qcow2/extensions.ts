@@ -1,6 +1,7 @@
 /** qcow2 header extensions: the area between the header and the backing file name. */
 import { ErrorCodes, Qcow2Error } from '../errors.js';
 import type { FeatureName } from './features.js';
+import { decodeName, encodeName } from './text.js';
 
 /** Header extension type codes. */
 export const ExtensionType = {
@@ -114,10 +115,10 @@ function addExtension(out: DecodedExtensions, ext: HeaderExtension, clusterSize:
       if (ext.data.length > MAX_FORMAT_NAME) {
         throw invalid(`backing format name length ${ext.data.length} exceeds ${MAX_FORMAT_NAME} bytes`);
       }
-      out.backingFormat = ext.data.toString('utf8');
+      out.backingFormat = decodeName(ext.data);
       return;
     case ExtensionType.DATA_FILE:
-      out.dataFile = ext.data.toString('utf8');
+      out.dataFile = decodeName(ext.data);
       return;
     case ExtensionType.FEATURE_NAMES:
       out.featureNames = parseFeatureNames(ext.data);
@@ -144,7 +145,7 @@ function parseFeatureNames(data: Buffer): FeatureName[] {
     if (type === undefined) continue;
     const raw = data.subarray(at + 2, at + FEATURE_ENTRY_SIZE);
     const nul = raw.indexOf(0);
-    names.push({ type, bit, name: raw.subarray(0, nul < 0 ? raw.length : nul).toString('utf8') });
+    names.push({ type, bit, name: decodeName(raw.subarray(0, nul < 0 ? raw.length : nul)) });
   }
   return names;
 }
@@ -190,7 +191,7 @@ export function encodeFeatureNames(names: readonly FeatureName[]): Buffer {
     const at = i * FEATURE_ENTRY_SIZE;
     out[at] = FEATURE_TYPES.indexOf(f.type);
     out[at + 1] = f.bit;
-    const name = Buffer.from(f.name, 'utf8');
+    const name = encodeName(f.name);
     if (name.length > FEATURE_ENTRY_SIZE - 2) {
       throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `feature name '${f.name}' is ${name.length} bytes, more than ${FEATURE_ENTRY_SIZE - 2}`);
     }

@@ -24,6 +24,7 @@ import {
   withBit,
 } from './features.js';
 import { MetadataFile, openMetadataFile, readRange } from './metadata-file.js';
+import { decodeName, encodeName } from './text.js';
 
 export type { FeatureName } from './features.js';
 export type { HeaderExtension } from './extensions.js';
@@ -140,7 +141,7 @@ export function parseHeader(buf: Buffer, fileSize: number): Qcow2Header {
   const extLimit = checkBackingFileName(h, firstCluster, extStart);
   const ext = parseExtensions(buf, extStart, extLimit, clusterSize, fileSize);
   if (h.backingFileOffset !== 0 && h.backingFileSize > 0) {
-    h.backingFile = buf.toString('utf8', h.backingFileOffset, h.backingFileOffset + h.backingFileSize);
+    h.backingFile = decodeName(buf.subarray(h.backingFileOffset, h.backingFileOffset + h.backingFileSize));
   }
   checkIncompatibleFeatures(h.incompatibleFeatures, ext.featureNames);
   if (ext.fullDiskEncryption) throw invalid('full disk encryption header extension present, but crypt_method is 0 (spec: only with LUKS)');
@@ -308,7 +309,7 @@ function featureMasks(h: Qcow2Header): { incompatible: bigint; compatible: bigin
  */
 function knownExtensionData(h: Qcow2Header, type: number, original: Buffer | undefined): Buffer | undefined {
   const text = (value: string | undefined) =>
-    value === undefined ? undefined : original && original.toString('utf8') === value ? original : Buffer.from(value, 'utf8');
+    value === undefined ? undefined : original && decodeName(original) === value ? original : encodeName(value);
   switch (type) {
     case ExtensionType.BACKING_FORMAT:
       return text(h.backingFormat);
@@ -411,7 +412,7 @@ export function serializeHeader(header: Qcow2Header, clusterSize: number = heade
     h.unknownHeaderFields.copy(fixed, 105, 0, Math.max(0, length - 105));
   }
   const extensions = encodeExtensionArea(extensionsToWrite(h));
-  const backing = h.backingFile === undefined ? Buffer.alloc(0) : Buffer.from(h.backingFile, 'utf8');
+  const backing = h.backingFile === undefined ? Buffer.alloc(0) : encodeName(h.backingFile);
   if (backing.length > MAX_BACKING_FILE_NAME) {
     throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `backing file name is ${backing.length} bytes, more than ${MAX_BACKING_FILE_NAME}`);
   }

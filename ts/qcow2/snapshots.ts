@@ -3,6 +3,7 @@ import { ErrorCodes, Qcow2Error } from '../errors.js';
 import { align8 } from './extensions.js';
 import { MAX_L1_BYTES, Qcow2Header } from './header.js';
 import { MetadataFile, readRange } from './metadata-file.js';
+import { decodeName } from './text.js';
 
 /** qemu's bound on a snapshot entry's extra data. */
 export const MAX_SNAPSHOT_EXTRA_DATA = 1024;
@@ -99,8 +100,8 @@ function decodeEntry(buf: Buffer, at: number, index: number, header: Qcow2Header
     entryOffset: header.snapshotsOffset + at,
     l1TableOffset,
     l1Size,
-    id: buf.toString('utf8', idStart, idStart + idSize),
-    name: buf.toString('utf8', idStart + idSize, idStart + idSize + nameSize),
+    id: decodeName(buf.subarray(idStart, idStart + idSize)),
+    name: decodeName(buf.subarray(idStart + idSize, idStart + idSize + nameSize)),
     dateSec: buf.readUInt32BE(at + 16),
     dateNsec: buf.readUInt32BE(at + 20),
     vmClockNsec: buf.readBigUInt64BE(at + 24),

@@ -4,7 +4,6 @@
  */
 import { ErrorCodes, Qcow2Error, asQcow2Error } from '../errors.js';
 import type { ImageFormat } from '../image.js';
-import { DEFAULT_MAX_CHAIN_DEPTH } from '../open.js';
 import { BitmapEntry, readBitmaps } from '../qcow2/bitmaps.js';
 import { QCOW2_MAGIC, Qcow2Header, readHeaderFrom } from '../qcow2/header.js';
 import { MetadataFile, openMetadataFile, readRange } from '../qcow2/metadata-file.js';
@@ -72,6 +71,12 @@ export interface InfoOptions {
   /** Called with the warnings qemu-img prints on stderr (e.g. inconsistent bitmaps). */
   onWarning?: (message: string) => void;
 }
+
+/**
+ * The longest chain infoChain accepts by default: an image and 64 backing files, the depth open()
+ * accepts. (Kept here rather than imported so that info never loads the native addon.)
+ */
+export const DEFAULT_MAX_CHAIN_IMAGES = 65;
 
 /** Warning qemu-img gives for a bitmaps extension without its autoclear bit. */
 export const INCONSISTENT_BITMAPS_WARNING =
@@ -208,7 +213,7 @@ export async function info(path: string, options: InfoOptions = {}): Promise<Ima
  */
 export async function infoChain(path: string, options: InfoOptions = {}): Promise<ImageInfo[]> {
   checkPath(path);
-  const maxDepth = options.maxChainDepth ?? DEFAULT_MAX_CHAIN_DEPTH + 1;
+  const maxDepth = options.maxChainDepth ?? DEFAULT_MAX_CHAIN_IMAGES;
   if (!Number.isSafeInteger(maxDepth) || maxDepth < 1) {
     throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `maxChainDepth must be a positive integer, got ${maxDepth}`);
   }
@@ -222,7 +227,9 @@ export async function infoChain(path: string, options: InfoOptions = {}): Promis
     const { info: image, identity } = await infoOf(next.path, next.format, options);
     const earlier = seen.get(identity);
     if (earlier !== undefined) {
-      throw new Qcow2Error(ErrorCodes.BACKING_LOOP, `Backing file loop: '${next.path}' is the same file as '${earlier}', already in the chain of '${path}'`);
+      const as = earlier === next.path ? '' : ` (as '${earlier}')`;
+      const parent = chain[chain.length - 1].filename;
+      throw new Qcow2Error(ErrorCodes.BACKING_LOOP, `Backing file loop: '${parent}' has backing file '${next.path}', which is already in the chain${as}`);
     }
     seen.set(identity, next.path);
     chain.push(image);
