@@ -321,6 +321,26 @@ test('createReadStream yields the disk, and reads past the end are refused', asy
   await t.throwsAsync(openQcow2(file, { l2CacheSize: -1 }), { code: ErrorCodes.INVALID_ARGUMENT, message: /l2CacheSize/ });
 });
 
+test('close() waits for the reads already running, then closes the whole chain', async (t) => {
+  const dir = await tempDir(t);
+  const base = path.join(dir, 'base.qcow2');
+  const top = path.join(dir, 'top.qcow2');
+  await qemuImg('create', '-f', 'qcow2', base, '4M');
+  await qemuIo(base, '-c', 'write -P 4 0 4M');
+  await qemuImg('create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top, '4M');
+  const image = (await openChain(top)) as Qcow2Image;
+  const reads = Array.from({ length: 64 }, async (_, i) => {
+    const buf = Buffer.alloc(65536);
+    await image.read(buf, i * 65536);
+    return buf.equals(Buffer.alloc(65536, 4));
+  });
+  await image.close();
+  t.deepEqual(await Promise.all(reads), Array(64).fill(true));
+  await t.throwsAsync(image.read(Buffer.alloc(1), 0), { code: ErrorCodes.CLOSED });
+  await t.throwsAsync(image.backing!.read(Buffer.alloc(1), 0), { code: ErrorCodes.CLOSED });
+  await t.throwsAsync(image.read(new DataView(new ArrayBuffer(4)) as unknown as Uint8Array, 0), { code: ErrorCodes.CLOSED });
+});
+
 test('writes are refused: read-only images say so, writable ones are not supported yet', async (t) => {
   const dir = await tempDir(t);
   const file = path.join(dir, 'w.qcow2');

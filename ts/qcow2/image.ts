@@ -1,7 +1,7 @@
 /** Qcow2Image: an open qcow2 image whose reads, mapping and backing chain run in the native engine. */
 import { Readable } from 'node:stream';
 
-import { ErrorCodes, Qcow2Error, asQcow2Error, settle } from '../errors.js';
+import { ErrorCodes, Qcow2Error, asQcow2Error, check } from '../errors.js';
 import { Extent, ExtentKind, ExtentOptions, Image, ReadStreamOptions, checkRange, extentRange, imageReadStream } from '../image.js';
 import { MAP_RUN_FIELDS, MapFlags, MapKind, NativeFile, Qcow2Engine } from '../native.js';
 import type { Qcow2Header } from './header.js';
@@ -59,7 +59,8 @@ export class Qcow2Image implements Image {
   #engine: Qcow2Engine | undefined;
   #file: NativeFile;
   #dataFile: NativeFile | undefined;
-  #pending = new Set<Promise<unknown>>();
+  #inflight = 0;
+  #drained: (() => void) | undefined;
   #closing: Promise<void> | undefined;
   #chainFiles: { path: string; dataFile?: string }[] | undefined;
 
@@ -88,21 +89,36 @@ export class Qcow2Image implements Image {
     return this.#engine;
   }
 
-  /** Run a native request, remembering it so that close() waits for it. */
-  async #track<T>(request: Promise<T>): Promise<T> {
-    this.#pending.add(request);
-    try {
-      return await settle(request);
-    } finally {
-      this.#pending.delete(request);
-    }
+  /** Run a native request, counted so that close() waits for it; rejections become Qcow2Errors. */
+  #track<T>(request: Promise<T>): Promise<T> {
+    this.#inflight++;
+    return request.then(
+      (value) => {
+        this.#settled();
+        return value;
+      },
+      (error: unknown) => {
+        this.#settled();
+        throw asQcow2Error(error);
+      },
+    );
   }
 
-  async read(buffer: Uint8Array, offset: number): Promise<void> {
-    const engine = this.#live();
-    checkRange(offset, buffer.byteLength, this.size, 'read');
-    if (buffer.byteLength === 0) return;
-    await this.#track(engine.read(buffer, offset));
+  #settled(): void {
+    if (--this.#inflight === 0) this.#drained?.();
+  }
+
+  /** Not an async function: the hot path of random reads pays for every promise it makes. */
+  read(buffer: Uint8Array, offset: number): Promise<void> {
+    try {
+      const engine = this.#live();
+      check(buffer instanceof Uint8Array, 'read: buffer must be a Buffer or Uint8Array');
+      checkRange(offset, buffer.byteLength, this.size, 'read');
+      if (buffer.byteLength === 0) return Promise.resolve();
+      return this.#track(engine.read(buffer, offset));
+    } catch (error) {
+      return Promise.reject(asQcow2Error(error));
+    }
   }
 
   #refuseWrite(what: string): never {
@@ -138,7 +154,7 @@ export class Qcow2Image implements Image {
     const engine = this.#engine;
     if (!engine) return;
     this.#engine = undefined;
-    await Promise.allSettled([...this.#pending]);
+    if (this.#inflight > 0) await new Promise<void>((resolve) => (this.#drained = resolve));
     const results = await Promise.allSettled([engine.close(), this.#file.close(), this.#dataFile?.close()]);
     const backing = await Promise.allSettled([this.backing?.close()]);
     for (const r of [...results, ...backing]) {
