@@ -5,7 +5,7 @@ import path from 'node:path';
 import test, { ExecutionContext } from 'ava';
 
 import { ErrorCodes, Image, Qcow2Error, open } from '../ts/index.js';
-import { patternBytes, qemuImg, qemuIo, tempDir } from './helpers/qemu.js';
+import { patternBytes, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
 
 const COPIED = 1n << 63n;
 const COMPRESSED = 1n << 62n;
@@ -191,6 +191,18 @@ test('backing loops are refused (qemu-img would hang on them)', async (t) => {
   await t.throwsAsync(open(b, { readOnly: true, followFileNames: true }), { code: ErrorCodes.BACKING_LOOP });
   await qemuImg('rebase', '-u', '-b', 'a.qcow2', '-F', 'qcow2', a);
   await t.throwsAsync(open(a, { readOnly: true, followFileNames: true }), { code: ErrorCodes.BACKING_LOOP });
+});
+
+test('a backing file that is a FIFO or a directory is refused instead of hanging', async (t) => {
+  const dir = await tempDir(t);
+  const top = path.join(dir, 'top.qcow2');
+  await qemuImg('create', '-f', 'qcow2', '-u', '-b', 'fifo', '-F', 'raw', top, '1M');
+  await runProgram('mkfifo', [path.join(dir, 'fifo')]);
+  await t.throwsAsync(open(top, { readOnly: true, followFileNames: true }), { code: ErrorCodes.INVALID_ARGUMENT, message: /fifo.*not a regular file/ });
+  await qemuImg('rebase', '-u', '-b', dir, '-F', 'qcow2', top);
+  await t.throwsAsync(open(top, { readOnly: true, followFileNames: true }), { code: ErrorCodes.INVALID_ARGUMENT });
+  await qemuImg('rebase', '-u', '-b', 'missing.qcow2', '-F', 'qcow2', top);
+  await t.throwsAsync(open(top, { readOnly: true, followFileNames: true }), { code: 'ENOENT' });
 });
 
 test('chains deeper than the limit are refused', async (t) => {

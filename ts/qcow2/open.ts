@@ -1,5 +1,5 @@
 /** Opening qcow2 images: header, data file, backing chain and the native engine. */
-import { realpath } from 'node:fs/promises';
+import { realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 
 import { ErrorCodes, Qcow2Error, asQcow2Error, settle } from '../errors.js';
@@ -47,6 +47,22 @@ function checkCacheOptions(options: Qcow2OpenOptions): void {
 /** A file name from the image, resolved against the image's directory like qemu-img does. */
 function resolveName(imagePath: string, name: string): string {
   return path.isAbsolute(name) ? name : path.join(path.dirname(imagePath), name);
+}
+
+/** Refuse a named file that is neither a regular file nor a block device: opening a FIFO would hang. */
+async function checkNamedFile(imagePath: string, file: string): Promise<void> {
+  let info;
+  try {
+    info = await stat(file);
+  } catch (error) {
+    throw asQcow2Error(error);
+  }
+  if (!info.isFile() && !info.isBlockDevice()) {
+    throw new Qcow2Error(
+      ErrorCodes.INVALID_ARGUMENT,
+      `'${file}', named by image '${imagePath}', is not a regular file or a block device`,
+    );
+  }
 }
 
 async function realPathOf(file: string): Promise<string> {
@@ -127,6 +143,7 @@ async function openMember(imagePath: string, options: Qcow2OpenOptions, state: C
     let dataFile: { file: NativeFile; path: string } | undefined;
     if (header.externalDataFile && header.dataFile !== undefined) {
       const dataPath = resolveName(imagePath, header.dataFile);
+      await checkNamedFile(imagePath, dataPath);
       dataFile = { file: await openFile(dataPath, readOnly, cache, opened), path: dataPath };
     }
     let backing: Image | undefined;
@@ -164,6 +181,7 @@ async function openBacking(imagePath: string, header: Qcow2Header, options: Qcow
     );
   }
   const backingPath = resolveName(imagePath, header.backingFile!);
+  await checkNamedFile(imagePath, backingPath);
   const format = (state.depth === 1 ? options.backingFormat : undefined) ?? header.backingFormat ?? (await probeFormat(backingPath));
   if (format === 'qcow2') return openMember(backingPath, options, state);
   if (format === 'raw') {
