@@ -67,9 +67,14 @@ async function compareOutputs(a, b) {
   return r.code === 1 ? 'outputs DIFFER' : `qemu-img compare failed: ${r.stderr.trim()}`;
 }
 
+/** The first line of a message, for a table cell. */
+function oneLine(text) {
+  return String(text).trim().split('\n')[0];
+}
+
 /** A row of the final table. `higherIsBetter` rows compare throughput, the others wall time. */
 function row(fields) {
-  return { ours: '-', theirs: '-', ratio: NaN, target: '', met: 'n/a', note: '', ...fields };
+  return { ours: '-', theirs: '-', ratio: NaN, target: '', met: 'n/a', note: '', load: load(), ...fields };
 }
 
 /** Time `qcow2 convert` against `qemu-img convert` on `image`; outputs removed afterwards. */
@@ -103,7 +108,7 @@ function fileSizes(image) {
 /** The table row of a wall-time comparison. */
 function comparisonRow(title, result, maxRatio, note) {
   const met = Number.isFinite(result.ratio) ? (result.ratio <= maxRatio ? 'yes' : 'NO') : 'failed';
-  const fail = (side) => (side.failed ? `FAILED (${side.error.slice(0, 120)})` : '');
+  const fail = (side) => (side.failed ? `FAILED (${oneLine(side.error).slice(0, 120)})` : '');
   return row({
     scenario: title,
     ours: fail(result.ours) || `${formatMs(result.ours.medianMs)} (${formatKiB(result.ours.maxRssKiB)})`,
@@ -138,13 +143,13 @@ async function mapScenario(title, image, options) {
 /** IOPS from `qemu-img bench` output ("Run completed in X seconds."). */
 function qemuBenchIops(result, count) {
   const m = /Run completed in ([\d.]+) seconds/.exec(result.stdout);
-  if (result.code !== 0 || !m) throw new Error(`qemu-img bench failed: ${result.stderr.trim() || result.stdout.trim()}`);
+  if (result.code !== 0 || !m) throw new Error(`qemu-img bench failed: ${oneLine(result.stderr) || oneLine(result.stdout)}`);
   return count / Number(m[1]);
 }
 
 /** IOPS of our library (bench/lib/readload.js) in its own process. */
 function readloadIops(result) {
-  if (result.code !== 0) throw new Error(result.stderr.trim() || `exit ${result.code ?? result.signal}`);
+  if (result.code !== 0) throw new Error(oneLine(result.stderr) || `exit ${result.code ?? result.signal}`);
   return JSON.parse(result.stdout).iops;
 }
 
@@ -175,7 +180,7 @@ async function randreadScenario(image, options) {
   const med = { random: median(figures.random), sequential: median(figures.sequential), qemu: median(figures.qemu) };
   const iops = (key) => (errors[key] ? `FAILED (${errors[key].slice(0, 120)})` : `${formatCount(med[key])} IOPS`);
   const ratioRow = (scenario, key, theirs, theirsText, min, note) => {
-    const ratio = med[key] / theirs;
+    const ratio = errors[key] ? NaN : med[key] / theirs;
     return row({
       scenario,
       ours: iops(key),
@@ -229,13 +234,18 @@ async function guarded(title, fn) {
     return await fn();
   } catch (error) {
     log(`${title}: FAILED ${error.stack ?? error}`);
-    return row({ scenario: title, ours: `FAILED (${String(error.message).slice(0, 160)})`, met: 'failed' });
+    return row({ scenario: title, ours: `FAILED (${oneLine(error.message).slice(0, 160)})`, met: 'failed' });
   }
 }
 
 function machine() {
   const qemu = spawnSync('qemu-img', ['--version'], { encoding: 'utf8' }).stdout.split('\n')[0];
   return `${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), ${(os.totalmem() / GiB).toFixed(0)} GiB RAM, Linux ${os.release()}, node ${process.version}, ${qemu}`;
+}
+
+/** The 1-minute load average: other work on the machine skews every figure. */
+function load() {
+  return os.loadavg()[0].toFixed(1);
 }
 
 async function main() {
@@ -294,8 +304,8 @@ async function main() {
 
 /** Print the table (and the fio figures) as text or Markdown. */
 function report(rows, fio, options) {
-  const headers = ['scenario', 'ours', 'qemu-img / reference', 'ratio', 'target', 'met?', 'note'];
-  const cells = rows.map((r) => [r.scenario, r.ours, r.theirs, formatRatio(r.ratio), r.target, r.met, r.note]);
+  const headers = ['scenario', 'ours', 'qemu-img / reference', 'ratio', 'target', 'met?', 'load', 'note'];
+  const cells = rows.map((r) => [r.scenario, r.ours, r.theirs, formatRatio(r.ratio), r.target, r.met, r.load, r.note]);
   const fioHeaders = ['fio (libaio, O_DIRECT, depth 16)', 'bandwidth', 'IOPS'];
   const fioCells = fio.map((f) => [f.name, `${f.mbps.toFixed(0)} MB/s`, formatCount(f.iops)]);
   process.stdout.write(`${machine()}\n`);
