@@ -77,20 +77,6 @@ export function optionValue<T>(args: ParsedArgs, key: string, parse: (text: stri
   return text === undefined ? undefined : parse(text);
 }
 
-const SIZE_SUFFIXES = ['', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei'];
-
-/**
- * A byte count as qemu-img prints one ("10 MiB", "1.5 GiB", "512 B"): three significant
- * digits, and the next unit from 1000 of the current one on, so no value shows four digits.
- */
-export function humanSize(bytes: number): string {
-  let unit = 0;
-  while (unit < SIZE_SUFFIXES.length - 1 && bytes >= 1000 * 1024 ** unit) unit++;
-  const value = bytes / 1024 ** unit;
-  const text = Number(value.toPrecision(3)).toString();
-  return `${text} ${SIZE_SUFFIXES[unit]}B`;
-}
-
 /** Where progress lines go: anything with a write(string) method (process.stdout by default). */
 export interface TextSink {
   write(text: string): unknown;

@@ -50,11 +50,23 @@ export interface ConvertOptions extends Omit<CopyOptions, 'targetIsZero'> {
   followFileNames?: boolean;
 }
 
-/** One piece of work: a run to copy (`data`) or to zero, in guest order. */
+/** A stretch of a piece, relative to its start: data to copy, or a run known to read as zero. */
+interface Run {
+  start: number;
+  end: number;
+  data: boolean;
+}
+
+/**
+ * One piece of work, in guest order: a window of at most COPY_CHUNK bytes read with one
+ * request, whose runs say what to write; or, without data, one zero run of any length.
+ */
 interface Piece {
   offset: number;
   length: number;
-  data: boolean;
+  runs: Run[];
+  /** Bytes of data runs: what -p counts. */
+  dataBytes: number;
   /** Settles when the piece before it has been written (in-order mode only). */
   previous: Promise<void>;
   /** Settle once this piece is written, or failed. */
@@ -186,7 +198,7 @@ export async function copyImage(source: Image, target: Image, options: CopyOptio
       if (!next) return;
       try {
         await copyPiece(source, target, next, buffer, { skipZeroes, sparseSize, inOrder: !options.outOfOrder });
-        if (next.data || sparseSize === 0) report(next.length);
+        report(sparseSize === 0 ? next.length : next.dataBytes);
       } catch (error) {
         failure ??= asQcow2Error(error);
       } finally {
@@ -219,25 +231,40 @@ async function bytesToWrite(source: Image, sparseSize: number): Promise<number> 
 }
 
 /**
- * The source's extents cut into pieces of at most COPY_CHUNK bytes, aligned to COPY_CHUNK in
- * guest offsets (aligned requests suit O_DIRECT), each chained to the one before it.
+ * The source's extents gathered into pieces: data, and the zero runs between data, fill
+ * windows of COPY_CHUNK bytes aligned in guest offsets (aligned requests suit O_DIRECT, and
+ * many small extents cost one read); zero runs outside any window go as one request each.
  */
 async function* splitIntoPieces(source: Image, options: CopyOptions): AsyncGenerator<Piece> {
   let previous: Promise<void> = Promise.resolve();
+  let open: { offset: number; windowEnd: number; runs: Run[]; dataBytes: number } | undefined;
+  const close = (): Piece => {
+    const { offset, runs, dataBytes } = open!;
+    open = undefined;
+    let done!: () => void;
+    const written = new Promise<void>((resolve) => (done = resolve));
+    const piece = { offset, length: runs[runs.length - 1].end, runs, dataBytes, previous, done };
+    previous = written;
+    return piece;
+  };
   for await (const extent of source.extents()) {
     const data = extent.kind === 'data';
     const end = extent.offset + extent.length;
     for (let pos = extent.offset; pos < end; ) {
       checkAborted(options.signal);
-      // Zero runs need no buffer, so they go as one request however long.
-      const length = data ? Math.min(COPY_CHUNK - (pos % COPY_CHUNK), end - pos) : end - pos;
-      let done!: () => void;
-      const written = new Promise<void>((resolve) => (done = resolve));
-      yield { offset: pos, length, data, previous, done };
-      previous = written;
-      pos += length;
+      if (!open && !data) {
+        open = { offset: pos, windowEnd: end, runs: [], dataBytes: 0 };
+      } else if (!open) {
+        open = { offset: pos, windowEnd: pos - (pos % COPY_CHUNK) + COPY_CHUNK, runs: [], dataBytes: 0 };
+      }
+      const stop = Math.min(end, open.windowEnd);
+      open.runs.push({ start: pos - open.offset, end: stop - open.offset, data });
+      if (data) open.dataBytes += stop - pos;
+      pos = stop;
+      if (pos === open.windowEnd) yield close();
     }
   }
+  if (open) yield close();
 }
 
 interface PieceContext {
@@ -247,21 +274,28 @@ interface PieceContext {
 }
 
 async function copyPiece(source: Image, target: Image, piece: Piece, buffer: Buffer, ctx: PieceContext): Promise<void> {
-  if (!piece.data) {
-    if (ctx.inOrder) await piece.previous;
-    if (!ctx.skipZeroes) await target.writeZeroes(piece.offset, piece.length, { unmap: ctx.sparseSize > 0 });
-    return;
-  }
-  const view = buffer.subarray(0, piece.length);
-  await source.read(view, piece.offset);
+  // Read up to the end of the last data run: zero runs after it need no bytes.
+  const readEnd = piece.runs.reduce((end, run) => (run.data ? run.end : end), 0);
+  const view = buffer.subarray(0, readEnd);
+  if (readEnd > 0) await source.read(view, piece.offset);
   if (ctx.inOrder) await piece.previous;
-  if (ctx.sparseSize === 0) {
-    await target.write(view, piece.offset);
-    return;
+  for (const run of piece.runs) {
+    const offset = piece.offset + run.start;
+    if (!run.data) {
+      if (!ctx.skipZeroes) await target.writeZeroes(offset, run.end - run.start, { unmap: ctx.sparseSize > 0 });
+    } else if (ctx.sparseSize === 0) {
+      await target.write(view.subarray(run.start, run.end), offset);
+    } else {
+      await copyDataRun(target, view.subarray(run.start, run.end), offset, ctx);
+    }
   }
-  for (const run of dataAndZeroRuns(view, piece.offset, ctx.sparseSize)) {
-    if (run.data) await target.write(view.subarray(run.start, run.end), piece.offset + run.start);
-    else if (!ctx.skipZeroes) await target.writeZeroes(piece.offset + run.start, run.end - run.start, { unmap: true });
+}
+
+/** Write a data run, leaving out (or zeroing) the zero stretches of at least sparseSize bytes in it. */
+async function copyDataRun(target: Image, data: Buffer, offset: number, ctx: PieceContext): Promise<void> {
+  for (const run of dataAndZeroRuns(data, offset, ctx.sparseSize)) {
+    if (run.data) await target.write(data.subarray(run.start, run.end), offset + run.start);
+    else if (!ctx.skipZeroes) await target.writeZeroes(offset + run.start, run.end - run.start, { unmap: true });
   }
 }
 
