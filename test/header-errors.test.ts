@@ -1,5 +1,5 @@
 /** Every header validation error, each from a qemu-img image with bytes patched. */
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import test, { ExecutionContext } from 'ava';
@@ -142,6 +142,8 @@ const EXTENSION_CASES: [string, HeaderExtension[], string, RegExp | string][] = 
   ['backing format name above 1023 bytes', [{ type: ExtensionType.BACKING_FORMAT, data: Buffer.alloc(1024, 0x61) }], ErrorCodes.INVALID_HEADER, 'backing format name length 1024 exceeds 1023 bytes'],
   ['bitmaps extension of 16 bytes', [{ type: ExtensionType.BITMAPS, data: Buffer.alloc(16) }], ErrorCodes.INVALID_HEADER, 'bitmaps extension length 16 is not 24'],
   ['full disk encryption pointer without encryption', [{ type: ExtensionType.FULL_DISK_ENCRYPTION, data: Buffer.alloc(16) }], ErrorCodes.INVALID_HEADER, /^full disk encryption header extension present, but crypt_method is 0/],
+  ['full disk encryption extension of 8 bytes', [{ type: ExtensionType.FULL_DISK_ENCRYPTION, data: Buffer.alloc(8) }], ErrorCodes.INVALID_HEADER, 'full disk encryption extension length 8 is not 16'],
+  ['full disk encryption header past the end of the file', [{ type: ExtensionType.FULL_DISK_ENCRYPTION, data: Buffer.from('0000000000100000' + '0000000000001000', 'hex') }], ErrorCodes.INVALID_HEADER, /^encryption header at 1048576 \(\+4096 bytes\) ends past the end of the file/],
   ['full disk encryption pointer unaligned', [{ type: ExtensionType.FULL_DISK_ENCRYPTION, data: Buffer.from('0000000000000200' + '0000000000000010', 'hex') }], ErrorCodes.INVALID_HEADER, 'encryption header offset 512 is not aligned to the cluster size 65536'],
 ];
 
@@ -172,6 +174,11 @@ for (const [title, nb, reserved, size, offset, message] of BITMAP_EXTENSION_CASE
     expectInvalid(t, withExtensions(bases.v3, [{ type: ExtensionType.BITMAPS, data }]), ErrorCodes.INVALID_HEADER, message);
   });
 }
+
+test('refused: a buffer without the whole first cluster', (t) => {
+  const error = t.throws(() => parseHeader(bases.v3.subarray(0, 4096), bases.v3.length), { code: ErrorCodes.INVALID_ARGUMENT });
+  t.is(error?.message, 'parseHeader needs the first cluster (65536 bytes), got 4096');
+});
 
 test('refused: a header shorter than 72 bytes', (t) => {
   expectInvalid(t, bases.v3.subarray(0, 60), ErrorCodes.INVALID_HEADER, 'qcow2 header too short: 60 bytes, at least 72 needed');
@@ -242,6 +249,7 @@ const SNAPSHOT_CASES: [string, (b: Buffer, at: number) => void, RegExp | string]
   ['L1 table past the end of the file', (b, at) => b.writeBigUInt64BE(1n << 40n, at), /^snapshot 0: L1 table at 1099511627776 \(\+8 bytes\) lies outside/],
   ['L1 table above 32 MiB', (b, at) => b.writeUInt32BE(0x400001, at + 8), 'snapshot 0: L1 table size 4194305 entries exceeds the 33554432 byte limit'],
   ['name running past the end of the file', (b, at) => b.writeUInt16BE(65535, at + 14), /^snapshot table: entry 0 at offset \d+ lies past the end of the file/],
+  ['VM state size above 2^53', (b, at) => b.writeBigUInt64BE(1n << 60n, at + 40), `snapshot 0: VM state size ${1n << 60n} exceeds 2^53`],
 ];
 
 for (const [title, edit, message] of SNAPSHOT_CASES) {
@@ -251,6 +259,28 @@ for (const [title, edit, message] of SNAPSHOT_CASES) {
     await t.throwsAsync(snapshotsOf(t, buf), { code: ErrorCodes.CORRUPT, message });
   });
 }
+
+test('snapshot table refused: larger than 64 MiB', async (t) => {
+  // 1100 entries with 65535-byte names (about 72 MB) in a sparse file of 128 MiB.
+  const at = Number(bases.snapshots.readBigUInt64BE(64));
+  const buf = patched(bases.snapshots, (b) => b.writeUInt32BE(1100, 60));
+  const file = path.join(bases.dir, 'huge-snapshots.qcow2');
+  await writeFile(file, buf.subarray(0, at));
+  t.teardown(() => rm(file));
+  const handle = await open(file, 'r+');
+  const entry = Buffer.alloc(40);
+  entry.writeUInt16BE(65535, 14);
+  const stride = Math.ceil((40 + 65535) / 8) * 8;
+  for (let i = 0; i < 1100; i++) await handle.write(entry, 0, 40, at + i * stride);
+  await handle.truncate(128 << 20);
+  await handle.close();
+  const meta = await openMetadataFile(file);
+  t.teardown(() => meta.handle.close());
+  await t.throwsAsync(readSnapshots(meta, await readHeaderFrom(meta)), {
+    code: ErrorCodes.CORRUPT,
+    message: /^snapshot table: entry 1023 at offset \d+ lies past the 67108864 byte table limit$/,
+  });
+});
 
 /** Write `buf` as an image and read its bitmap directory. */
 async function bitmapsOf(t: ExecutionContext, buf: Buffer) {

@@ -6,10 +6,10 @@ import path from 'node:path';
 import test, { ExecutionContext } from 'ava';
 
 import { ErrorCodes } from '../ts/errors.js';
-import { parseHeader } from '../ts/qcow2/header.js';
+import { parseHeader, serializeHeader } from '../ts/qcow2/header.js';
 import { info, infoChain } from '../ts/tools/info.js';
 import { qemuJson, QemuJsonValue, sizeToStr } from '../ts/cli/qemu-format.js';
-import { CLI, TEST_ROOT, qemuImg, qemuIo } from './helpers/qemu.js';
+import { CLI, TEST_ROOT, qcow2Cli, qemuImg, qemuIo } from './helpers/qemu.js';
 import { VARIANTS } from './helpers/qcow2-variants.js';
 
 interface Result {
@@ -143,6 +143,43 @@ test('info equals qemu-img: snapshot and bitmap names that JSON must escape', as
   await allOutputsSame(t, dir, 'names.qcow2');
 });
 
+test('info equals qemu-img: snapshots with VM state, VM clock, no icount and a huge icount', async (t) => {
+  const dir = await folder('vmstate');
+  const file = path.join(dir, 'vm.qcow2');
+  await qemuImg('create', '-f', 'qcow2', file, '1M');
+  await qemuImg('snapshot', '-c', 'one', file);
+  await qemuImg('snapshot', '-c', 'two', file);
+  const b = await readFile(file);
+  let at = Number(b.readBigUInt64BE(64));
+  b.writeBigUInt64BE(3723456789012n, at + 24); // 01:02:03.456
+  b.writeUInt32BE(0, at + 16);
+  b.writeUInt32BE(999999999, at + 20);
+  b.writeBigUInt64BE(1234567890n, at + 40); // VM state size (64-bit extra field)
+  b.writeBigUInt64BE(0xffffffffffffffffn, at + 56); // icount -1: not recorded
+  at += Math.ceil((40 + b.readUInt32BE(at + 36) + b.readUInt16BE(at + 12) + b.readUInt16BE(at + 14)) / 8) * 8;
+  b.writeBigUInt64BE(360000000000000n, at + 24); // 100 hours
+  b.writeBigUInt64BE(5n << 40n, at + 40);
+  b.writeBigUInt64BE((1n << 60n) + 1n, at + 56);
+  await writeFile(file, b);
+  await allOutputsSame(t, dir, 'vm.qcow2');
+  const [first, second] = (await info(file)).snapshots!;
+  t.is(first.icount, undefined);
+  t.is(second.icount, (1n << 60n) + 1n);
+});
+
+test('info equals qemu-img: a backing file without a recorded format is probed', async (t) => {
+  const dir = await folder('probed');
+  await qemuImg('create', '-f', 'raw', path.join(dir, 'base.raw'), '2M');
+  const file = path.join(dir, 'over.qcow2');
+  await qemuImg('create', '-f', 'qcow2', '-b', 'base.raw', '-F', 'raw', file);
+  const bytes = await readFile(file);
+  const header = parseHeader(bytes, bytes.length);
+  header.backingFormat = undefined;
+  serializeHeader(header).copy(bytes);
+  await writeFile(file, bytes);
+  await allOutputsSame(t, dir, 'over.qcow2');
+});
+
 test('info equals qemu-img: errors', async (t) => {
   const dir = await folder('errors');
   await qemuImg('create', '-f', 'raw', path.join(dir, 'plain.img'), '1M');
@@ -215,6 +252,20 @@ test('info --backing-chain refuses loops and over-deep chains (qemu-img 7.2 woul
   await t.throwsAsync(infoChain(path.join(dir, 'c.qcow2')), { code: ErrorCodes.BACKING_LOOP, message: /\(as '.*\/c\.qcow2'\)$/ });
   // Without --backing-chain a looping image is an ordinary image.
   await sameAsQemu(t, dir, ['--output=json', 'c.qcow2']);
+});
+
+test('qcow2Cli info: the JSON and text of qemu-img for an image by absolute path', async (t) => {
+  const dir = await folder('cli');
+  const file = path.join(dir, 'abs.qcow2');
+  await qemuImg('create', '-f', 'qcow2', '-o', 'cluster_size=4k,lazy_refcounts=on', file, '20G');
+  for (const args of [['info', file], ['info', '--output=json', file], ['info', '--output', 'json', '--backing-chain', file]]) {
+    const ours = await qcow2Cli(...args);
+    t.is(ours.code, 0, ours.stderr);
+    t.is(ours.stdout, await qemuImg(...args));
+  }
+  const help = await qcow2Cli('info', '--help');
+  t.is(help.code, 0);
+  t.regex(help.stdout, /^usage: qcow2 info /);
 });
 
 test('sizeToStr writes sizes like qemu-img', (t) => {
