@@ -75,19 +75,22 @@ std::string Hex(uint64_t value) {
 }
 
 Status DecodeL1Entry(const Geometry& g, const HostBounds& bounds, uint64_t index, uint64_t raw, uint64_t* l2Offset) {
-  const std::string what = "L1 entry " + std::to_string(index) + " (" + Hex(raw) + ")";
-  if (raw & kL1ReservedMask) return Corrupt(what + " has reserved bits set (" + Hex(raw & kL1ReservedMask) + ")");
   const uint64_t offset = raw & kOffsetMask;
-  if (offset & (g.clusterSize - 1)) {
+  const bool reserved = raw & kL1ReservedMask;
+  const bool unaligned = offset & (g.clusterSize - 1);
+  const bool outside = offset != 0 && offset >= bounds.imageFileSize;
+  if (!reserved && !unaligned && !outside) {
+    *l2Offset = offset;
+    return Status::Ok();
+  }
+  const std::string what = "L1 entry " + std::to_string(index) + " (" + Hex(raw) + ")";
+  if (reserved) return Corrupt(what + " has reserved bits set (" + Hex(raw & kL1ReservedMask) + ")");
+  if (unaligned) {
     return Corrupt(what + ": L2 table offset " + std::to_string(offset) + " is not aligned to the cluster size " +
                    std::to_string(g.clusterSize));
   }
-  if (offset != 0 && offset >= bounds.imageFileSize) {
-    return Corrupt(what + ": L2 table offset " + std::to_string(offset) + " is past the end of the image file (" +
-                   std::to_string(bounds.imageFileSize) + " bytes)");
-  }
-  *l2Offset = offset;
-  return Status::Ok();
+  return Corrupt(what + ": L2 table offset " + std::to_string(offset) + " is past the end of the image file (" +
+                 std::to_string(bounds.imageFileSize) + " bytes)");
 }
 
 Status DecodeL2Entry(const Geometry& g, const HostBounds& bounds, GuestOffset where, uint64_t raw, uint64_t bitmap,

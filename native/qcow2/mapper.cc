@@ -6,8 +6,6 @@ namespace qcow2 {
 namespace {
 
 constexpr const char* kCorrupt = "ERR_QCOW2_CORRUPT";
-/// No valid L2 table offset is odd: marks an L1 entry whose checks failed.
-constexpr uint64_t kInvalid = 1;
 
 bool CanMerge(const Segment& seg, uint64_t segStart, ClusterKind kind, bool hasHost, uint64_t host, uint64_t at) {
   if (kind != seg.kind || kind == ClusterKind::Compressed || hasHost != seg.hasHost) return false;
@@ -52,14 +50,8 @@ Status Mapper::Load(const Geometry& geometry, const HostBounds& bounds, uint64_t
   std::unique_ptr<Mapper> mapper(new Mapper(geometry, bounds, image, sized));
   AlignedBuffer table(std::max<uint64_t>(l1Bytes, 8));
   if (l1Bytes > 0) QCOW2_TRY(image->Read(table.data(), l1Bytes, l1Offset));
-  mapper->l1Raw_.resize(l1Entries);
-  mapper->l2Offsets_.resize(l1Entries);
-  for (uint64_t i = 0; i < l1Entries; i++) {
-    const uint64_t raw = LoadBE64(table.data() + 8 * i);
-    uint64_t l2 = 0;
-    mapper->l1Raw_[i] = raw;
-    mapper->l2Offsets_[i] = DecodeL1Entry(geometry, bounds, i, raw, &l2).ok() ? l2 : kInvalid;
-  }
+  mapper->l1_.resize(l1Entries);
+  for (uint64_t i = 0; i < l1Entries; i++) mapper->l1_[i] = LoadBE64(table.data() + 8 * i);
   *out = std::move(mapper);
   return Status::Ok();
 }
@@ -105,15 +97,12 @@ Status Mapper::PieceAt(const L2Slice& slice, uint64_t sliceFirstCluster, GuestOf
 Status Mapper::Resolve(GuestOffset at, uint64_t maxLength, Segment* out) {
   const Geometry& g = geometry_;
   const uint64_t l1Index = g.L1Index(at);
-  if (l1Index >= l2Offsets_.size()) {
+  if (l1Index >= l1_.size()) {
     return Status::Error("ERR_QCOW2_OUT_OF_BOUNDS", "guest offset " + std::to_string(at.value) +
                                                         " is past what the L1 table maps");
   }
-  const uint64_t l2Offset = l2Offsets_[l1Index];
-  if (l2Offset == kInvalid) {
-    uint64_t unused;
-    return DecodeL1Entry(g, bounds_, l1Index, l1Raw_[l1Index], &unused);
-  }
+  uint64_t l2Offset = 0;
+  QCOW2_TRY(DecodeL1Entry(g, bounds_, l1Index, l1_[l1Index], &l2Offset));
   uint64_t limit = std::min(at.value + maxLength, (l1Index + 1) << (g.clusterBits + g.l2Bits));
   if (l2Offset == 0) {
     *out = Segment{ClusterKind::Unallocated, limit - at.value, false, 0, 0};

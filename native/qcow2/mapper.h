@@ -30,7 +30,8 @@ struct MapperOptions {
 /// Resolves guest offsets to segments. Thread-safe; holds no lock across I/O.
 class Mapper {
  public:
-  /// Load and check the L1 table (`l1Entries` entries at `l1Offset`) of an image file.
+  /// Load the L1 table (`l1Entries` entries at `l1Offset`) after checking its size and place;
+  /// each entry is checked whenever a request needs it, so a bad one fails only those requests.
   static Status Load(const Geometry& geometry, const HostBounds& bounds, uint64_t l1Offset, uint64_t l1Entries,
                      std::shared_ptr<File> image, const MapperOptions& options, std::unique_ptr<Mapper>* out);
 
@@ -59,9 +60,8 @@ class Mapper {
   HostBounds bounds_;
   size_t sliceBytes_;
   uint64_t entriesPerSlice_;
-  /// L2 table offset per L1 entry (0: unallocated); kInvalid marks an entry that failed its checks.
-  std::vector<uint64_t> l2Offsets_;
-  std::vector<uint64_t> l1Raw_;
+  /// The L1 table as read; each entry is checked when a request uses it.
+  std::vector<uint64_t> l1_;
   L2Cache cache_;
 };
 
