@@ -109,10 +109,12 @@ Status Engine::Read(uint8_t* buf, uint64_t len, GuestOffset at) {
   // become one read.
   uint64_t pendingStart = 0, pendingHost = 0, pendingLength = 0;
   CompressedBatch batch;
+  // A request spanning over an eighth of what one L2 table maps loads whole tables on misses.
+  const bool scan = len > (geometry().clusterSize << geometry().l2Bits) / 8;
   for (uint64_t done = 0; done < len;) {
     const GuestOffset pos{at.value + done};
     Segment seg;
-    QCOW2_TRY(mapper_->Resolve(pos, len - done, &seg));
+    QCOW2_TRY(mapper_->Resolve(pos, len - done, &seg, scan));
     uint8_t* dst = buf + done;
     if (seg.kind == ClusterKind::Data) {
       if (pendingLength > 0 && pendingStart + pendingLength == done && pendingHost + pendingLength == seg.host) {
@@ -227,7 +229,7 @@ Status Engine::Map(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns,
   const uint64_t end = at.value + len;
   for (uint64_t pos = at.value; pos < end && out->size() < maxRuns;) {
     Segment seg;
-    QCOW2_TRY(mapper_->Resolve(GuestOffset{pos}, end - pos, &seg));
+    QCOW2_TRY(mapper_->Resolve(GuestOffset{pos}, end - pos, &seg, /*scan=*/true));
     switch (seg.kind) {
       case ClusterKind::Data:
         AppendRun(out, {pos, seg.length, RunKind::Data, depth, true, seg.host, dataFlags});

@@ -39,7 +39,8 @@ class L2Cache {
   size_t sliceBytes() const { return sliceBytes_; }
   size_t capacityBytes() const { return capacity_ * sliceBytes_; }
   /// The slice at host offset `offset` (a multiple of the slice size), loading it on a miss.
-  Status Get(uint64_t offset, std::shared_ptr<const L2Slice>* out);
+  /// With `tableBytes` > 0 a miss loads the whole table at `tableOffset` with one read, for scans.
+  Status Get(uint64_t offset, std::shared_ptr<const L2Slice>* out, uint64_t tableOffset = 0, size_t tableBytes = 0);
   L2CacheStats Stats();
   /// Drop every cached slice (requests holding one keep it until they finish).
   void Clear();
@@ -47,6 +48,7 @@ class L2Cache {
  private:
   using Lru = std::list<std::pair<uint64_t, std::shared_ptr<const L2Slice>>>;
   bool Lookup(uint64_t offset, std::shared_ptr<const L2Slice>* out);
+  Status LoadTable(uint64_t tableOffset, size_t tableBytes, uint64_t wanted, std::shared_ptr<const L2Slice>* out);
   void Insert(uint64_t offset, const std::shared_ptr<const L2Slice>& slice);
 
   std::shared_ptr<File> file_;

@@ -56,13 +56,13 @@ Status Mapper::Load(const Geometry& geometry, const HostBounds& bounds, uint64_t
   return Status::Ok();
 }
 
-Status Mapper::L2SliceFor(GuestOffset at, uint64_t l2Offset, std::shared_ptr<const L2Slice>* slice,
+Status Mapper::L2SliceFor(GuestOffset at, uint64_t l2Offset, bool scan, std::shared_ptr<const L2Slice>* slice,
                           uint64_t* firstCluster, uint64_t* sliceEnd) {
   const uint64_t sliceIndex = geometry_.L2Index(at) / entriesPerSlice_;
   const uint64_t tableFirstCluster = geometry_.L1Index(at) << geometry_.l2Bits;
   *firstCluster = tableFirstCluster + sliceIndex * entriesPerSlice_;
   *sliceEnd = (*firstCluster + entriesPerSlice_) << geometry_.clusterBits;
-  return cache_.Get(l2Offset + sliceIndex * sliceBytes_, slice);
+  return cache_.Get(l2Offset + sliceIndex * sliceBytes_, slice, l2Offset, scan ? geometry_.clusterSize : 0);
 }
 
 Status Mapper::PieceAt(const L2Slice& slice, uint64_t sliceFirstCluster, GuestOffset at, Piece* out) const {
@@ -94,7 +94,7 @@ Status Mapper::PieceAt(const L2Slice& slice, uint64_t sliceFirstCluster, GuestOf
   return Status::Ok();
 }
 
-Status Mapper::Resolve(GuestOffset at, uint64_t maxLength, Segment* out) {
+Status Mapper::Resolve(GuestOffset at, uint64_t maxLength, Segment* out, bool scan) {
   const Geometry& g = geometry_;
   const uint64_t l1Index = g.L1Index(at);
   if (l1Index >= l1_.size()) {
@@ -110,7 +110,7 @@ Status Mapper::Resolve(GuestOffset at, uint64_t maxLength, Segment* out) {
   }
   std::shared_ptr<const L2Slice> slice;
   uint64_t firstCluster, sliceEnd;
-  QCOW2_TRY(L2SliceFor(at, l2Offset, &slice, &firstCluster, &sliceEnd));
+  QCOW2_TRY(L2SliceFor(at, l2Offset, scan, &slice, &firstCluster, &sliceEnd));
   limit = std::min(limit, sliceEnd);
   Piece piece;
   QCOW2_TRY(PieceAt(*slice, firstCluster, at, &piece));

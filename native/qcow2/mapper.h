@@ -36,7 +36,8 @@ class Mapper {
                      std::shared_ptr<File> image, const MapperOptions& options, std::unique_ptr<Mapper>* out);
 
   /// The segment starting at `at`, at most `maxLength` bytes long (which must not pass the disk end).
-  Status Resolve(GuestOffset at, uint64_t maxLength, Segment* out);
+  /// `scan` says the caller walks a long range: L2 tables missing from the cache load whole.
+  Status Resolve(GuestOffset at, uint64_t maxLength, Segment* out, bool scan = false);
 
   const Geometry& geometry() const { return geometry_; }
   L2Cache& cache() { return cache_; }
@@ -53,8 +54,8 @@ class Mapper {
     uint64_t end;  ///< guest offset where the piece ends
   };
   Status PieceAt(const L2Slice& slice, uint64_t sliceFirstCluster, GuestOffset at, Piece* out) const;
-  Status L2SliceFor(GuestOffset at, uint64_t l2Offset, std::shared_ptr<const L2Slice>* slice, uint64_t* firstCluster,
-                    uint64_t* sliceEnd);
+  Status L2SliceFor(GuestOffset at, uint64_t l2Offset, bool scan, std::shared_ptr<const L2Slice>* slice,
+                    uint64_t* firstCluster, uint64_t* sliceEnd);
 
   Geometry geometry_;
   HostBounds bounds_;
