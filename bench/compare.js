@@ -53,11 +53,12 @@ function report(result, runs) {
   const row = (label, side) => [
     label,
     side.failed ? 'FAILED' : formatMs(side.medianMs),
+    side.failed ? '-' : formatMs(side.medianCpuMs),
     side.failed ? '-' : formatKiB(side.maxRssKiB),
     `${side.wallMs.length}/${runs}`,
     side.command,
   ];
-  printTable(['side', 'median wall', 'peak RSS', 'runs ok', 'command'], [row('ours', result.ours), row('qemu-img', result.theirs)]);
+  printTable(['side', 'median wall', 'median CPU', 'peak RSS', 'runs ok', 'command'], [row('ours', result.ours), row('qemu-img', result.theirs)]);
   for (const [label, side] of [['ours', result.ours], ['qemu-img', result.theirs]]) {
     if (side.failed) process.stdout.write(`${label} failed: ${side.error}\n`);
   }

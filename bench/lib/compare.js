@@ -5,7 +5,7 @@ const { median, maximum } = require('./stats.js');
 
 /** Results of one side: every run's wall time, the median, the peak RSS over all runs, and the first failure. */
 function emptySide(command) {
-  return { command: shellQuote(toArgv(command)), wallMs: [], peakRssKiB: [], medianMs: NaN, maxRssKiB: NaN, failed: false, error: '' };
+  return { command: shellQuote(toArgv(command)), wallMs: [], cpuMs: [], peakRssKiB: [], medianMs: NaN, medianCpuMs: NaN, maxRssKiB: NaN, failed: false, error: '' };
 }
 
 /** The first meaningful lines of a failed run's stderr, or its exit status. */
@@ -47,11 +47,13 @@ async function compareCommands(ours, theirs, options = {}) {
       }
       side.wallMs.push(result.wallMs);
       side.peakRssKiB.push(result.peakRssKiB);
-      log(`  ${name} run ${round + 1}: ${(result.wallMs / 1000).toFixed(3)} s, peak RSS ${(result.peakRssKiB / 1024).toFixed(1)} MiB`);
+      side.cpuMs.push(result.cpuMs);
+      log(`  ${name} run ${round + 1}: ${(result.wallMs / 1000).toFixed(3)} s, CPU ${(result.cpuMs / 1000).toFixed(2)} s, peak RSS ${(result.peakRssKiB / 1024).toFixed(1)} MiB`);
     }
   }
   for (const side of Object.values(sides)) {
     side.medianMs = median(side.wallMs);
+    side.medianCpuMs = median(side.cpuMs);
     side.maxRssKiB = maximum(side.peakRssKiB);
   }
   const ratio = sides.ours.failed || sides.theirs.failed ? NaN : sides.ours.medianMs / sides.theirs.medianMs;

@@ -5,8 +5,11 @@ const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 
-/** The repository root (bench/lib/..). */
-const ROOT = path.resolve(__dirname, '..', '..');
+/**
+ * The package to measure: the repository (bench/lib/..), or a frozen copy made by bench/snapshot.js
+ * named by QCOW2_BENCH_ROOT, so that a rebuild in the checkout cannot pull the addon away mid-run.
+ */
+const ROOT = process.env.QCOW2_BENCH_ROOT ? path.resolve(process.env.QCOW2_BENCH_ROOT) : path.resolve(__dirname, '..', '..');
 /** Our CLI, compiled by tsc. */
 const CLI = path.join(ROOT, 'dist', 'ts', 'cli', 'main.js');
 const GNU_TIME = '/usr/bin/time';
@@ -66,7 +69,7 @@ let timeFileSeq = 0;
 
 /**
  * Run a command to completion and measure it.
- * Resolves { wallMs, peakRssKiB, code, signal, stdout, stderr }; never rejects for a failing command.
+ * Resolves { wallMs, peakRssKiB, cpuMs, code, signal, stdout, stderr }; never rejects for a failing command.
  * `stdout` is 'ignore' (default), 'capture', or a file path to write it to. `watch`, when given, is
  * polled every 500 ms and kills the command when it returns a reason (e.g. the disk filling up).
  */
@@ -74,7 +77,7 @@ function runMeasured(command, options = {}) {
   const argv = toArgv(command);
   const stdoutMode = options.stdout ?? 'ignore';
   const timeFile = hasGnuTime ? path.join(os.tmpdir(), `qcow2-bench-time-${process.pid}-${timeFileSeq++}`) : null;
-  const full = timeFile ? [GNU_TIME, '-f', '%M', '-o', timeFile, ...argv] : argv;
+  const full = timeFile ? [GNU_TIME, '-f', '%M %U %S', '-o', timeFile, ...argv] : argv;
   let outFd = null;
   let stdio;
   if (stdoutMode === 'ignore') stdio = ['ignore', 'ignore', 'pipe'];
@@ -109,28 +112,31 @@ function runMeasured(command, options = {}) {
     child.on('error', (error) => {
       if (watchdog) clearInterval(watchdog);
       if (outFd !== null) fs.closeSync(outFd);
-      resolve({ wallMs: NaN, peakRssKiB: NaN, code: -1, signal: null, stdout: '', stderr: String(error.message) });
+      resolve({ wallMs: NaN, peakRssKiB: NaN, cpuMs: NaN, code: -1, signal: null, stdout: '', stderr: String(error.message) });
     });
     child.on('close', (code, signal) => {
       const wallMs = Number(process.hrtime.bigint() - start) / 1e6;
       if (watchdog) clearInterval(watchdog);
       if (outFd !== null) fs.closeSync(outFd);
-      const peakRssKiB = timeFile ? readTimeFile(timeFile) : poller.stop();
+      const { peakRssKiB, cpuMs } = timeFile ? readTimeFile(timeFile) : { peakRssKiB: poller.stop(), cpuMs: NaN };
       const err = (killedFor ? `killed by the watchdog: ${killedFor}\n` : '') + Buffer.concat(stderr).toString('utf8');
-      resolve({ wallMs, peakRssKiB, code: code ?? -1, signal, stdout: Buffer.concat(stdout).toString('utf8'), stderr: err });
+      resolve({ wallMs, peakRssKiB, cpuMs, code: code ?? -1, signal, stdout: Buffer.concat(stdout).toString('utf8'), stderr: err });
     });
   });
 }
 
-/** GNU time's output file holds "Command exited with non-zero status N" lines before the %M figure. */
+/**
+ * Peak RSS (KiB) and CPU time (user + system, ms) from GNU time's output file, whose last line is
+ * "%M %U %S" (a "Command exited with non-zero status N" line may come before it).
+ */
 function readTimeFile(file) {
   try {
     const lines = fs.readFileSync(file, 'utf8').trim().split('\n');
     fs.rmSync(file, { force: true });
-    const value = Number(lines[lines.length - 1]);
-    return Number.isFinite(value) ? value : NaN;
+    const [rss, user, sys] = lines[lines.length - 1].split(' ').map(Number);
+    return { peakRssKiB: rss, cpuMs: (user + sys) * 1000 };
   } catch {
-    return NaN;
+    return { peakRssKiB: NaN, cpuMs: NaN };
   }
 }
 

@@ -105,14 +105,19 @@ function fileSizes(image) {
   return `virtual ${formatBytes(info['virtual-size'])}, file ${formatBytes(info['actual-size'])}`;
 }
 
+/** "wall (CPU, peak RSS)" of one side. */
+function sideText(side) {
+  return `${formatMs(side.medianMs)} (CPU ${formatMs(side.medianCpuMs)}, ${formatKiB(side.maxRssKiB)})`;
+}
+
 /** The table row of a wall-time comparison. */
 function comparisonRow(title, result, maxRatio, note) {
   const met = Number.isFinite(result.ratio) ? (result.ratio <= maxRatio ? 'yes' : 'NO') : 'failed';
   const fail = (side) => (side.failed ? `FAILED (${oneLine(side.error).slice(0, 120)})` : '');
   return row({
     scenario: title,
-    ours: fail(result.ours) || `${formatMs(result.ours.medianMs)} (${formatKiB(result.ours.maxRssKiB)})`,
-    theirs: fail(result.theirs) || `${formatMs(result.theirs.medianMs)} (${formatKiB(result.theirs.maxRssKiB)})`,
+    ours: fail(result.ours) || sideText(result.ours),
+    theirs: fail(result.theirs) || sideText(result.theirs),
     ratio: result.ratio,
     target: `≤ ${maxRatio.toFixed(2)}`,
     met,
