@@ -4,6 +4,7 @@ import path from 'node:path';
 
 import test, { ExecutionContext } from 'ava';
 
+import { ProgressPrinter } from '../ts/cli/common.js';
 import { ErrorCodes, convert, open } from '../ts/index.js';
 import { dataAndZeroRuns } from '../ts/tools/convert.js';
 import { patternBytes, qcow2Cli, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
@@ -187,4 +188,18 @@ test('dataAndZeroRuns keeps short zero runs as data and aligns granules to guest
     { start: 11192, end: 20000, data: true },
   ]);
   t.deepEqual(dataAndZeroRuns(buffer, 1096, 16384), [{ start: 0, end: 20000, data: true }]);
+});
+
+test('ProgressPrinter prints 0 and 100 always, otherwise only steps larger than the minimum', (t) => {
+  let text = '';
+  const progress = new ProgressPrinter(true, 1, { write: (s: string) => (text += s) });
+  for (const percent of [0, 0.5, 1.5, 2, 2.4, 50, 100 / 3, 100, 100]) progress.set(percent);
+  progress.end();
+  const lines = ['0.00', '1.50', '50.00', '33.33', '100.00', '100.00'].map((v) => `    (${v}/100%)\r`);
+  t.is(text, lines.join('') + '\n');
+  let silent = '';
+  const off = new ProgressPrinter(false, 1, { write: (s: string) => (silent += s) });
+  off.set(0);
+  off.end();
+  t.is(silent, '');
 });

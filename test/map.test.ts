@@ -119,6 +119,17 @@ test('qcow2 image with an external data file: offsets and file name like qemu-im
   await sameMap(t, file);
 });
 
+test('a map of 12 000 runs, in several batches, equals qemu-img map', async (t) => {
+  const dir = await tempDir(t);
+  const raw = path.join(dir, 'striped.raw');
+  const content = Buffer.alloc(6000 * 1024);
+  for (let i = 0; i < 6000; i++) content.fill((i % 250) + 1, i * 1024, i * 1024 + 512);
+  await writeFile(raw, content);
+  const file = path.join(dir, 'striped.qcow2');
+  await qemuImg('convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=512', raw, file);
+  await sameMap(t, file);
+});
+
 test('mapImage merges runs and yields batches covering the range without gaps', async (t) => {
   const file = await rawWithHoles(t);
   const image = await open(file, { readOnly: true });
