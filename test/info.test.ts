@@ -203,6 +203,10 @@ test('info equals qemu-img: errors', async (t) => {
     ['--output=xml', 'good.qcow2'],
     [],
     ['good.qcow2', 'plain.img'],
+    ['-f'],
+    ['--output'],
+    ['--nosuchoption', 'good.qcow2'],
+    ['-Ux', 'good.qcow2'],
   ]) {
     const r = await sameAsQemu(t, dir, args);
     t.is(r.code, 1, args.join(' '));

@@ -52,19 +52,40 @@ export function humanInfo(image: ImageInfo): string[] {
   return lines;
 }
 
+const HELP_HINT = "\nTry 'qcow2 --help' for more information";
+
+/** getopt's complaint reworded as qemu-img words it (qemu-img names the whole argument). */
+function qemuUsage(error: UsageError, argv: readonly string[]): UsageError {
+  const missing = /^option requires an argument -- '(.)'$|^option '(--[^']+)' requires an argument$/.exec(error.message);
+  if (missing) return new UsageError(`missing argument for option '${missing[1] ? `-${missing[1]}` : missing[2]}'${HELP_HINT}`);
+  const invalid = /^invalid option -- '(.)'$/.exec(error.message);
+  if (invalid) {
+    const arg = argv.find((a) => /^-[^-]/.test(a) && a.includes(invalid[1])) ?? `-${invalid[1]}`;
+    return new UsageError(`unrecognized option '${arg}'${HELP_HINT}`);
+  }
+  return new UsageError(error.message + HELP_HINT);
+}
+
+const INFO_SPEC = {
+  short: 'f:hU',
+  long: {
+    help: { value: false, key: 'h' },
+    format: { value: true, key: 'f' },
+    output: { value: true },
+    'backing-chain': { value: false },
+    object: { value: true },
+    'image-opts': { value: false },
+    'force-share': { value: false, key: 'U' },
+  },
+};
+
 function parseInfoArgs(argv: string[]) {
-  const args = parseArgs(argv, {
-    short: 'f:hU',
-    long: {
-      help: { value: false, key: 'h' },
-      format: { value: true, key: 'f' },
-      output: { value: true },
-      'backing-chain': { value: false },
-      object: { value: true },
-      'image-opts': { value: false },
-      'force-share': { value: false, key: 'U' },
-    },
-  });
+  let args;
+  try {
+    args = parseArgs(argv, INFO_SPEC);
+  } catch (error) {
+    throw error instanceof UsageError ? qemuUsage(error, argv) : error;
+  }
   const output = lastOption(args, 'output') ?? 'human';
   if (output !== 'human' && output !== 'json') throw new UsageError('--output must be used with human or json as argument.');
   if (args.options.has('object')) throw new UsageError('--object is not supported');
@@ -72,6 +93,7 @@ function parseInfoArgs(argv: string[]) {
   return { args, output, help: args.options.has('h') };
 }
 
+/** Run `qcow2 info`; errors propagate to main, which prints them qemu-img style and exits 1. */
 export async function run(argv: string[]): Promise<number> {
   const { args, output, help } = parseInfoArgs(argv);
   if (help) {
@@ -79,7 +101,7 @@ export async function run(argv: string[]): Promise<number> {
     return 0;
   }
   if (args.positional.length !== 1) {
-    throw new UsageError("Expecting one image file name\nTry 'qcow2 --help' for more information");
+    throw new UsageError(`Expecting one image file name${HELP_HINT}`);
   }
   const path = args.positional[0];
   const options = {

@@ -1,4 +1,5 @@
 /** Output in qemu-img's formats: sizes ("196 KiB"), pretty JSON, snapshot tables, nested key dumps. */
+import { ErrorCodes, Qcow2Error } from '../errors.js';
 import { encodeName } from '../qcow2/text.js';
 
 const SIZE_SUFFIXES = ['', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei'];
@@ -10,7 +11,7 @@ const SIZE_SUFFIXES = ['', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei'];
  */
 export function sizeToStr(bytes: number | bigint): string {
   const value = BigInt(bytes);
-  if (value < 0n) throw new RangeError(`sizeToStr: negative size ${value}`);
+  if (value < 0n) throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `sizeToStr: size ${value} is negative`);
   let unit = 0;
   while (unit < SIZE_SUFFIXES.length - 1 && value >= 1000n * 1024n ** BigInt(unit)) unit++;
   return `${formatG3(value, 1024n ** BigInt(unit))} ${SIZE_SUFFIXES[unit]}B`;

@@ -10,8 +10,9 @@ export const BitmapFlag = { IN_USE: 1, AUTO: 2, EXTRA_DATA_COMPATIBLE: 4 } as co
 const KNOWN_FLAGS = 0b111;
 /** The only bitmap type: dirty tracking. */
 export const BITMAP_TYPE_DIRTY_TRACKING = 1;
-/** Granularity bits qemu supports (512 B..2 GiB). */
+/** Least granularity bits qemu supports (512 bytes a bit). */
 export const MIN_GRANULARITY_BITS = 9;
+/** Most granularity bits qemu supports (2 GiB a bit). */
 export const MAX_GRANULARITY_BITS = 31;
 /** qemu's bound on bitmap names. */
 export const MAX_BITMAP_NAME = 1023;

@@ -31,17 +31,21 @@ export type { HeaderExtension } from './extensions.js';
 
 /** The qcow2 magic, "QFI\xfb". */
 export const QCOW2_MAGIC = 0x514649fb;
-/** Smallest and largest cluster_bits accepted (512 B and qemu's 2 MiB limit). */
+/** Smallest cluster_bits (512-byte clusters, spec). */
 export const MIN_CLUSTER_BITS = 9;
+/** Largest cluster_bits (qemu's 2 MiB limit). */
 export const MAX_CLUSTER_BITS = 21;
 /** Extended L2 entries need clusters of at least 16 KiB (spec). */
 export const MIN_CLUSTER_BITS_EXTENDED_L2 = 14;
-/** Length of a version 2 header, and the least a version 3 header may have. */
+/** Length of a version 2 header. */
 export const V2_HEADER_LENGTH = 72;
+/** The least header_length a version 3 header may have. */
 export const V3_MIN_HEADER_LENGTH = 104;
-/** qemu's limits: L1 table 32 MiB, refcount table 8 MiB, 65536 snapshots. */
+/** qemu's limit on the L1 table: 32 MiB. */
 export const MAX_L1_BYTES = 32 * 1024 * 1024;
+/** qemu's limit on the refcount table: 8 MiB. */
 export const MAX_REFCOUNT_TABLE_BYTES = 8 * 1024 * 1024;
+/** qemu's limit on internal snapshots. */
 export const MAX_SNAPSHOTS = 65536;
 /** Longest backing file name (spec). */
 export const MAX_BACKING_FILE_NAME = 1023;

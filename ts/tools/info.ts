@@ -63,6 +63,7 @@ export interface ImageInfo {
   'dirty-flag': boolean;
 }
 
+/** Options of info() and infoChain(). */
 export interface InfoOptions {
   /** The image's format; probed from its first bytes when left out (qcow2 by magic, else raw). */
   format?: string;
