@@ -114,6 +114,8 @@ test('info equals qemu-img: dirty and corrupt images, data file bit without a na
   await allOutputsSame(t, dir, await make('corrupt.qcow2', (b) => (b[79] |= 2)));
   await allOutputsSame(t, dir, await make('nodatafile.qcow2', (b) => (b[79] |= 4)));
   await allOutputsSame(t, dir, await make('rawbit.qcow2', (b) => (b[95] |= 2)));
+  const nameOnly = (b: Buffer) => serializeHeader({ ...parseHeader(b, b.length), dataFile: 'elsewhere.raw' }).copy(b);
+  await allOutputsSame(t, dir, await make('namenobit.qcow2', nameOnly));
   await allOutputsSame(t, dir, await make('bitmaps-stale.qcow2', (b) => (b[95] &= ~1), ['bitmap', '--add']));
   const setInUse = (b: Buffer) => {
     const directory = parseHeader(b, b.length).bitmaps!.bitmapDirectoryOffset;
