@@ -2,6 +2,7 @@
 import { ErrorCodes, Qcow2Error, asQcow2Error, check } from '../errors.js';
 import type { Extent, Image } from '../image.js';
 import { allocAligned } from '../native.js';
+import { bufferSizeFor } from './convert.js';
 import { mapEntryOf } from './map.js';
 
 /** Largest piece read from each image by one request. */
@@ -212,9 +213,10 @@ class Comparison {
   /** Compare the pieces with `parallel` workers, each with its own two buffers. */
   async run(parallel: number, source: AsyncGenerator<Piece>, a: Image, b: Image): Promise<void> {
     let failure: unknown;
+    const bufferSize = bufferSizeFor(Math.max(a.size, b.size), COMPARE_CHUNK);
     const worker = async () => {
-      const bufferA = allocAligned(COMPARE_CHUNK);
-      const bufferB = allocAligned(COMPARE_CHUNK);
+      const bufferA = allocAligned(bufferSize);
+      const bufferB = allocAligned(bufferSize);
       while (failure === undefined) {
         let next: IteratorResult<Piece>;
         try {

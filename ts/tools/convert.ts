@@ -185,8 +185,9 @@ export async function copyImage(source: Image, target: Image, options: CopyOptio
   options.onProgress?.(0, total);
   const pieces = splitIntoPieces(source, options);
   let failure: Qcow2Error | undefined;
+  const bufferSize = bufferSizeFor(source.size, COPY_CHUNK);
   const worker = async () => {
-    const buffer = allocAligned(COPY_CHUNK);
+    const buffer = allocAligned(bufferSize);
     while (!failure) {
       let next: Piece | undefined;
       try {
@@ -209,6 +210,11 @@ export async function copyImage(source: Image, target: Image, options: CopyOptio
   await Promise.all(Array.from({ length: parallel }, worker));
   await pieces.return(undefined);
   if (failure) throw failure;
+}
+
+/** A buffer for pieces of at most `chunk` bytes of a disk of `size` bytes: small disks need less. */
+export function bufferSizeFor(size: number, chunk: number): number {
+  return Math.min(chunk, Math.max(4096, Math.ceil(size / 4096) * 4096));
 }
 
 /** Take the next piece; a failure of the source (extents) is a failure of the copy. */
