@@ -36,23 +36,18 @@ void L2Cache::Insert(uint64_t offset, const std::shared_ptr<const L2Slice>& slic
 
 Status L2Cache::Get(uint64_t offset, std::shared_ptr<const L2Slice>* out, uint64_t tableOffset, size_t tableBytes) {
   if (Lookup(offset, out)) return Status::Ok();
-  if (tableBytes > sliceBytes_ && tableBytes / sliceBytes_ <= capacity_) return LoadTable(tableOffset, tableBytes, offset, out);
-  auto slice = std::make_shared<L2Slice>(sliceBytes_);
-  // A table that ends past the end of the file reads its missing part as zeros (unallocated).
-  QCOW2_TRY(file_->Read(slice->data(), sliceBytes_, offset));
-  Insert(offset, slice);
-  *out = std::move(slice);
-  return Status::Ok();
+  if (tableBytes > sliceBytes_ && tableBytes / sliceBytes_ <= capacity_) return Load(tableOffset, tableBytes, offset, out);
+  return Load(offset, sliceBytes_, offset, out);
 }
 
-Status L2Cache::LoadTable(uint64_t tableOffset, size_t tableBytes, uint64_t wanted, std::shared_ptr<const L2Slice>* out) {
-  AlignedBuffer table(tableBytes);
-  QCOW2_TRY(file_->Read(table.data(), tableBytes, tableOffset));
-  for (size_t at = 0; at < tableBytes; at += sliceBytes_) {
-    auto slice = std::make_shared<L2Slice>(sliceBytes_);
-    std::memcpy(slice->data(), table.data() + at, sliceBytes_);
-    if (tableOffset + at == wanted) *out = slice;
-    Insert(tableOffset + at, slice);
+Status L2Cache::Load(uint64_t offset, size_t bytes, uint64_t wanted, std::shared_ptr<const L2Slice>* out) {
+  AlignedBuffer buffer(bytes);
+  // A table that ends past the end of the file reads its missing part as zeros (unallocated).
+  QCOW2_TRY(file_->Read(buffer.data(), bytes, offset));
+  for (size_t at = 0; at < bytes; at += sliceBytes_) {
+    auto slice = std::make_shared<const L2Slice>(buffer.data() + at, sliceBytes_);
+    if (offset + at == wanted) *out = slice;
+    Insert(offset + at, slice);
   }
   return Status::Ok();
 }

@@ -2,6 +2,7 @@
 // mutex that is never held across I/O: concurrent misses on the same slice may both load it.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -14,15 +15,16 @@
 namespace qcow2 {
 
 /// A slice of an L2 table as it lies on disk (big-endian entries), immutable once loaded.
+/// Plain heap memory: loads go through an aligned buffer, so that thousands of cached slices
+/// do not each pay for page alignment.
 class L2Slice {
  public:
-  explicit L2Slice(size_t bytes) : bytes_(bytes) {}
-  uint8_t* data() { return bytes_.data(); }
+  L2Slice(const uint8_t* bytes, size_t length) : bytes_(new uint8_t[length]) { std::memcpy(bytes_.get(), bytes, length); }
   /// Word `i` of the slice: entry i (8-byte entries), or half of an extended entry.
-  uint64_t Word(size_t i) const { return LoadBE64(bytes_.data() + 8 * i); }
+  uint64_t Word(size_t i) const { return LoadBE64(bytes_.get() + 8 * i); }
 
  private:
-  AlignedBuffer bytes_;
+  std::unique_ptr<uint8_t[]> bytes_;
 };
 
 struct L2CacheStats {
@@ -48,7 +50,8 @@ class L2Cache {
  private:
   using Lru = std::list<std::pair<uint64_t, std::shared_ptr<const L2Slice>>>;
   bool Lookup(uint64_t offset, std::shared_ptr<const L2Slice>* out);
-  Status LoadTable(uint64_t tableOffset, size_t tableBytes, uint64_t wanted, std::shared_ptr<const L2Slice>* out);
+  /// Read `bytes` at `offset` (one slice, or a whole table) and cache every slice in it.
+  Status Load(uint64_t offset, size_t bytes, uint64_t wanted, std::shared_ptr<const L2Slice>* out);
   void Insert(uint64_t offset, const std::shared_ptr<const L2Slice>& slice);
 
   std::shared_ptr<File> file_;
