@@ -166,6 +166,9 @@ test('library: compareImages reports verdict, offset and size mismatch', async (
   t.true(last > 0);
   t.deepEqual(await compareImages(a, b, { strict: true }), { identical: false, verdict: 'size', sizeMismatch: true });
   t.deepEqual(await compareImages(a, a), { identical: true, verdict: 'identical', sizeMismatch: false });
+  const controller = new AbortController();
+  controller.abort();
+  await t.throwsAsync(compareImages(a, b, { signal: controller.signal }), { code: 'ABORT_ERR' });
 });
 
 test('strict mode over images of one content built six ways: qemu-img verdicts pair by pair', async (t) => {

@@ -92,6 +92,16 @@ test('qcow2 image with compressed clusters: JSON matches, human fails like qemu-
   await qemuImg('create', '-q', '-f', 'qcow2', file, '4M');
   await qemuIo('-c', 'write -P 1 0 64k', '-c', 'write -c -P 3 1M 128k', '-c', 'write -P 5 3M 64k', file);
   await sameMap(t, file);
+  const image = await open(file, { readOnly: true });
+  t.teardown(() => image.close());
+  const entries = [];
+  for await (const batch of mapImage(image)) entries.push(...batch);
+  const compressed = entries.filter((e) => e.compressed);
+  t.deepEqual(
+    compressed.map(({ start, length, data, offset }) => ({ start, length, data, offset })),
+    [{ start: 1 << 20, length: 128 << 10, data: true, offset: undefined }],
+  );
+  t.true(entries.filter((e) => !e.compressed && e.data).every((e) => e.offset !== undefined && e.file === file));
 });
 
 test('backing chain of depth 3 mixing raw and qcow2: depth, present and files like qemu-img', async (t) => {
