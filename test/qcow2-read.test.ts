@@ -194,7 +194,7 @@ test('a chain of depth 3 mixing raw and qcow2, with a shorter backing image', as
   await image.close();
 });
 
-test('external data files, with and without data_file_raw', async (t) => {
+test('external data files, with and without data_file_raw, and under an overlay with a backing image', async (t) => {
   const dir = await tempDir(t);
   for (const rawFlag of ['off', 'on']) {
     const file = path.join(dir, `d-${rawFlag}.qcow2`);
@@ -208,6 +208,14 @@ test('external data files, with and without data_file_raw', async (t) => {
     t.is(first.file, image.dataFilePath);
     await image.close();
   }
+  // A data file under an overlay's own clusters, over a backing image.
+  const base = path.join(dir, 'base.qcow2');
+  await qemuImg('create', '-f', 'qcow2', base, '2M');
+  await qemuIo(base, '-c', 'write -P 9 0 2M');
+  const top = path.join(dir, 'top.qcow2');
+  await qemuImg('create', '-f', 'qcow2', '-o', `data_file=${path.join(dir, 'top.data')}`, '-b', 'base.qcow2', '-F', 'qcow2', top, '3M');
+  await qemuIo(top, ...writes([[65536, 65536], [(2 << 20) + 5, 100]]), '-c', 'write -z 256k 64k');
+  await matchesQemu(t, top);
 });
 
 test('extended L2 entries with partial subcluster writes, zero subclusters and a backing image', async (t) => {
