@@ -121,13 +121,37 @@ export async function compareImages(a: Image, b: Image, options: CompareOptions 
  */
 async function* pieces(a: Image, b: Image, state: Comparison, strict: boolean): AsyncGenerator<Piece> {
   const common = Math.min(a.size, b.size);
-  const extentsA = statusOf(a, 0, common)[Symbol.asyncIterator]();
-  const extentsB = statusOf(b, 0, common)[Symbol.asyncIterator]();
-  let ea = (await extentsA.next()).value as Extent | undefined;
-  let eb = (await extentsB.next()).value as Extent | undefined;
+  const extentsA = statusOf(a, 0, common);
+  const extentsB = statusOf(b, 0, common);
+  try {
+    yield* commonPieces(a, b, extentsA, extentsB, state, strict);
+  } finally {
+    await Promise.all([extentsA.return(undefined), extentsB.return(undefined)]);
+  }
+  if (state.first) return;
+  const longer = a.size > b.size ? a : b;
+  for await (const extent of statusOf(longer, common, longer.size - common)) {
+    if (state.stopsBefore(extent.offset)) return;
+    const end = extent.offset + extent.length;
+    if (extent.kind === 'data') yield* split(state, extent.offset, end, longer === a, longer === b);
+    else state.skipped(extent.length);
+  }
+}
+
+/** The pieces of the part both images have, walking their extents side by side. */
+async function* commonPieces(
+  a: Image,
+  b: Image,
+  extentsA: AsyncGenerator<Extent>,
+  extentsB: AsyncGenerator<Extent>,
+  state: Comparison,
+  strict: boolean,
+): AsyncGenerator<Piece> {
   const sizesA = chainSizes(a);
   const sizesB = chainSizes(b);
-  for (let pos = 0; pos < common && ea && eb && !state.stopsBefore(pos); ) {
+  let ea = (await extentsA.next()).value as Extent | undefined;
+  let eb = (await extentsB.next()).value as Extent | undefined;
+  for (let pos = 0; ea && eb && !state.stopsBefore(pos); ) {
     if (strict && statusKey(a, sizesA, ea) !== statusKey(b, sizesB, eb)) {
       state.found({ verdict: 'status', offset: pos });
       return;
@@ -141,13 +165,6 @@ async function* pieces(a: Image, b: Image, state: Comparison, strict: boolean): 
     pos = end;
     if (ea.offset + ea.length === pos) ea = (await extentsA.next()).value as Extent | undefined;
     if (eb.offset + eb.length === pos) eb = (await extentsB.next()).value as Extent | undefined;
-  }
-  const longer = a.size > b.size ? a : b;
-  for await (const extent of statusOf(longer, common, longer.size - common)) {
-    if (state.stopsBefore(extent.offset)) return;
-    const end = extent.offset + extent.length;
-    if (extent.kind === 'data') yield* split(state, extent.offset, end, longer === a, longer === b);
-    else state.skipped(extent.length);
   }
 }
 
