@@ -1,10 +1,10 @@
 /** Broken and hostile qcow2 images: each gives a rejected promise with the right code, never a crash or a hang. */
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, truncate, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import test, { ExecutionContext } from 'ava';
 
-import { ErrorCodes, Image, Qcow2Error, open } from '../ts/index.js';
+import { ErrorCodes, Image, Qcow2Error, Qcow2Image, allocAligned, open } from '../ts/index.js';
 import { patternBytes, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
 
 const COPIED = 1n << 63n;
@@ -203,6 +203,27 @@ test('a backing file that is a FIFO or a directory is refused instead of hanging
   await t.throwsAsync(open(top, { readOnly: true, followFileNames: true }), { code: ErrorCodes.INVALID_ARGUMENT });
   await qemuImg('rebase', '-u', '-b', 'missing.qcow2', '-F', 'qcow2', top);
   await t.throwsAsync(open(top, { readOnly: true, followFileNames: true }), { code: 'ENOENT' });
+});
+
+test('a data cluster cut short by the end of the file reads its missing part as zeros', async (t) => {
+  const file = path.join(await tempDir(t), 'cut.qcow2');
+  await qemuImg('create', '-f', 'qcow2', file, '1M');
+  await qemuIo(file, '-c', 'write -P 6 0 64k', '-c', 'write -P 7 512k 64k');
+  const l = await Layout.load(file);
+  const lastCluster = Number(l.l2Entry(8) & 0x00fffffffffffe00n);
+  t.is(lastCluster + 65536, l.bytes.length);
+  await truncate(file, lastCluster + 32768);
+  const image = await open(file, { readOnly: true });
+  const expected = Buffer.concat([Buffer.alloc(32768, 7), Buffer.alloc(32768)]);
+  for (let i = 0; i < 3; i++) {
+    // Aligned buffers once the table is cached take the io_uring way, whose short read is finished by the pool.
+    const aligned = allocAligned(65536);
+    await image.read(aligned, 512 * 1024);
+    t.true(aligned.equals(expected));
+  }
+  t.true((await readRange(image, 512 * 1024, 65536)).equals(expected));
+  t.true((image as Qcow2Image).engine.info.directReads >= 2);
+  await image.close();
 });
 
 test('chains deeper than the limit are refused', async (t) => {

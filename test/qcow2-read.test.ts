@@ -4,7 +4,7 @@ import path from 'node:path';
 
 import test, { ExecutionContext } from 'ava';
 
-import { ErrorCodes, Extent, Image, Qcow2Image, Qcow2OpenOptions, open, openQcow2 } from '../ts/index.js';
+import { ErrorCodes, Extent, Image, Qcow2Image, Qcow2OpenOptions, allocAligned, open, openQcow2 } from '../ts/index.js';
 import { patternBytes, qemuImg, qemuIo, tempDir } from './helpers/qemu.js';
 
 /** Open an image the way the CLI does: following its file names. */
@@ -309,6 +309,33 @@ test('many parallel reads of random ranges equal the raw conversion, with and wi
     t.is(bad, -1, `${JSON.stringify(config)}: read ${bad} (${ranges[bad]}) differs`);
     await image.close();
   }
+});
+
+test('aligned reads from cached tables skip the worker pool and equal the raw conversion', async (t) => {
+  const dir = await tempDir(t);
+  const base = path.join(dir, 'base.qcow2');
+  const file = path.join(dir, 'top.qcow2');
+  await qemuImg('create', '-f', 'qcow2', base, '8M');
+  await qemuIo(base, ...writes([[0, 8 << 20]]));
+  await qemuImg('create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', file, '12M');
+  await qemuIo(file, ...writes([[1 << 20, 3 << 20], [9 << 20, 65536], [(10 << 20) + 8192, 4096]]), '-c', 'write -z 6M 64k');
+  const raw = path.join(dir, 'top.raw');
+  await qemuImg('convert', '-O', 'raw', file, raw);
+  const expected = await readFile(raw);
+  const image = (await openChain(file)) as Qcow2Image;
+  // The first pass loads the L2 tables through the pool; the second finds them cached.
+  for (let pass = 0; pass < 2; pass++) {
+    const reads = Array.from({ length: 300 }, async (_, i) => {
+      const length = 4096 * (1 + (i % 16));
+      const offset = Math.min(((i * 7919) % 3072) * 4096, expected.length - length);
+      const buf = allocAligned(length);
+      await image.read(buf, offset);
+      return buf.equals(expected.subarray(offset, offset + length)) ? -1 : offset;
+    });
+    t.deepEqual((await Promise.all(reads)).filter((bad) => bad >= 0), [], `pass ${pass}: reads at these offsets differ`);
+  }
+  t.true(image.engine.info.directReads > 100, `only ${image.engine.info.directReads} direct reads`);
+  await image.close();
 });
 
 test('createReadStream yields the disk, and reads past the end are refused', async (t) => {

@@ -105,6 +105,8 @@ export interface Qcow2EngineInfo {
   l2CacheHits: number;
   l2CacheMisses: number;
   l2CachedSlices: number;
+  /** Reads served without a worker thread: through io_uring from cached tables, or zeros. */
+  directReads: number;
 }
 
 /** The native qcow2 read engine of one image; reads fall through its backing in C++. */

@@ -1,5 +1,8 @@
 #include "qcow2/engine.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -32,6 +35,8 @@ constexpr uint64_t kKeptScratch = 1u << 20;
 constexpr uint64_t kMaxCompressedSpan = 4u << 20;
 /// Gap allowed between the compressed data of consecutive clusters of one batch.
 constexpr uint64_t kMaxCompressedGap = 4096;
+/// The largest read of zeros served on the JS thread.
+constexpr uint64_t kMaxDirectZeros = 1u << 20;
 
 Status CheckConfig(const EngineConfig& c, const std::shared_ptr<File>& dataFile) {
   if (c.clusterBits < 9 || c.clusterBits > 21) {
@@ -82,8 +87,40 @@ Status Engine::Open(const EngineConfig& config, std::shared_ptr<File> image, std
   engine->image_ = std::move(image);
   engine->dataFile_ = std::move(dataFile);
   engine->backing_ = std::move(backing);
+  // Direct reads need a descriptor of their own: File keeps its descriptor private, and this one
+  // stays valid for reads in flight even after the File is closed.
+  File& data = engine->DataFile();
+  if (data.direct()) engine->directFd_ = ::open(data.path().c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
   *out = std::move(engine);
   return Status::Ok();
+}
+
+Engine::~Engine() {
+  if (directFd_ >= 0) ::close(directFd_);
+}
+
+DirectPlan Engine::PlanDirect(const uint8_t* buf, uint64_t len, GuestOffset at) {
+  DirectPlan plan;
+  if (closed_.load(std::memory_order_acquire) || len == 0 || at.value > size() || len > size() - at.value) return plan;
+  Segment seg;
+  if (!mapper_->ResolveCached(at, len, &seg) || seg.length != len) return plan;
+  const bool pastBacking = (!backing_.engine && !backing_.raw) || at.value >= backing_.size;
+  if (seg.kind == ClusterKind::Zero || (seg.kind == ClusterKind::Unallocated && pastBacking)) {
+    // Zeros are written on the JS thread, so only small requests take this way.
+    if (len <= kMaxDirectZeros) plan.kind = DirectPlan::Kind::Zeros;
+    return plan;
+  }
+  if (seg.kind != ClusterKind::Data || directFd_ < 0) return plan;
+  File& file = DataFile();
+  if (reinterpret_cast<uintptr_t>(buf) % file.memAlign() != 0 || len % file.reqAlign() != 0 ||
+      seg.host % file.reqAlign() != 0) {
+    return plan;
+  }
+  plan.kind = DirectPlan::Kind::FileRead;
+  plan.fd = directFd_;
+  plan.host = seg.host;
+  plan.file = &file;
+  return plan;
 }
 
 Status Engine::Live() const {

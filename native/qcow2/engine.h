@@ -73,6 +73,16 @@ struct CompressedBatch {
   void Add(uint8_t* dst, const Segment& seg, GuestOffset at);
 };
 
+/// How a request can be served without a worker thread (see direct_reads.h).
+struct DirectPlan {
+  enum class Kind { Pool, Zeros, FileRead };
+  Kind kind = Kind::Pool;
+  /// FileRead: an O_DIRECT descriptor of the file, the host offset, and the File (for short reads).
+  int fd = -1;
+  uint64_t host = 0;
+  File* file = nullptr;
+};
+
 /// A read-only qcow2 image. Every method is thread-safe and may run on any worker at once.
 class Engine {
  public:
@@ -87,8 +97,17 @@ class Engine {
   /// once `out` holds `maxRuns` runs (the runs then cover a prefix of the range).
   Status Map(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out);
 
+  /// Plan a read on the JS thread: only from cached tables, never blocking. Kind::Pool when the
+  /// request needs I/O to map, more than one host read, decompression or a backing image.
+  DirectPlan PlanDirect(const uint8_t* buf, uint64_t len, GuestOffset at);
+
+  /// Requests served without a worker thread so far (for statistics).
+  void CountDirectRead() { directReads_.fetch_add(1, std::memory_order_relaxed); }
+  uint64_t directReads() const { return directReads_.load(std::memory_order_relaxed); }
+
   /// Refuse further requests and drop the cached tables; requests already running finish.
   void Close();
+  ~Engine();
 
   const Geometry& geometry() const { return mapper_->geometry(); }
   uint64_t size() const { return geometry().virtualSize; }
@@ -116,6 +135,9 @@ class Engine {
   /// Distinguishes engines in per-thread caches, even when one is freed and another takes its address.
   uint64_t id_ = 0;
   std::atomic<bool> closed_{false};
+  /// A descriptor of DataFile() opened with O_DIRECT for direct reads; -1 when they are off.
+  int directFd_ = -1;
+  std::atomic<uint64_t> directReads_{0};
 };
 
 /// Append `run` to `out`, merging it into the last run when it continues it exactly.

@@ -4,6 +4,7 @@
 
 #include "file_binding.h"
 #include "js.h"
+#include "qcow2/direct_reads.h"
 #include "qcow2/engine.h"
 
 namespace qcow2 {
@@ -152,6 +153,8 @@ Napi::Value EngineWrap::Read(const Napi::CallbackInfo& info) {
   PinnedBytes buf = args.Bytes(0, "buffer", &keep);
   uint64_t off = args.Offset(1, "offset");
   auto engine = Live(info.Env());
+  Napi::Value direct = TryDirectRead(info.Env(), engine, buf.data, buf.length, GuestOffset{off}, info[0]);
+  if (!direct.IsEmpty()) return direct;
   return RunAsync(
       info.Env(), [=] { return engine->Read(buf.data, buf.length, GuestOffset{off}); }, nullptr, std::move(keep));
 }
@@ -201,6 +204,7 @@ Napi::Value EngineWrap::Info(const Napi::CallbackInfo& info) {
   o.Set("l2CacheHits", static_cast<double>(stats.hits));
   o.Set("l2CacheMisses", static_cast<double>(stats.misses));
   o.Set("l2CachedSlices", static_cast<double>(stats.slices));
+  o.Set("directReads", static_cast<double>(engine->directReads()));
   return o;
 }
 

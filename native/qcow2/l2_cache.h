@@ -43,6 +43,8 @@ class L2Cache {
   /// The slice at host offset `offset` (a multiple of the slice size), loading it on a miss.
   /// With `tableBytes` > 0 a miss loads the whole table at `tableOffset` with one read, for scans.
   Status Get(uint64_t offset, std::shared_ptr<const L2Slice>* out, uint64_t tableOffset = 0, size_t tableBytes = 0);
+  /// The slice at `offset` when it is cached, without loading it.
+  bool Peek(uint64_t offset, std::shared_ptr<const L2Slice>* out) { return Lookup(offset, out); }
   L2CacheStats Stats();
   /// Drop every cached slice (requests holding one keep it until they finish).
   void Clear();

@@ -56,13 +56,15 @@ Status Mapper::Load(const Geometry& geometry, const HostBounds& bounds, uint64_t
   return Status::Ok();
 }
 
-Status Mapper::L2SliceFor(GuestOffset at, uint64_t l2Offset, bool scan, std::shared_ptr<const L2Slice>* slice,
-                          uint64_t* firstCluster, uint64_t* sliceEnd) {
+Status Mapper::L2SliceFor(GuestOffset at, uint64_t l2Offset, bool scan, bool cachedOnly,
+                          std::shared_ptr<const L2Slice>* slice, uint64_t* firstCluster, uint64_t* sliceEnd) {
   const uint64_t sliceIndex = geometry_.L2Index(at) / entriesPerSlice_;
   const uint64_t tableFirstCluster = geometry_.L1Index(at) << geometry_.l2Bits;
   *firstCluster = tableFirstCluster + sliceIndex * entriesPerSlice_;
   *sliceEnd = (*firstCluster + entriesPerSlice_) << geometry_.clusterBits;
-  return cache_.Get(l2Offset + sliceIndex * sliceBytes_, slice, l2Offset, scan ? geometry_.clusterSize : 0);
+  const uint64_t sliceOffset = l2Offset + sliceIndex * sliceBytes_;
+  if (cachedOnly) return cache_.Peek(sliceOffset, slice) ? Status::Ok() : Status::Error("ERR_QCOW2_WOULD_BLOCK", "");
+  return cache_.Get(sliceOffset, slice, l2Offset, scan ? geometry_.clusterSize : 0);
 }
 
 Status Mapper::PieceAt(const L2Slice& slice, uint64_t sliceFirstCluster, GuestOffset at, Piece* out) const {
@@ -95,6 +97,14 @@ Status Mapper::PieceAt(const L2Slice& slice, uint64_t sliceFirstCluster, GuestOf
 }
 
 Status Mapper::Resolve(GuestOffset at, uint64_t maxLength, Segment* out, bool scan) {
+  return ResolveIn(at, maxLength, out, scan, false);
+}
+
+bool Mapper::ResolveCached(GuestOffset at, uint64_t maxLength, Segment* out) {
+  return ResolveIn(at, maxLength, out, false, true).ok();
+}
+
+Status Mapper::ResolveIn(GuestOffset at, uint64_t maxLength, Segment* out, bool scan, bool cachedOnly) {
   const Geometry& g = geometry_;
   const uint64_t l1Index = g.L1Index(at);
   if (l1Index >= l1_.size()) {
@@ -110,7 +120,7 @@ Status Mapper::Resolve(GuestOffset at, uint64_t maxLength, Segment* out, bool sc
   }
   std::shared_ptr<const L2Slice> slice;
   uint64_t firstCluster, sliceEnd;
-  QCOW2_TRY(L2SliceFor(at, l2Offset, scan, &slice, &firstCluster, &sliceEnd));
+  QCOW2_TRY(L2SliceFor(at, l2Offset, scan, cachedOnly, &slice, &firstCluster, &sliceEnd));
   limit = std::min(limit, sliceEnd);
   Piece piece;
   QCOW2_TRY(PieceAt(*slice, firstCluster, at, &piece));

@@ -38,6 +38,8 @@ class Mapper {
   /// The segment starting at `at`, at most `maxLength` bytes long (which must not pass the disk end).
   /// `scan` says the caller walks a long range: L2 tables missing from the cache load whole.
   Status Resolve(GuestOffset at, uint64_t maxLength, Segment* out, bool scan = false);
+  /// Resolve() from cached tables only: false when that would need I/O or finds an error.
+  bool ResolveCached(GuestOffset at, uint64_t maxLength, Segment* out);
 
   const Geometry& geometry() const { return geometry_; }
   L2Cache& cache() { return cache_; }
@@ -54,8 +56,10 @@ class Mapper {
     uint64_t end;  ///< guest offset where the piece ends
   };
   Status PieceAt(const L2Slice& slice, uint64_t sliceFirstCluster, GuestOffset at, Piece* out) const;
-  Status L2SliceFor(GuestOffset at, uint64_t l2Offset, bool scan, std::shared_ptr<const L2Slice>* slice,
+  /// The slice mapping `at`; with `cachedOnly` a slice missing from the cache is ERR_QCOW2_WOULD_BLOCK.
+  Status L2SliceFor(GuestOffset at, uint64_t l2Offset, bool scan, bool cachedOnly, std::shared_ptr<const L2Slice>* slice,
                     uint64_t* firstCluster, uint64_t* sliceEnd);
+  Status ResolveIn(GuestOffset at, uint64_t maxLength, Segment* out, bool scan, bool cachedOnly);
 
   Geometry geometry_;
   HostBounds bounds_;

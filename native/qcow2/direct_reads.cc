@@ -1,0 +1,279 @@
+#include "qcow2/direct_reads.h"
+
+#include <linux/io_uring.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "pool.h"
+
+namespace qcow2 {
+namespace {
+
+constexpr unsigned kRingEntries = 256;
+/// IORING_OP_READ takes a 32-bit length; larger requests take the pool.
+constexpr uint64_t kMaxDirectRead = 1u << 30;
+
+/// A read in flight: what settles when its completion arrives. Lives on the JS thread only.
+struct PendingRead {
+  Napi::Promise::Deferred deferred;
+  Napi::Reference<Napi::Value> buffer;
+  std::shared_ptr<Engine> engine;  // keeps the File (and the descriptor read from) alive
+  uint8_t* data;
+  uint64_t length;
+  uint64_t host;
+  File* file;
+};
+
+void Settle(Napi::Env env, PendingRead* read, const Status& status) {
+  if (status.ok()) {
+    read->deferred.Resolve(env.Undefined());
+  } else {
+    read->deferred.Reject(MakeError(env, status).Value());
+  }
+  delete read;
+}
+
+/// Finishes, on a worker, a read the ring returned short or failed: at the end of the file the
+/// rest reads as zeros, as File::Read has it.
+class FinishReadJob : public Job {
+ public:
+  FinishReadJob(PendingRead* read, uint64_t done) : read_(read), done_(done) {}
+  void Execute() override {
+    status_ = read_->file->Read(read_->data + done_, read_->length - done_, read_->host + done_);
+  }
+  void Complete(Napi::Env env) override { Settle(env, read_, status_); }
+
+ private:
+  PendingRead* read_;
+  uint64_t done_;
+  Status status_;
+};
+
+/// An io_uring without a submission thread: the JS thread submits, and the kernel signals
+/// completions on an eventfd that the event loop polls.
+class Ring {
+ public:
+  /// The ring, or nullptr when the kernel refuses io_uring (then every read takes the pool).
+  static Ring* Create(Napi::Env env) {
+    auto* ring = new Ring(env);
+    if (ring->Setup()) return ring;
+    ring->Release();
+    // Once libuv knows the handle, only its close callback may free it.
+    if (ring->pollInitialized_) {
+      uv_close(reinterpret_cast<uv_handle_t*>(&ring->poll_), [](uv_handle_t* handle) { delete static_cast<Ring*>(handle->data); });
+    } else {
+      delete ring;
+    }
+    return nullptr;
+  }
+
+  /// Queue `read` of `fd`; false (nothing queued) when the ring is full or refuses it.
+  bool Submit(PendingRead* read, int fd) {
+    if (inflight_ >= cqEntries_) return false;
+    const unsigned tail = *sqTail_;
+    if (tail - __atomic_load_n(sqHead_, __ATOMIC_ACQUIRE) >= sqEntries_) return false;
+    const unsigned index = tail & *sqMask_;
+    io_uring_sqe* sqe = &sqes_[index];
+    std::memset(sqe, 0, sizeof *sqe);
+    sqe->opcode = IORING_OP_READ;
+    sqe->fd = fd;
+    sqe->addr = reinterpret_cast<uint64_t>(read->data);
+    sqe->len = static_cast<uint32_t>(read->length);
+    sqe->off = read->host;
+    sqe->user_data = reinterpret_cast<uint64_t>(read);
+    sqArray_[index] = index;
+    __atomic_store_n(sqTail_, tail + 1, __ATOMIC_RELEASE);
+    long submitted = syscall(__NR_io_uring_enter, ringFd_, 1, 0, 0, nullptr, 0);
+    if (submitted != 1) {
+      // Without a submission thread the kernel takes entries only inside io_uring_enter: one it
+      // did not take can be withdrawn.
+      __atomic_store_n(sqTail_, tail, __ATOMIC_RELEASE);
+      return false;
+    }
+    if (inflight_++ == 0) uv_ref(reinterpret_cast<uv_handle_t*>(&poll_));
+    return true;
+  }
+
+ private:
+  explicit Ring(Napi::Env env) : env_(env) {}
+
+  bool Setup() {
+    io_uring_params params{};
+    ringFd_ = static_cast<int>(syscall(__NR_io_uring_setup, kRingEntries, &params));
+    if (ringFd_ < 0) return false;
+    sqSize_ = params.sq_off.array + params.sq_entries * sizeof(unsigned);
+    cqSize_ = params.cq_off.cqes + params.cq_entries * sizeof(io_uring_cqe);
+    const bool single = params.features & IORING_FEAT_SINGLE_MMAP;
+    if (single) sqSize_ = cqSize_ = std::max(sqSize_, cqSize_);
+    sqRing_ = Map(sqSize_, IORING_OFF_SQ_RING);
+    cqRing_ = single ? sqRing_ : Map(cqSize_, IORING_OFF_CQ_RING);
+    sqesSize_ = params.sq_entries * sizeof(io_uring_sqe);
+    sqes_ = static_cast<io_uring_sqe*>(Map(sqesSize_, IORING_OFF_SQES));
+    if (!sqRing_ || !cqRing_ || !sqes_) return false;
+    auto* sq = static_cast<uint8_t*>(sqRing_);
+    auto* cq = static_cast<uint8_t*>(cqRing_);
+    sqHead_ = reinterpret_cast<unsigned*>(sq + params.sq_off.head);
+    sqTail_ = reinterpret_cast<unsigned*>(sq + params.sq_off.tail);
+    sqMask_ = reinterpret_cast<unsigned*>(sq + params.sq_off.ring_mask);
+    sqArray_ = reinterpret_cast<unsigned*>(sq + params.sq_off.array);
+    sqEntries_ = params.sq_entries;
+    cqHead_ = reinterpret_cast<unsigned*>(cq + params.cq_off.head);
+    cqTail_ = reinterpret_cast<unsigned*>(cq + params.cq_off.tail);
+    cqMask_ = reinterpret_cast<unsigned*>(cq + params.cq_off.ring_mask);
+    cqes_ = reinterpret_cast<io_uring_cqe*>(cq + params.cq_off.cqes);
+    cqEntries_ = params.cq_entries;
+    eventFd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (eventFd_ < 0 || syscall(__NR_io_uring_register, ringFd_, IORING_REGISTER_EVENTFD, &eventFd_, 1) != 0) return false;
+    Napi::Object resource = Napi::Object::New(env_);
+    resource_ = Napi::Persistent(resource);
+    if (napi_async_init(env_, resource, Napi::String::New(env_, "qcow2.directRead"), &context_) != napi_ok) return false;
+    uv_loop_t* loop = nullptr;
+    if (napi_get_uv_event_loop(env_, &loop) != napi_ok || uv_poll_init(loop, &poll_, eventFd_) != 0) return false;
+    pollInitialized_ = true;
+    poll_.data = this;
+    if (uv_poll_start(&poll_, UV_READABLE, &Ring::OnReadable) != 0) return false;
+    polling_ = true;
+    // An idle ring must not keep the process alive.
+    uv_unref(reinterpret_cast<uv_handle_t*>(&poll_));
+    napi_add_env_cleanup_hook(env_, &Ring::Cleanup, this);
+    return true;
+  }
+
+  void* Map(size_t size, uint64_t offset) {
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ringFd_, static_cast<off_t>(offset));
+    return p == MAP_FAILED ? nullptr : p;
+  }
+
+  /// Undo a Setup() that failed part way, or tear the ring down when the environment goes.
+  void Release() {
+    if (polling_) {
+      uv_poll_stop(&poll_);
+      polling_ = false;
+    }
+    if (sqes_) munmap(sqes_, sqesSize_);
+    if (cqRing_ && cqRing_ != sqRing_) munmap(cqRing_, cqSize_);
+    if (sqRing_) munmap(sqRing_, sqSize_);
+    sqes_ = nullptr;
+    sqRing_ = cqRing_ = nullptr;
+    if (eventFd_ >= 0) ::close(eventFd_);
+    if (ringFd_ >= 0) ::close(ringFd_);
+    eventFd_ = ringFd_ = -1;
+  }
+
+  static void Cleanup(void* arg) {
+    auto* ring = static_cast<Ring*>(arg);
+    ring->Release();
+    if (ring->context_) napi_async_destroy(ring->env_, ring->context_);
+    ring->resource_.Reset();
+    uv_close(reinterpret_cast<uv_handle_t*>(&ring->poll_), [](uv_handle_t* handle) { delete static_cast<Ring*>(handle->data); });
+  }
+
+  static void OnReadable(uv_poll_t* handle, int, int) { static_cast<Ring*>(handle->data)->Drain(); }
+
+  void Drain() {
+    uint64_t signals;
+    while (::read(eventFd_, &signals, sizeof signals) > 0) {
+    }
+    Napi::Env env(env_);
+    Napi::HandleScope handles(env);
+    // A callback scope, so that the promise reactions run when it closes, as after any callback.
+    napi_callback_scope scope;
+    if (napi_open_callback_scope(env_, resource_.Value(), context_, &scope) != napi_ok) return;
+    for (;;) {
+      unsigned head = *cqHead_;
+      const unsigned tail = __atomic_load_n(cqTail_, __ATOMIC_ACQUIRE);
+      if (head == tail) break;
+      for (; head != tail; head++) {
+        const io_uring_cqe& cqe = cqes_[head & *cqMask_];
+        Complete(env, reinterpret_cast<PendingRead*>(cqe.user_data), cqe.res);
+        inflight_--;
+      }
+      __atomic_store_n(cqHead_, head, __ATOMIC_RELEASE);
+    }
+    if (inflight_ == 0) uv_unref(reinterpret_cast<uv_handle_t*>(&poll_));
+    napi_close_callback_scope(env_, scope);
+  }
+
+  void Complete(Napi::Env env, PendingRead* read, int result) {
+    if (result >= 0 && static_cast<uint64_t>(result) == read->length) {
+      Settle(env, read, Status::Ok());
+      return;
+    }
+    // A short read, or a failure (an old kernel without IORING_OP_READ says EINVAL): the pool's
+    // File::Read does the rest and has the last word on errors.
+    PoolOf(env).Submit(new FinishReadJob(read, result > 0 ? static_cast<uint64_t>(result) : 0));
+  }
+
+  napi_env env_;
+  int ringFd_ = -1;
+  int eventFd_ = -1;
+  void* sqRing_ = nullptr;
+  void* cqRing_ = nullptr;
+  size_t sqSize_ = 0, cqSize_ = 0, sqesSize_ = 0;
+  io_uring_sqe* sqes_ = nullptr;
+  unsigned *sqHead_ = nullptr, *sqTail_ = nullptr, *sqMask_ = nullptr, *sqArray_ = nullptr;
+  unsigned *cqHead_ = nullptr, *cqTail_ = nullptr, *cqMask_ = nullptr;
+  io_uring_cqe* cqes_ = nullptr;
+  unsigned sqEntries_ = 0, cqEntries_ = 0;
+  unsigned inflight_ = 0;
+  bool pollInitialized_ = false;
+  bool polling_ = false;
+  uv_poll_t poll_{};
+  Napi::ObjectReference resource_;
+  napi_async_context context_ = nullptr;
+};
+
+bool DirectReadsEnabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("QCOW2_IO_URING");
+    return !(v && std::string(v) == "0");
+  }();
+  return enabled;
+}
+
+/// The ring of the calling JS thread (each environment has its own thread), made on first use.
+Ring* RingOf(Napi::Env env) {
+  thread_local bool tried = false;
+  thread_local Ring* ring = nullptr;
+  if (!tried) {
+    tried = true;
+    ring = Ring::Create(env);
+  }
+  return ring;
+}
+
+}  // namespace
+
+Napi::Value TryDirectRead(Napi::Env env, const std::shared_ptr<Engine>& engine, uint8_t* buf, uint64_t len, GuestOffset at,
+                          Napi::Value keep) {
+  if (!DirectReadsEnabled()) return Napi::Value();
+  const DirectPlan plan = engine->PlanDirect(buf, len, at);
+  if (plan.kind == DirectPlan::Kind::Zeros) {
+    engine->CountDirectRead();
+    std::memset(buf, 0, len);
+    auto done = Napi::Promise::Deferred::New(env);
+    done.Resolve(env.Undefined());
+    return done.Promise();
+  }
+  if (plan.kind != DirectPlan::Kind::FileRead || len > kMaxDirectRead) return Napi::Value();
+  Ring* ring = RingOf(env);
+  if (!ring) return Napi::Value();
+  auto* read = new PendingRead{Napi::Promise::Deferred::New(env), Napi::Reference<Napi::Value>::New(keep, 1), engine,
+                               buf, len, plan.host, plan.file};
+  if (!ring->Submit(read, plan.fd)) {
+    delete read;
+    return Napi::Value();
+  }
+  engine->CountDirectRead();
+  return read->deferred.Promise();
+}
+
+}  // namespace qcow2

@@ -1,0 +1,20 @@
+// Reads that skip the worker pool. A request the engine can map without I/O to one aligned
+// O_DIRECT read is submitted to an io_uring from the JS thread and completed in the event loop
+// (the ring signals an eventfd that libuv polls): no thread hand-off on either side. Everything
+// else — misses in the L2 cache, compressed clusters, backing files, unaligned buffers — takes
+// the pool as before.
+#pragma once
+#include <napi.h>
+
+#include <memory>
+
+#include "qcow2/engine.h"
+
+namespace qcow2 {
+
+/// Try to serve `buf` (pinned by `keep`) from guest offset `at` without the pool. Returns an empty
+/// value when the request must take the pool instead.
+Napi::Value TryDirectRead(Napi::Env env, const std::shared_ptr<Engine>& engine, uint8_t* buf, uint64_t len, GuestOffset at,
+                          Napi::Value keep);
+
+}  // namespace qcow2
