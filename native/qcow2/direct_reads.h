@@ -1,8 +1,8 @@
-// Reads that skip the worker pool. A request the engine can map without I/O to one aligned
-// O_DIRECT read is submitted to an io_uring from the JS thread and completed in the event loop
-// (the ring signals an eventfd that libuv polls): no thread hand-off on either side. Everything
-// else — misses in the L2 cache, compressed clusters, backing files, unaligned buffers — takes
-// the pool as before.
+// Reads that skip the worker pool. A request the engine can map without I/O to one read of one
+// file (aligned, when the file bypasses the page cache) is submitted to an io_uring from the JS
+// thread and completed in the event loop (the ring signals an eventfd that libuv polls): no
+// thread hand-off on either side. Everything else — misses in the L2 cache, compressed
+// clusters, backing files, unaligned O_DIRECT buffers — takes the pool as before.
 #pragma once
 #include <napi.h>
 

@@ -88,9 +88,10 @@ Status Engine::Open(const EngineConfig& config, std::shared_ptr<File> image, std
   engine->dataFile_ = std::move(dataFile);
   engine->backing_ = std::move(backing);
   // Direct reads need a descriptor of their own: File keeps its descriptor private, and this one
-  // stays valid for reads in flight even after the File is closed.
+  // stays valid for reads in flight even after the File is closed. It bypasses the page cache
+  // exactly when the File does.
   File& data = engine->DataFile();
-  if (data.direct()) engine->directFd_ = ::open(data.path().c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+  engine->directFd_ = ::open(data.path().c_str(), O_RDONLY | O_CLOEXEC | (data.direct() ? O_DIRECT : 0));
   *out = std::move(engine);
   return Status::Ok();
 }

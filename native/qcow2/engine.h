@@ -77,7 +77,7 @@ struct CompressedBatch {
 struct DirectPlan {
   enum class Kind { Pool, Zeros, FileRead };
   Kind kind = Kind::Pool;
-  /// FileRead: an O_DIRECT descriptor of the file, the host offset, and the File (for short reads).
+  /// FileRead: the engine's own descriptor of the file, the host offset, and the File (for short reads).
   int fd = -1;
   uint64_t host = 0;
   File* file = nullptr;
@@ -135,7 +135,7 @@ class Engine {
   /// Distinguishes engines in per-thread caches, even when one is freed and another takes its address.
   uint64_t id_ = 0;
   std::atomic<bool> closed_{false};
-  /// A descriptor of DataFile() opened with O_DIRECT for direct reads; -1 when they are off.
+  /// A descriptor of DataFile() for direct reads (O_DIRECT when the File is); -1 when it would not open.
   int directFd_ = -1;
   std::atomic<uint64_t> directReads_{0};
 };
