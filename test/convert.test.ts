@@ -1,5 +1,5 @@
 /** `qcow2 convert -O raw` against `qemu-img convert -O raw`: the same bytes, holes, progress and errors. */
-import { readFile, stat, truncate, writeFile } from 'node:fs/promises';
+import { open as openFile, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import test, { ExecutionContext } from 'ava';
@@ -202,4 +202,42 @@ test('ProgressPrinter prints 0 and 100 always, otherwise only steps larger than 
   off.set(0);
   off.end();
   t.is(silent, '');
+});
+
+/** Point the first L2 entry of `file` 1 TiB past the end of the file. */
+async function corruptFirstL2Entry(file: string): Promise<void> {
+  const handle = await openFile(file, 'r+');
+  try {
+    const read = async (offset: number) => {
+      const buf = Buffer.alloc(8);
+      await handle.read(buf, 0, 8, offset);
+      return buf.readBigUInt64BE(0);
+    };
+    const offsetMask = 0x00fffffffffffe00n;
+    const l1 = Number(await read(40));
+    const l2 = Number((await read(l1)) & offsetMask);
+    const entry = ((await read(l2)) & ~offsetMask) | (1n << 40n);
+    const buf = Buffer.alloc(8);
+    buf.writeBigUInt64BE(entry, 0);
+    await handle.write(buf, 0, 8, l2);
+  } finally {
+    await handle.close();
+  }
+}
+
+test('a corrupt image fails cleanly in convert, compare and map', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'bad.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', file, '4M');
+  await qemuIo('-c', 'write -P 1 0 64k', file);
+  await corruptFirstL2Entry(file);
+  const converted = await qcow2Cli('convert', '-O', 'raw', file, path.join(dir, 'out.raw'));
+  t.is(converted.code, 1);
+  t.regex(converted.stderr, /^qcow2: .*1099511627776/m);
+  const compared = await qcow2Cli('compare', file, file);
+  t.true([3, 4].includes(compared.code), `compare exit code ${compared.code}`);
+  t.is(compared.stdout, '');
+  const mapped = await qcow2Cli('map', '--output=json', file);
+  t.is(mapped.code, 1);
+  t.regex(mapped.stderr, /^qcow2: /m);
 });
