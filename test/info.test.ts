@@ -196,6 +196,25 @@ test('info equals qemu-img: a backing file without a recorded format is probed',
   await allOutputsSame(t, dir, 'over.qcow2');
 });
 
+test('info equals qemu-img: backing names with a protocol are not combined with the image folder', async (t) => {
+  const dir = await folder('protocols');
+  await mkdir(path.join(dir, 'sub'));
+  await qemuImg('create', '-f', 'qcow2', path.join(dir, 'base.qcow2'), '1M');
+  await qemuImg('create', '-f', 'qcow2', '-u', '-b', 'file:base.qcow2', '-F', 'qcow2', path.join(dir, 'sub', 'file.qcow2'), '1M');
+  await qemuImg('create', '-f', 'qcow2', '-u', '-b', 'nbd://localhost:1/x', '-F', 'raw', path.join(dir, 'sub', 'nbd.qcow2'), '1M');
+  await writeBack(dir);
+  await writeBack(path.join(dir, 'sub'));
+  for (const output of ['--output=human', '--output=json']) {
+    await sameAsQemu(t, dir, [output, 'sub/nbd.qcow2']);
+    await sameAsQemu(t, dir, [output, 'sub/file.qcow2']);
+    // "file:base.qcow2" is opened from the working directory, like qemu-img does.
+    await sameAsQemu(t, dir, [output, '--backing-chain', 'sub/file.qcow2']);
+  }
+  const nbd = await runIn(dir, process.execPath, [CLI, 'info', '--backing-chain', 'sub/nbd.qcow2']);
+  t.is(nbd.code, 1);
+  t.is(nbd.stderr, "qcow2: Could not open 'nbd://localhost:1/x': protocol 'nbd' is not supported\n");
+});
+
 test('info equals qemu-img: errors', async (t) => {
   const dir = await folder('errors');
   await qemuImg('create', '-f', 'raw', path.join(dir, 'plain.img'), '1M');

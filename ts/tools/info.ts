@@ -95,12 +95,18 @@ async function probe(file: MetadataFile): Promise<ImageFormat> {
   return magic.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
 }
 
+/** A name with a ':' before any '/' names a protocol ("file:x", "nbd://host/x"), as in qemu. */
+function hasProtocol(name: string): boolean {
+  return /^[^/]*:/.test(name);
+}
+
 /**
  * Where a relative backing name points: next to the image, the way qemu combines them
- * (the image name's directory part, as given, plus the backing name; absolute names stay).
+ * (the image name's directory part, as given, plus the backing name; absolute and
+ * protocol names stay as they are).
  */
 export function combineBackingPath(imagePath: string, backing: string): string {
-  if (backing.startsWith('/')) return backing;
+  if (backing.startsWith('/') || hasProtocol(backing)) return backing;
   const slash = imagePath.lastIndexOf('/');
   return slash < 0 ? backing : imagePath.slice(0, slash + 1) + backing;
 }
@@ -235,9 +241,16 @@ export async function infoChain(path: string, options: InfoOptions = {}): Promis
     seen.set(identity, next.path);
     chain.push(image);
     const backing = image['full-backing-filename'];
-    next = backing === undefined ? undefined : { path: backing, format: image['backing-filename-format'] };
+    next = backing === undefined ? undefined : { path: localPath(backing), format: image['backing-filename-format'] };
   }
   return chain;
+}
+
+/** The file a backing name opens: "file:" names a local file; other protocols are not supported here. */
+function localPath(name: string): string {
+  if (!hasProtocol(name)) return name;
+  if (name.startsWith('file:')) return name.slice('file:'.length);
+  throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `Could not open '${name}': protocol '${name.slice(0, name.indexOf(':'))}' is not supported`);
 }
 
 function checkPath(path: string): void {
