@@ -38,6 +38,38 @@ constexpr uint64_t kMaxCompressedGap = 4096;
 /// The largest read of zeros served on the JS thread.
 constexpr uint64_t kMaxDirectZeros = 1u << 20;
 
+/// Data segments of one request that continue each other in the file (across L2 slices and
+/// tables too), read with one call.
+class HostRun {
+ public:
+  HostRun(File& file, uint8_t* buf) : file_(file), buf_(buf) {}
+
+  /// Add `length` bytes for `buf + at` from host offset `host`, reading what came before when it does not continue.
+  Status Add(uint64_t at, uint64_t host, uint64_t length) {
+    if (length_ > 0 && at_ + length_ == at && host_ + length_ == host) {
+      length_ += length;
+      return Status::Ok();
+    }
+    QCOW2_TRY(Flush());
+    at_ = at;
+    host_ = host;
+    length_ = length;
+    return Status::Ok();
+  }
+
+  Status Flush() {
+    if (length_ == 0) return Status::Ok();
+    const uint64_t length = length_;
+    length_ = 0;
+    return file_.Read(buf_ + at_, length, host_);
+  }
+
+ private:
+  File& file_;
+  uint8_t* buf_;
+  uint64_t at_ = 0, host_ = 0, length_ = 0;
+};
+
 Status CheckConfig(const EngineConfig& c, const std::shared_ptr<File>& dataFile) {
   if (c.clusterBits < 9 || c.clusterBits > 21) {
     return Status::Error(kInvalidHeader, "cluster bits must be between 9 and 21, got " + std::to_string(c.clusterBits));
@@ -143,9 +175,7 @@ Status Engine::Read(uint8_t* buf, uint64_t len, GuestOffset at) {
                                                         std::to_string(at.value) + " is past the end of the disk (" +
                                                         std::to_string(size()) + " bytes)");
   }
-  // Data segments that continue each other on the host (across L2 slices and tables too)
-  // become one read.
-  uint64_t pendingStart = 0, pendingHost = 0, pendingLength = 0;
+  HostRun data(DataFile(), buf);
   CompressedBatch batch;
   // A request spanning over an eighth of what one L2 table maps loads whole tables on misses.
   const bool scan = len > (geometry().clusterSize << geometry().l2Bits) / 8;
@@ -155,14 +185,7 @@ Status Engine::Read(uint8_t* buf, uint64_t len, GuestOffset at) {
     QCOW2_TRY(mapper_->Resolve(pos, len - done, &seg, scan));
     uint8_t* dst = buf + done;
     if (seg.kind == ClusterKind::Data) {
-      if (pendingLength > 0 && pendingStart + pendingLength == done && pendingHost + pendingLength == seg.host) {
-        pendingLength += seg.length;
-      } else {
-        if (pendingLength > 0) QCOW2_TRY(DataFile().Read(buf + pendingStart, pendingLength, pendingHost));
-        pendingStart = done;
-        pendingHost = seg.host;
-        pendingLength = seg.length;
-      }
+      QCOW2_TRY(data.Add(done, seg.host, seg.length));
     } else if (seg.kind == ClusterKind::Zero) {
       std::memset(dst, 0, seg.length);
     } else if (seg.kind == ClusterKind::Unallocated) {
@@ -173,7 +196,7 @@ Status Engine::Read(uint8_t* buf, uint64_t len, GuestOffset at) {
     }
     done += seg.length;
   }
-  if (pendingLength > 0) QCOW2_TRY(DataFile().Read(buf + pendingStart, pendingLength, pendingHost));
+  QCOW2_TRY(data.Flush());
   return ReadCompressed(&batch);
 }
 

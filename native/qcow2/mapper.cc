@@ -12,18 +12,8 @@ bool CanMerge(const Segment& seg, uint64_t segStart, ClusterKind kind, bool hasH
   return !hasHost || host == seg.host + (at - segStart);
 }
 
-}  // namespace
-
-Mapper::Mapper(const Geometry& geometry, const HostBounds& bounds, std::shared_ptr<File> image,
-               const MapperOptions& options)
-    : geometry_(geometry),
-      bounds_(bounds),
-      sliceBytes_(std::min<size_t>(options.l2SliceBytes, geometry.clusterSize)),
-      entriesPerSlice_(sliceBytes_ / geometry.entryBytes),
-      cache_(std::move(image), sliceBytes_, options.l2CacheBytes) {}
-
-Status Mapper::Load(const Geometry& geometry, const HostBounds& bounds, uint64_t l1Offset, uint64_t l1Entries,
-                    std::shared_ptr<File> image, const MapperOptions& options, std::unique_ptr<Mapper>* out) {
+/// The L1 table must map the whole disk, stay within QEMU's bound, and lie inside the file.
+Status CheckL1Table(const Geometry& geometry, const HostBounds& bounds, uint64_t l1Offset, uint64_t l1Entries) {
   const uint64_t needed = geometry.L1EntriesNeeded();
   if (l1Entries < needed) {
     return Status::Error(kCorrupt, "the L1 table has " + std::to_string(l1Entries) + " entries, too few for a disk of " +
@@ -44,6 +34,23 @@ Status Mapper::Load(const Geometry& geometry, const HostBounds& bounds, uint64_t
                                        std::to_string(l1Offset) + ") ends past the end of the image file (" +
                                        std::to_string(bounds.imageFileSize) + " bytes)");
   }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Mapper::Mapper(const Geometry& geometry, const HostBounds& bounds, std::shared_ptr<File> image,
+               const MapperOptions& options)
+    : geometry_(geometry),
+      bounds_(bounds),
+      sliceBytes_(std::min<size_t>(options.l2SliceBytes, geometry.clusterSize)),
+      entriesPerSlice_(sliceBytes_ / geometry.entryBytes),
+      cache_(std::move(image), sliceBytes_, options.l2CacheBytes) {}
+
+Status Mapper::Load(const Geometry& geometry, const HostBounds& bounds, uint64_t l1Offset, uint64_t l1Entries,
+                    std::shared_ptr<File> image, const MapperOptions& options, std::unique_ptr<Mapper>* out) {
+  QCOW2_TRY(CheckL1Table(geometry, bounds, l1Offset, l1Entries));
+  const uint64_t l1Bytes = l1Entries * 8;
   // The cache never needs more than every L2 table of the image.
   MapperOptions sized = options;
   sized.l2CacheBytes = std::min<uint64_t>(options.l2CacheBytes, std::max<uint64_t>(l1Entries, 1) * geometry.clusterSize);
