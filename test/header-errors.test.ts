@@ -6,7 +6,7 @@ import test, { ExecutionContext } from 'ava';
 
 import { ErrorCodes } from '../ts/errors.js';
 import { encodeExtensionArea, ExtensionType, HeaderExtension } from '../ts/qcow2/extensions.js';
-import { parseHeader, readHeader, readHeaderFrom } from '../ts/qcow2/header.js';
+import { parseHeader, readHeader, readHeaderFrom, serializeHeader } from '../ts/qcow2/header.js';
 import { openMetadataFile } from '../ts/qcow2/metadata-file.js';
 import { readSnapshots } from '../ts/qcow2/snapshots.js';
 import { readBitmaps } from '../ts/qcow2/bitmaps.js';
@@ -209,6 +209,13 @@ test('accepted: identical duplicate extensions, unknown types twice, external da
   t.is(header.extensions.length, 4);
   t.true(header.externalDataFile);
   t.is(header.dataFile, undefined);
+});
+
+test('accepted: header_length 104 has no compression type field (zlib) and extensions start at 104', (t) => {
+  const buf = patched(bases.v3, (b) => b.writeUInt32BE(104, 100));
+  const header = parseHeader(buf, buf.length);
+  t.like(header, { headerLength: 104, compressionType: 'zlib', extensions: [], unknownHeaderFields: Buffer.alloc(0) });
+  t.deepEqual(serializeHeader(header), buf.subarray(0, 112));
 });
 
 test('accepted: version 2 ignores the version 3 fields and takes refcount_order 4', (t) => {
