@@ -116,6 +116,23 @@ test('-m 1, -m 16 and -W give the same bytes', async (t) => {
   await convertBoth(t, source, ['-m', '16', '-W', '-t', 'none', '-T', 'none']);
 });
 
+test('several sources are concatenated like qemu-img does', async (t) => {
+  const dir = await tempDir(t);
+  const first = await chainImage(dir);
+  const second = path.join(dir, 'second.raw');
+  await writeFile(second, patternBytes(100 * 1024 + 512, 7));
+  const third = path.join(dir, 'third.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', third, '3M');
+  await qemuIo('-c', 'write -P 6 1M 64k', third);
+  const theirs = path.join(dir, 'theirs.raw');
+  const ours = path.join(dir, 'ours.raw');
+  await qemuImg('convert', '-O', 'raw', first, second, third, theirs);
+  const r = await qcow2Cli('convert', '-p', '-O', 'raw', first, second, third, ours);
+  t.is(r.code, 0, r.stderr);
+  t.regex(r.stdout, /^ {4}\(0\.00\/100%\)\r.* {4}\(100\.00\/100%\)\r\n$/s);
+  t.true((await readFile(ours)).equals(await readFile(theirs)));
+});
+
 test('-p prints qemu-img progress lines', async (t) => {
   const dir = await tempDir(t);
   const source = await chainImage(dir);

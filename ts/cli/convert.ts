@@ -1,5 +1,6 @@
 /** `qcow2 convert [-f FMT] -O raw [-t CACHE] [-T CACHE] [-m N] [-W] [-p] [-S SIZE] [--target-is-zero] [-n] [-U] SRC DST`. */
 import { ErrorCodes, Qcow2Error } from '../errors.js';
+import type { Image } from '../image.js';
 import { convert } from '../tools/convert.js';
 import { UsageError, lastOption, parseArgs, parseSize } from './args.js';
 import { ProgressPrinter, hasFlag, openImage, optionValue, parseCache, parseFormat } from './common.js';
@@ -15,7 +16,7 @@ const SPEC = {
 
 const USAGE =
   'usage: qcow2 convert [-U] [-p] [-q] [-n] [--target-is-zero] [-f fmt] [-t cache] [-T src_cache] ' +
-  '[-O output_fmt] [-S sparse_size] [-m num_coroutines] [-W] filename output_filename\n';
+  '[-O output_fmt] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename\n';
 
 /** qemu-img convert accepts 1 to 16 coroutines. */
 const MAX_COROUTINES = 16;
@@ -63,39 +64,35 @@ export async function run(argv: string[]): Promise<number> {
   const targetIsZero = hasFlag(args, 'target-is-zero');
   if (targetIsZero && !skipCreate) throw new UsageError('--target-is-zero requires use of -n flag');
   if (args.positional.length < 2) throw new UsageError('Must specify image file name');
-  if (args.positional.length > 2) {
-    throw new Qcow2Error(ErrorCodes.UNSUPPORTED, 'converting several source images into one is not supported yet');
-  }
-  const [source, target] = args.positional;
+  const sources = args.positional.slice(0, -1);
+  const target = args.positional[args.positional.length - 1];
   if (outputFormat !== 'raw') {
     throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `ERR_QCOW2_UNSUPPORTED: output format '${outputFormat}' is not supported yet`);
   }
   const progress = new ProgressPrinter(hasFlag(args, 'p') && !hasFlag(args, 'q'), 1);
   progress.set(0);
+  const images: Image[] = [];
   try {
-    const image = await openImage(source, { format, cache: sourceCache ?? 'writeback' });
-    try {
-      await convert(image, target, {
-        outputFormat,
-        targetCache,
-        parallel,
-        outOfOrder: hasFlag(args, 'W'),
-        sparseSize,
-        skipCreate,
-        targetIsZero,
-        // The 0% line is already out; a source without data only shows 0% and 100%.
-        onProgress: progress.enabled
-          ? (done, total) => {
-              if (done > 0) progress.update(done, total);
-            }
-          : undefined,
-      });
-    } finally {
-      await image.close();
-    }
+    for (const source of sources) images.push(await openImage(source, { format, cache: sourceCache ?? 'writeback' }));
+    await convert(images, target, {
+      outputFormat,
+      targetCache,
+      parallel,
+      outOfOrder: hasFlag(args, 'W'),
+      sparseSize,
+      skipCreate,
+      targetIsZero,
+      // The 0% line is already out; a source without data only shows 0% and 100%.
+      onProgress: progress.enabled
+        ? (done, total) => {
+            if (done > 0) progress.update(done, total);
+          }
+        : undefined,
+    });
     progress.set(100);
   } finally {
     progress.end();
+    for (const image of images) await image.close();
   }
   return 0;
 }

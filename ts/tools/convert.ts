@@ -28,12 +28,14 @@ export interface CopyOptions {
   sparseSize?: number;
   /** The target already reads as zero everywhere (it was just created, or the caller says so). */
   targetIsZero?: boolean;
+  /** Where the source's first byte lands in the target (default 0). */
+  targetOffset?: number;
   signal?: AbortSignal;
   /** Called as data is copied: `done` of `total` bytes that must be written. */
   onProgress?: (done: number, total: number) => void;
 }
 
-export interface ConvertOptions extends Omit<CopyOptions, 'targetIsZero'> {
+export interface ConvertOptions extends Omit<CopyOptions, 'targetIsZero' | 'targetOffset'> {
   /** Source format (probed when left out). */
   format?: ImageFormat;
   /** Target format: only 'raw' for now. */
@@ -74,30 +76,60 @@ interface Piece {
 }
 
 /**
- * Convert `source` (a path, or an open image the caller keeps ownership of) into a new or
- * existing raw image at `target`.
+ * Convert `source` into a new or existing raw image at `target`. Several sources are
+ * concatenated, as qemu-img does. Paths are opened (and closed) here; open images stay the
+ * caller's.
  */
-export async function convert(source: string | Image, target: string, options: ConvertOptions = {}): Promise<void> {
+export async function convert(
+  source: string | Image | ReadonlyArray<string | Image>,
+  target: string,
+  options: ConvertOptions = {},
+): Promise<void> {
   const outputFormat = options.outputFormat ?? 'raw';
   if (outputFormat !== 'raw') {
     throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `convert: output format '${outputFormat}' is not supported yet (raw only)`);
   }
   check(!options.targetIsZero || options.skipCreate === true, 'convert: targetIsZero needs skipCreate (-n)');
   checkCopyOptions(options);
-  const input = typeof source === 'string' ? await openSource(source, options) : source;
+  const sources = typeof source === 'string' || !Array.isArray(source) ? [source as string | Image] : source;
+  check(sources.length > 0, 'convert: at least one source is needed');
+  const owned: Image[] = [];
   try {
-    await refuseSameFile(input.path, target);
+    const inputs: Image[] = [];
+    for (const item of sources) {
+      const input = typeof item === 'string' ? await openSource(item, options) : item;
+      if (input !== item) owned.push(input);
+      inputs.push(input);
+      await refuseSameFile(input.path, target);
+    }
+    const size = inputs.reduce((sum, input) => sum + input.size, 0);
     const output = options.skipCreate
-      ? await openExistingRaw(target, input.size, options.targetCache)
-      : await createRaw(target, input.size, options.targetCache);
+      ? await openExistingRaw(target, size, options.targetCache)
+      : await createRaw(target, size, options.targetCache);
     try {
-      await copyImage(input, output, { ...options, targetIsZero: options.skipCreate ? options.targetIsZero : true });
+      await copyAll(inputs, output, { ...options, targetIsZero: options.skipCreate ? options.targetIsZero : true });
       await output.flush();
     } finally {
       await output.close();
     }
   } finally {
-    if (input !== source) await input.close();
+    for (const input of owned) await input.close();
+  }
+}
+
+/** Copy `inputs` one after the other into `output`, with one progress count over all of them. */
+async function copyAll(inputs: Image[], output: Image, options: CopyOptions): Promise<void> {
+  const onProgress = options.onProgress;
+  const sparseSize = options.sparseSize ?? 4096;
+  const totals = await Promise.all(inputs.map((input) => (onProgress ? bytesToWrite(input, sparseSize) : 0)));
+  const total = totals.reduce((sum, n) => sum + n, 0);
+  let before = 0;
+  let targetOffset = 0;
+  for (const [i, input] of inputs.entries()) {
+    const progress = onProgress && ((done: number) => onProgress(before + done, total));
+    await copyRange(input, output, { ...options, targetOffset, onProgress: progress }, totals[i]);
+    before += totals[i];
+    targetOffset += input.size;
   }
 }
 
@@ -171,12 +203,22 @@ function checkCopyOptions(options: CopyOptions): void {
  */
 export async function copyImage(source: Image, target: Image, options: CopyOptions = {}): Promise<void> {
   checkCopyOptions(options);
-  check(target.size >= source.size, `copyImage: target (${target.size} bytes) is smaller than source (${source.size} bytes)`);
+  const total = options.onProgress ? await bytesToWrite(source, options.sparseSize ?? 4096) : 0;
+  await copyRange(source, target, options, total);
+}
+
+/** copyImage, with the progress total (the bytes to write) already counted. */
+async function copyRange(source: Image, target: Image, options: CopyOptions, total: number): Promise<void> {
+  const shift = options.targetOffset ?? 0;
+  check(Number.isSafeInteger(shift) && shift >= 0, `targetOffset must be a non-negative integer, got ${shift}`);
+  check(
+    target.size >= shift + source.size,
+    `copyImage: target (${target.size} bytes) is smaller than ${shift} + source (${source.size} bytes)`,
+  );
   const parallel = options.parallel ?? 8;
   const sparseSize = options.sparseSize ?? 4096;
   // With -S 0 the target is fully allocated, so zero runs are written even on a zeroed target.
   const skipZeroes = options.targetIsZero === true && sparseSize > 0;
-  const total = options.onProgress ? await bytesToWrite(source, sparseSize) : 0;
   let done = 0;
   const report = (length: number) => {
     done += length;
@@ -198,7 +240,7 @@ export async function copyImage(source: Image, target: Image, options: CopyOptio
       }
       if (!next) return;
       try {
-        await copyPiece(source, target, next, buffer, { skipZeroes, sparseSize, inOrder: !options.outOfOrder });
+        await copyPiece(source, target, next, buffer, { skipZeroes, sparseSize, inOrder: !options.outOfOrder, shift });
         report(sparseSize === 0 ? next.length : next.dataBytes);
       } catch (error) {
         failure ??= asQcow2Error(error);
@@ -277,6 +319,8 @@ interface PieceContext {
   skipZeroes: boolean;
   sparseSize: number;
   inOrder: boolean;
+  /** Target offset minus source offset. */
+  shift: number;
 }
 
 async function copyPiece(source: Image, target: Image, piece: Piece, buffer: Buffer, ctx: PieceContext): Promise<void> {
@@ -286,7 +330,7 @@ async function copyPiece(source: Image, target: Image, piece: Piece, buffer: Buf
   if (readEnd > 0) await source.read(view, piece.offset);
   if (ctx.inOrder) await piece.previous;
   for (const run of piece.runs) {
-    const offset = piece.offset + run.start;
+    const offset = piece.offset + run.start + ctx.shift;
     if (!run.data) {
       if (!ctx.skipZeroes) await target.writeZeroes(offset, run.end - run.start, { unmap: ctx.sparseSize > 0 });
     } else if (ctx.sparseSize === 0) {
