@@ -77,7 +77,7 @@ class Ring {
 
   /// Queue `read` of `fd`; false (nothing queued) when the ring is full or refuses it.
   bool Submit(PendingRead* read, int fd) {
-    if (inflight_ >= cqEntries_) return false;
+    if (inflight_ + queued_ >= cqEntries_) return false;
     const unsigned tail = *sqTail_;
     if (tail - __atomic_load_n(sqHead_, __ATOMIC_ACQUIRE) >= sqEntries_) return false;
     const unsigned index = tail & *sqMask_;
@@ -91,6 +91,11 @@ class Ring {
     sqe->user_data = reinterpret_cast<uint64_t>(read);
     sqArray_[index] = index;
     __atomic_store_n(sqTail_, tail + 1, __ATOMIC_RELEASE);
+    if (draining_) {
+      // Reads that promise reactions start while completions are handled go in one batch.
+      queued_++;
+      return true;
+    }
     long submitted = syscall(__NR_io_uring_enter, ringFd_, 1, 0, 0, nullptr, 0);
     if (submitted != 1) {
       // Without a submission thread the kernel takes entries only inside io_uring_enter: one it
@@ -199,7 +204,28 @@ class Ring {
       __atomic_store_n(cqHead_, head, __ATOMIC_RELEASE);
     }
     if (inflight_ == 0) uv_unref(reinterpret_cast<uv_handle_t*>(&poll_));
+    draining_ = true;
     napi_close_callback_scope(env_, scope);
+    draining_ = false;
+    SubmitQueued(env);
+  }
+
+  /// Hand the reads queued during Drain() to the kernel with one call; any it does not take
+  /// are withdrawn from the ring and go to the pool.
+  void SubmitQueued(Napi::Env env) {
+    if (queued_ == 0) return;
+    const long submitted = syscall(__NR_io_uring_enter, ringFd_, queued_, 0, 0, nullptr, 0);
+    const unsigned taken = submitted > 0 ? static_cast<unsigned>(submitted) : 0;
+    if (taken > 0 && inflight_ == 0) uv_ref(reinterpret_cast<uv_handle_t*>(&poll_));
+    inflight_ += taken;
+    queued_ = 0;
+    const unsigned head = __atomic_load_n(sqHead_, __ATOMIC_ACQUIRE);
+    const unsigned tail = *sqTail_;
+    for (unsigned i = head; i != tail; i++) {
+      auto* read = reinterpret_cast<PendingRead*>(sqes_[sqArray_[i & *sqMask_]].user_data);
+      PoolOf(env).Submit(new FinishReadJob(read, 0));
+    }
+    __atomic_store_n(sqTail_, head, __ATOMIC_RELEASE);
   }
 
   void Complete(Napi::Env env, PendingRead* read, int result) {
@@ -224,6 +250,9 @@ class Ring {
   io_uring_cqe* cqes_ = nullptr;
   unsigned sqEntries_ = 0, cqEntries_ = 0;
   unsigned inflight_ = 0;
+  /// Entries written to the ring during Drain() and not yet handed to the kernel.
+  unsigned queued_ = 0;
+  bool draining_ = false;
   bool pollInitialized_ = false;
   bool polling_ = false;
   uv_poll_t poll_{};
