@@ -8,6 +8,7 @@ import { ParsedArgs, UsageError, lastOption, parseSize } from './args.js';
 /** qemu-img's default host cache mode for images it reads or writes in place (page cache on). */
 export const DEFAULT_CACHE: CacheMode = 'writeback';
 
+/** How the CLI opens an image: format (-f), host cache (-t/-T), read-only unless a command writes. */
 export interface CliOpenOptions {
   format?: ImageFormat;
   cache?: CacheMode;

@@ -18,6 +18,7 @@ const USAGE = 'usage: qcow2 compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [
 /** qemu-img compare's exit codes. */
 const EXIT = { identical: 0, different: 1, openFailed: 2, statusFailed: 3, readFailed: 4 } as const;
 
+/** Run `qcow2 compare` with `argv`; resolves to qemu-img compare's exit code (0 to 4). */
 export async function run(argv: string[]): Promise<number> {
   const args = parseArgs(argv, SPEC);
   if (hasFlag(args, 'h')) {

@@ -48,6 +48,7 @@ function parseSparseSize(text: string): number {
   return size;
 }
 
+/** Run `qcow2 convert` with `argv`; resolves to the exit code (errors are thrown to main, which exits 1). */
 export async function run(argv: string[]): Promise<number> {
   const args = parseArgs(argv, SPEC);
   if (hasFlag(args, 'h')) {

@@ -38,6 +38,7 @@ function humanLine(e: MapEntry): string {
   return `${cell(hex(e.start))}${cell(hex(e.length))}${cell(hex(e.offset!))}${e.file}\n`;
 }
 
+/** Run `qcow2 map` with `argv` (the arguments after "map"); resolves to the exit code. */
 export async function run(argv: string[]): Promise<number> {
   const args = parseArgs(argv, SPEC);
   if (args.options.has('h')) {

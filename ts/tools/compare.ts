@@ -11,6 +11,7 @@ const COMPARE_CHUNK = 2 << 20;
 /** qemu-img reports a mismatch at the start of the 512-byte sector holding the first different byte. */
 const SECTOR = 512;
 
+/** How compareImages compares: strict mode, parallelism, abort and progress. */
 export interface CompareOptions {
   /**
    * Strict mode (qemu-img compare -s): images of different sizes differ, and so do runs whose
@@ -27,6 +28,7 @@ export interface CompareOptions {
 /** Why two images are not identical: contents, size (strict mode), or allocation status (strict mode). */
 export type CompareVerdict = 'identical' | 'content' | 'size' | 'status';
 
+/** The verdict of compareImages, with what qemu-img compare prints it from. */
 export interface CompareResult {
   identical: boolean;
   verdict: CompareVerdict;

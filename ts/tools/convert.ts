@@ -16,6 +16,7 @@ const ZERO_GRANULE = 4096;
 /** How many requests may be in flight at most. */
 export const MAX_PARALLEL = 32;
 
+/** How copyImage copies: parallelism, write order, sparseness, and progress. */
 export interface CopyOptions {
   /** Requests in flight (1..32, default 8). */
   parallel?: number;
@@ -35,6 +36,7 @@ export interface CopyOptions {
   onProgress?: (done: number, total: number) => void;
 }
 
+/** convert's options: the copy's, plus how source and target are opened or created. */
 export interface ConvertOptions extends Omit<CopyOptions, 'targetIsZero' | 'targetOffset'> {
   /** Source format (probed when left out). */
   format?: ImageFormat;

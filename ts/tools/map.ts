@@ -22,6 +22,7 @@ export interface MapEntry {
   file?: string;
 }
 
+/** The part of the disk to map (qemu-img map --start-offset / --max-length). */
 export interface MapOptions {
   /** First guest byte to map (default 0). */
   start?: number;
