@@ -287,10 +287,10 @@ async function bytesToWrite(source: Image, sparseSize: number): Promise<number> 
  */
 async function* splitIntoPieces(source: Image, options: CopyOptions): AsyncGenerator<Piece> {
   let previous: Promise<void> = Promise.resolve();
-  let open: { offset: number; windowEnd: number; runs: Run[]; dataBytes: number } | undefined;
+  let pending: { offset: number; windowEnd: number; runs: Run[]; dataBytes: number } | undefined;
   const close = (): Piece => {
-    const { offset, runs, dataBytes } = open!;
-    open = undefined;
+    const { offset, runs, dataBytes } = pending!;
+    pending = undefined;
     let done!: () => void;
     const written = new Promise<void>((resolve) => (done = resolve));
     const piece = { offset, length: runs[runs.length - 1].end, runs, dataBytes, previous, done };
@@ -302,19 +302,19 @@ async function* splitIntoPieces(source: Image, options: CopyOptions): AsyncGener
     const end = extent.offset + extent.length;
     for (let pos = extent.offset; pos < end; ) {
       checkAborted(options.signal);
-      if (!open && !data) {
-        open = { offset: pos, windowEnd: end, runs: [], dataBytes: 0 };
-      } else if (!open) {
-        open = { offset: pos, windowEnd: pos - (pos % COPY_CHUNK) + COPY_CHUNK, runs: [], dataBytes: 0 };
+      if (!pending && !data) {
+        pending = { offset: pos, windowEnd: end, runs: [], dataBytes: 0 };
+      } else if (!pending) {
+        pending = { offset: pos, windowEnd: pos - (pos % COPY_CHUNK) + COPY_CHUNK, runs: [], dataBytes: 0 };
       }
-      const stop = Math.min(end, open.windowEnd);
-      open.runs.push({ start: pos - open.offset, end: stop - open.offset, data });
-      if (data) open.dataBytes += stop - pos;
+      const stop = Math.min(end, pending.windowEnd);
+      pending.runs.push({ start: pos - pending.offset, end: stop - pending.offset, data });
+      if (data) pending.dataBytes += stop - pos;
       pos = stop;
-      if (pos === open.windowEnd) yield close();
+      if (pos === pending.windowEnd) yield close();
     }
   }
-  if (open) yield close();
+  if (pending) yield close();
 }
 
 interface PieceContext {
