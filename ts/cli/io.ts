@@ -1,0 +1,162 @@
+/** `qcow2 io [-f FMT] [-r] [-n] [-t CACHE] [-c CMD]... [-U] [IMG]`: a drop-in for qemu-io. */
+import readline from 'node:readline';
+
+import { asQcow2Error } from '../errors.js';
+import type { ImageFormat } from '../image.js';
+import { CACHE_MODES, CacheMode } from '../native.js';
+import { open, probeFormat } from '../open.js';
+import { checkFormatName, executeLine, openInSession } from '../tools/io/commands.js';
+import { errorText } from '../tools/io/format.js';
+import { IoOpenRequest, IoSession } from '../tools/io/session.js';
+import { UsageError, lastOption, parseArgs } from './args.js';
+
+const SPEC = {
+  short: 'c:f:rsnCmki:t:d:T:UhV',
+  long: {
+    cmd: { value: true, key: 'c' },
+    format: { value: true, key: 'f' },
+    'read-only': { value: false, key: 'r' },
+    snapshot: { value: false, key: 's' },
+    nocache: { value: false, key: 'n' },
+    'copy-on-read': { value: false, key: 'C' },
+    misalign: { value: false, key: 'm' },
+    'native-aio': { value: false, key: 'k' },
+    aio: { value: true, key: 'i' },
+    cache: { value: true, key: 't' },
+    discard: { value: true, key: 'd' },
+    trace: { value: true, key: 'T' },
+    'force-share': { value: false, key: 'U' },
+    help: { value: false, key: 'h' },
+    version: { value: false, key: 'V' },
+    'image-opts': { value: false },
+    object: { value: true },
+  },
+};
+
+const USAGE = `Usage: qcow2 io [OPTIONS]... [-c STRING]... [file]
+Exercise the I/O path of an image, with qemu-io's commands and output.
+
+  -c, --cmd STRING     execute command with its arguments
+                       from the given string
+  -f, --format FMT     the image format (raw, qcow2); probed when left out
+  -r, --read-only      open the image read-only
+  -n, --nocache        disable host cache, short for -t none
+  -t, --cache=MODE     host cache mode (none, writeback, unsafe, directsync, writethrough)
+  -U, --force-share    accepted for compatibility (no locks are taken)
+  -C, -m, -k, -i MODE, -d MODE  accepted for compatibility
+  -h, --help           display this help and exit
+  -V, --version        output version information and exit
+
+See 'qcow2 io -c help' for information on available commands.
+`;
+
+/** Prefix of reported errors, where qemu-io writes "qemu-io: ". */
+const PREFIX = 'qcow2: ';
+
+const PROMPT = 'qemu-io> ';
+
+/** qemu-io's warning when the format of an image was guessed as raw. */
+function rawProbeWarning(path: string): string {
+  return (
+    `WARNING: Image format was not specified for '${path}' and probing guessed raw.\n` +
+    '         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n' +
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+  );
+}
+
+/** Open images the way qemu-io does: backing and data file names followed, errors worded like qemu's. */
+async function openForIo(request: IoOpenRequest) {
+  let format: ImageFormat | undefined = request.format;
+  try {
+    if (format === undefined) {
+      format = await probeFormat(request.path);
+      if (format === 'raw') process.stderr.write(rawProbeWarning(request.path));
+    }
+    return await open(request.path, { format, readOnly: request.readOnly, cache: request.cache, followFileNames: true });
+  } catch (error) {
+    const cause = asQcow2Error(error);
+    const errno = /^E[A-Z]+$/.test(cause.code);
+    throw new Error(errno ? `Could not open '${request.path}': ${errorText(cause)}` : cause.message);
+  }
+}
+
+/** Run the -c commands in order until `quit`; true when every one succeeded. */
+async function runCommands(session: IoSession, commands: string[]): Promise<boolean> {
+  let ok = true;
+  for (const line of commands) {
+    const result = await executeLine(session, line);
+    ok &&= result.ok;
+    if (result.quit) break;
+  }
+  return ok;
+}
+
+/** The interactive loop: a prompt, a line from stdin, until EOF or `quit`. Failures do not change the exit code. */
+async function runInteractive(session: IoSession): Promise<void> {
+  const lines = readline.createInterface({ input: process.stdin, crlfDelay: Infinity, terminal: false });
+  process.stdout.write(PROMPT);
+  for await (const line of lines) {
+    const result = await executeLine(session, line);
+    if (result.quit) break;
+    process.stdout.write(PROMPT);
+  }
+  lines.close();
+}
+
+export async function run(argv: string[]): Promise<number> {
+  let args;
+  try {
+    args = parseArgs(argv, SPEC);
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    process.stderr.write(`${PREFIX}${error.message}\n`);
+    process.stdout.write(USAGE);
+    return 1;
+  }
+  if (args.options.has('h')) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  if (args.options.has('V')) {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const { version } = require('../../../package.json') as { version: string };
+    process.stdout.write(`qcow2 io version ${version}\n`);
+    return 0;
+  }
+  const cache = args.options.has('n') ? 'none' : (lastOption(args, 't') ?? 'writeback');
+  if (!(CACHE_MODES as readonly string[]).includes(cache)) {
+    process.stderr.write(`${PREFIX}Invalid cache option: ${cache}\n`);
+    return 1;
+  }
+  if (args.positional.length > 1 || args.options.has('image-opts') || args.options.has('s')) {
+    if (args.positional.length <= 1) process.stderr.write(`${PREFIX}--image-opts and -s are not supported\n`);
+    process.stdout.write(USAGE);
+    return 1;
+  }
+  const session = new IoSession(
+    { out: (text) => process.stdout.write(text), err: (text) => process.stderr.write(text) },
+    openForIo,
+    PREFIX,
+  );
+  try {
+    const [path] = args.positional;
+    if (path !== undefined) {
+      const formatText = lastOption(args, 'f');
+      let format: ImageFormat | undefined;
+      try {
+        format = formatText === undefined ? undefined : checkFormatName(formatText);
+      } catch (error) {
+        session.error(`can't open device ${path}: ${(error as Error).message}`);
+        return 1;
+      }
+      const opened = await openInSession(session, { path, format, readOnly: args.options.has('r'), cache: cache as CacheMode });
+      if (!opened) return 1;
+    }
+    const commands = args.options.get('c');
+    if (commands) return (await runCommands(session, commands)) ? 0 : 1;
+    await runInteractive(session);
+    return 0;
+  } finally {
+    await session.closeImage();
+  }
+}

@@ -1,0 +1,71 @@
+/** An interactive qemu-io session: the open image, where text goes, and the requests still running. */
+import type { Image, ImageFormat } from '../../image.js';
+import type { CacheMode } from '../../native.js';
+
+/** Thrown by a command whose operands do not fit its syntax: the command's usage line is printed. */
+export class ShowUsage extends Error {}
+
+/** Where a session writes: stdout text, and stderr text (`error` adds the program prefix). */
+export interface IoOutput {
+  out(text: string): void;
+  err(text: string): void;
+}
+
+/** What `open` (and the command line) ask of the opener. */
+export interface IoOpenRequest {
+  path: string;
+  format?: ImageFormat;
+  readOnly: boolean;
+  cache: CacheMode;
+}
+
+/** Opens images for a session; the CLI decides how (file names followed, cache defaults). */
+export type IoOpener = (request: IoOpenRequest) => Promise<Image>;
+
+/** The state commands share. */
+export class IoSession {
+  image: Image | undefined;
+  /** Asynchronous requests (aio_read, aio_write) not yet finished. */
+  readonly pending = new Set<Promise<void>>();
+
+  constructor(
+    readonly output: IoOutput,
+    readonly opener: IoOpener,
+    /** Prefix of messages qemu-io reports through error_report ("qemu-io: " there). */
+    readonly prefix: string,
+  ) {}
+
+  /** Write `text` to stdout. */
+  out(text: string): void {
+    this.output.out(text);
+  }
+
+  /** Write `text` to stderr as it is. */
+  err(text: string): void {
+    this.output.err(text);
+  }
+
+  /** Report an error on stderr with the program prefix, like qemu's error_report. */
+  error(message: string): void {
+    this.output.err(`${this.prefix}${message}\n`);
+  }
+
+  /** Start an asynchronous request; aio_flush and close wait for it. */
+  track(request: Promise<void>): void {
+    const settled = request.finally(() => this.pending.delete(settled));
+    this.pending.add(settled);
+  }
+
+  /** Wait until every asynchronous request has finished. */
+  async drain(): Promise<void> {
+    while (this.pending.size > 0) await Promise.allSettled([...this.pending]);
+  }
+
+  /** Finish running requests and close the image, if one is open. */
+  async closeImage(): Promise<void> {
+    await this.drain();
+    const image = this.image;
+    this.image = undefined;
+    await image?.close();
+  }
+}
