@@ -5,9 +5,11 @@ export type Command = (argv: string[]) => Promise<number>;
 
 /** Each subcommand lives in its own module, loaded only when it runs. */
 const COMMANDS: Record<string, () => Promise<{ run: Command }>> = {
+  bench: () => import('./bench.js'),
   compare: () => import('./compare.js'),
   convert: () => import('./convert.js'),
   info: () => import('./info.js'),
+  io: () => import('./io.js'),
   map: () => import('./map.js'),
 };
 
