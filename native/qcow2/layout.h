@@ -124,6 +124,7 @@ struct L2Entry {
   }
 };
 
+/// `value` as 0x followed by 16 hex digits, the way error messages show raw entries.
 std::string Hex(uint64_t value);
 
 /// Decode and validate an L1 entry: `*l2Offset` is the L2 table offset, 0 when unallocated.
