@@ -206,6 +206,14 @@ test('external data files, with and without data_file_raw, and under an overlay 
     t.is(image.dataFilePath, dataFile);
     const first = (await image.extents()[Symbol.asyncIterator]().next()).value as Extent;
     t.is(first.file, image.dataFilePath);
+    // With its table cached, an aligned read goes straight to the data file.
+    const expected = await readFile(`${file}.expected.raw`);
+    for (const offset of [8192, 2 << 20, 8192]) {
+      const buf = allocAligned(65536);
+      await image.read(buf, offset);
+      t.true(buf.equals(expected.subarray(offset, offset + 65536)));
+    }
+    t.true(image.engine.info.directReads > 0);
     await image.close();
   }
   // A data file under an overlay's own clusters, over a backing image.
