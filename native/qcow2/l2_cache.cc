@@ -10,11 +10,11 @@ L2Cache::L2Cache(std::shared_ptr<File> file, size_t sliceBytes, size_t capacityB
   index_.reserve(std::min<size_t>(capacity_, 1u << 16));
 }
 
-bool L2Cache::Lookup(uint64_t offset, std::shared_ptr<const L2Slice>* out) {
+bool L2Cache::Lookup(uint64_t offset, std::shared_ptr<const L2Slice>* out, bool countMiss) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = index_.find(offset);
   if (it == index_.end()) {
-    misses_++;
+    if (countMiss) misses_++;
     return false;
   }
   hits_++;

@@ -44,14 +44,15 @@ class L2Cache {
   /// With `tableBytes` > 0 a miss loads the whole table at `tableOffset` with one read, for scans.
   Status Get(uint64_t offset, std::shared_ptr<const L2Slice>* out, uint64_t tableOffset = 0, size_t tableBytes = 0);
   /// The slice at `offset` when it is cached, without loading it.
-  bool Peek(uint64_t offset, std::shared_ptr<const L2Slice>* out) { return Lookup(offset, out); }
+  bool Peek(uint64_t offset, std::shared_ptr<const L2Slice>* out) { return Lookup(offset, out, false); }
   L2CacheStats Stats();
   /// Drop every cached slice (requests holding one keep it until they finish).
   void Clear();
 
  private:
   using Lru = std::list<std::pair<uint64_t, std::shared_ptr<const L2Slice>>>;
-  bool Lookup(uint64_t offset, std::shared_ptr<const L2Slice>* out);
+  /// A cached slice, made the most recently used; `countMiss` says whether a miss counts in the stats.
+  bool Lookup(uint64_t offset, std::shared_ptr<const L2Slice>* out, bool countMiss = true);
   /// Read `bytes` at `offset` (one slice, or a whole table) and cache every slice in it.
   Status Load(uint64_t offset, size_t bytes, uint64_t wanted, std::shared_ptr<const L2Slice>* out);
   void Insert(uint64_t offset, const std::shared_ptr<const L2Slice>& slice);
