@@ -1,6 +1,7 @@
 #include "qcow2/engine.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -70,6 +71,23 @@ class HostRun {
   uint64_t at_ = 0, host_ = 0, length_ = 0;
 };
 
+/// The descriptor opened by name shows the same file as `file`: same size and first block
+/// (the name could have been given to another file since `file` was opened).
+bool SameFile(File& file, int fd) {
+  uint64_t size = 0;
+  struct stat st;
+  if (!file.Size(&size).ok() || fstat(fd, &st) != 0) return false;
+  // Block devices report their size through an ioctl, not st_size.
+  if (!S_ISBLK(st.st_mode) && static_cast<uint64_t>(st.st_size) != size) return false;
+  if (size == 0) return true;
+  const size_t probe = std::min<uint64_t>(size, kBufferAlign);
+  AlignedBuffer mine(kBufferAlign), theirs(kBufferAlign);
+  if (!file.Read(theirs.data(), probe, 0).ok()) return false;
+  // O_DIRECT reads whole blocks: ask for one, compare what the file holds.
+  ssize_t got = ::pread(fd, mine.data(), kBufferAlign, 0);
+  return got >= static_cast<ssize_t>(probe) && std::memcmp(mine.data(), theirs.data(), probe) == 0;
+}
+
 Status CheckConfig(const EngineConfig& c, const std::shared_ptr<File>& dataFile) {
   if (c.clusterBits < 9 || c.clusterBits > 21) {
     return Status::Error(kInvalidHeader, "cluster bits must be between 9 and 21, got " + std::to_string(c.clusterBits));
@@ -124,6 +142,10 @@ Status Engine::Open(const EngineConfig& config, std::shared_ptr<File> image, std
   // exactly when the File does.
   File& data = engine->DataFile();
   engine->directFd_ = ::open(data.path().c_str(), O_RDONLY | O_CLOEXEC | (data.direct() ? O_DIRECT : 0));
+  if (engine->directFd_ >= 0 && !SameFile(data, engine->directFd_)) {
+    ::close(engine->directFd_);
+    engine->directFd_ = -1;
+  }
   *out = std::move(engine);
   return Status::Ok();
 }
