@@ -1,9 +1,10 @@
 /** `qcow2 bench`: a drop-in for `qemu-img bench`, the same workload and the same output. */
 import { Qcow2Error } from '../errors.js';
+import { CACHE_MODES, CacheMode } from '../native.js';
 import { bench, benchDefaults } from '../tools/bench.js';
 import { errorText } from '../tools/io/format.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
-import { DEFAULT_CACHE, expectOperands, openImage, optionValue, parseCache, parseSizeOption } from './common.js';
+import { DEFAULT_CACHE, expectOperands, openImage, optionValue, parseSizeOption } from './common.js';
 
 const SPEC = {
   short: 'c:d:f:hi:no:qs:S:t:wU',
@@ -53,7 +54,9 @@ export async function run(argv: string[]): Promise<number> {
   const offset = optionValue(args, 'o', (t) => parseSizeOption(t, 'offset'));
   const pattern = optionValue(args, 'pattern', (t) => integerOption(t, 0, 255, 'Invalid pattern byte specified'));
   const flushInterval = optionValue(args, 'flush-interval', (t) => integerOption(t, 0, INT_MAX, 'Invalid flush interval specified'));
-  const cache = parseCache(lastOption(args, 't'), 'cache') ?? DEFAULT_CACHE;
+  const cacheText = lastOption(args, 't');
+  if (cacheText !== undefined && !(CACHE_MODES as readonly string[]).includes(cacheText)) throw new UsageError('Invalid cache mode');
+  const cache = (cacheText as CacheMode | undefined) ?? DEFAULT_CACHE;
   const aio = lastOption(args, 'i');
   if (aio !== undefined && !['threads', 'native', 'io_uring'].includes(aio)) throw new UsageError(`Invalid aio option: ${aio}`);
   const write = args.options.has('w');
@@ -63,7 +66,7 @@ export async function run(argv: string[]): Promise<number> {
   if (flushInterval !== undefined && flushInterval > 0 && !write) {
     throw new UsageError('--flush-interval is only available in write tests');
   }
-  if (options.flushInterval > 0 && options.flushInterval < options.depth && !drain) {
+  if (options.flushInterval > 0 && options.flushInterval < options.depth) {
     throw new UsageError("Flush interval can't be smaller than depth");
   }
   const formatText = lastOption(args, 'f');

@@ -91,16 +91,19 @@ async function runCommands(session: IoSession, commands: string[]): Promise<bool
   return ok;
 }
 
-/** The interactive loop: a prompt, a line from stdin, until EOF or `quit`. Failures do not change the exit code. */
-async function runInteractive(session: IoSession): Promise<void> {
+/** The interactive loop: a prompt, a line from stdin, until EOF or `quit`; true when every command succeeded. */
+async function runInteractive(session: IoSession): Promise<boolean> {
   const lines = readline.createInterface({ input: process.stdin, crlfDelay: Infinity, terminal: false });
+  let ok = true;
   process.stdout.write(PROMPT);
   for await (const line of lines) {
     const result = await executeLine(session, line);
+    ok &&= result.ok;
     if (result.quit) break;
     process.stdout.write(PROMPT);
   }
   lines.close();
+  return ok;
 }
 
 export async function run(argv: string[]): Promise<number> {
@@ -153,9 +156,8 @@ export async function run(argv: string[]): Promise<number> {
       if (!opened) return 1;
     }
     const commands = args.options.get('c');
-    if (commands) return (await runCommands(session, commands)) ? 0 : 1;
-    await runInteractive(session);
-    return 0;
+    const ok = commands ? await runCommands(session, commands) : await runInteractive(session);
+    return ok ? 0 : 1;
   } finally {
     await session.closeImage();
   }

@@ -69,7 +69,7 @@ function checkBenchOptions(o: BenchOptions): void {
   natural(o.flushInterval, 'flushInterval', 0);
   check(Number.isInteger(o.pattern) && o.pattern >= 0 && o.pattern <= 255, `bench: pattern must be a byte, got ${o.pattern}`);
   check(o.write || o.flushInterval === 0, 'bench: a flush interval is only available in write tests');
-  check(o.drain || o.flushInterval === 0 || o.flushInterval >= o.depth, `bench: flush interval ${o.flushInterval} is smaller than depth ${o.depth}`);
+  check(o.flushInterval === 0 || o.flushInterval >= o.depth, `bench: flush interval ${o.flushInterval} is smaller than depth ${o.depth}`);
 }
 
 /**

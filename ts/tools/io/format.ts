@@ -45,6 +45,24 @@ export function parsePattern(text: string): number {
   return value;
 }
 
+/**
+ * printf("%.Nf", value) for value >= 0: the exact binary value rounded, ties to even as glibc does
+ * (toFixed alone rounds ties up: 2.0625 must print as 2.062).
+ */
+export function printfFixed(value: number, digits: number): string {
+  if (!Number.isFinite(value)) return value > 0 ? 'inf' : 'nan';
+  if (value >= 1e21) return value.toFixed(digits);
+  const exact = value.toFixed(100);
+  const point = exact.indexOf('.');
+  const kept = BigInt(exact.slice(0, point) + exact.slice(point + 1, point + 1 + digits));
+  const rest = exact.slice(point + 1 + digits);
+  const above = rest > '5' + '0'.repeat(rest.length - 1);
+  const tie = rest === '5' + '0'.repeat(rest.length - 1);
+  const rounded = above || (tie && kept % 2n === 1n) ? kept + 1n : kept;
+  const text = rounded.toString().padStart(digits + 1, '0');
+  return digits === 0 ? text : `${text.slice(0, -digits)}.${text.slice(-digits)}`;
+}
+
 /** A byte count in qemu-io's style: "64 KiB", "1.500 KiB", "40 bytes", "482.210530 bytes". */
 export function cvtstr(value: number): string {
   const units: [number, string][] = [
@@ -57,7 +75,7 @@ export function cvtstr(value: number): string {
   ];
   const unit = units.find(([scale]) => value >= scale);
   // Bytes keep six decimals, larger units three; an all-zero fraction is dropped.
-  const text = unit ? (value / unit[0]).toFixed(3) : value.toFixed(6);
+  const text = unit ? printfFixed(value / unit[0], 3) : printfFixed(value, 6);
   const cut = text.indexOf('.000');
   return `${cut >= 0 ? text.slice(0, cut) : text} ${unit ? unit[1] : 'bytes'}`;
 }
@@ -67,7 +85,7 @@ export function timestr(seconds: number, verbose = false): string {
   const whole = Math.floor(seconds);
   const hours = Math.floor(whole / 3600);
   const minutes = Math.floor((whole % 3600) / 60);
-  const secs = (seconds - hours * 3600 - minutes * 60).toFixed(2).padStart(5, '0');
+  const secs = printfFixed(seconds - hours * 3600 - minutes * 60, 2).padStart(5, '0');
   if (!verbose && hours === 0 && minutes === 0) return `${secs} sec`;
   return `${hours}:${String(minutes).padStart(2, '0')}:${secs}`;
 }
@@ -76,10 +94,10 @@ export function timestr(seconds: number, verbose = false): string {
 export function report(what: string, offset: number, total: number, count: number, seconds: number, csv: boolean): string {
   const rate = total / seconds;
   const ops = count / seconds;
-  if (csv) return `${total},${count},${timestr(seconds, true)},${rate.toFixed(3)},${ops.toFixed(3)}\n`;
+  if (csv) return `${total},${count},${timestr(seconds, true)},${printfFixed(rate, 3)},${printfFixed(ops, 3)}\n`;
   return (
     `${what} ${total}/${total} bytes at offset ${offset}\n` +
-    `${cvtstr(total)}, ${count} ops; ${timestr(seconds)} (${cvtstr(rate)}/sec and ${ops.toFixed(4)} ops/sec)\n`
+    `${cvtstr(total)}, ${count} ops; ${timestr(seconds)} (${cvtstr(rate)}/sec and ${printfFixed(ops, 4)} ops/sec)\n`
   );
 }
 
