@@ -1,6 +1,6 @@
 /** `qcow2 io` against qemu-io: the same command sequences on twin images give the same output, exit code and image. */
 import { spawn } from 'node:child_process';
-import { copyFile, writeFile } from 'node:fs/promises';
+import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import test, { ExecutionContext } from 'ava';
@@ -90,9 +90,27 @@ test('raw: writes, reads, patterns, dumps and statistics as qemu-io prints them;
       'read 0x10 010',
       'read 0 0.5M',
       'read -q 0 1',
+      'truncate 2M',
+      'length',
+      'read -P 0 1M 1M',
+      'truncate 768k',
+      'length',
+      'map',
     ),
   ]);
   await assertSameImages(t, a, b, 'raw');
+});
+
+test('probed raw images: a write that would make the first sector a qcow2 header is refused (EPERM)', async (t) => {
+  const [a, b] = await rawTwins(t);
+  const magic = path.join(path.dirname(a), 'magic.bin');
+  await writeFile(magic, Buffer.from('514649fb00000003', 'hex'));
+  const steps = cmds(`write -s ${magic} 0 512`, 'write -P 0x51 0 512', `write -s ${magic} 512 8`, `write -s ${magic} 1 8`, 'read -v 0 16');
+  await sameRun(t, a, b, steps);
+  await assertSameImages(t, a, b, 'raw');
+  const explicit = await qcow2Cli('io', '-f', 'raw', '-c', `write -s ${magic} 0 512`, b);
+  t.is(explicit.code, 0, explicit.stdout);
+  t.is((await readFile(b)).readUInt32BE(0), 0x514649fb);
 });
 
 test('raw: -v dumps every byte value as qemu-io does (letters and digits shown, the rest as dots)', async (t) => {

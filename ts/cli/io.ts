@@ -7,6 +7,7 @@ import { CACHE_MODES, CacheMode } from '../native.js';
 import { open, probeFormat } from '../open.js';
 import { checkFormatName, executeLine, openInSession } from '../tools/io/commands.js';
 import { errorText } from '../tools/io/format.js';
+import { ProbedRawImage } from '../tools/io/probe-guard.js';
 import { IoOpenRequest, IoSession } from '../tools/io/session.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
 
@@ -68,11 +69,10 @@ function rawProbeWarning(path: string): string {
 async function openForIo(request: IoOpenRequest) {
   let format: ImageFormat | undefined = request.format;
   try {
-    if (format === undefined) {
-      format = await probeFormat(request.path);
-      if (format === 'raw') process.stderr.write(rawProbeWarning(request.path));
-    }
-    return await open(request.path, { format, readOnly: request.readOnly, cache: request.cache, followFileNames: true });
+    const probedRaw = format === undefined && (format = await probeFormat(request.path)) === 'raw';
+    if (probedRaw) process.stderr.write(rawProbeWarning(request.path));
+    const image = await open(request.path, { format, readOnly: request.readOnly, cache: request.cache, followFileNames: true });
+    return probedRaw ? new ProbedRawImage(image) : image;
   } catch (error) {
     const cause = asQcow2Error(error);
     const errno = /^E[A-Z]+$/.test(cause.code);
