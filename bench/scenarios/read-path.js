@@ -148,7 +148,7 @@ async function mapScenario(title, image, options) {
 /** IOPS from `qemu-img bench` output ("Run completed in X seconds."). */
 function qemuBenchIops(result, count) {
   const m = /Run completed in ([\d.]+) seconds/.exec(result.stdout);
-  if (result.code !== 0 || !m) throw new Error(`qemu-img bench failed: ${oneLine(result.stderr) || oneLine(result.stdout)}`);
+  if (result.code !== 0 || !m) throw new Error(`bench failed: ${oneLine(result.stderr) || oneLine(result.stdout)}`);
   return count / Number(m[1]);
 }
 
@@ -162,8 +162,10 @@ function readloadIops(result) {
 async function randreadScenario(image, options) {
   const count = options.readCount;
   const readload = (pattern) => ['node', path.join(__dirname, '..', 'lib', 'readload.js'), image, '--depth', '16', '--size', '4096', '--count', String(count), '--pattern', pattern];
-  const qemuBench = ['qemu-img', 'bench', '-f', 'qcow2', '-t', 'none', '-d', '16', '-s', '4k', '-c', String(count), image];
-  const figures = { random: [], sequential: [], qemu: [] };
+  const benchArgs = ['bench', '-f', 'qcow2', '-t', 'none', '-d', '16', '-s', '4k', '-c', String(count), image];
+  const qemuBench = ['qemu-img', ...benchArgs];
+  const oursBench = ['qcow2', ...benchArgs];
+  const figures = { random: [], sequential: [], qemu: [], bench: [] };
   const errors = {};
   const attempt = async (key, command, parse) => {
     if (errors[key]) return;
@@ -179,10 +181,11 @@ async function randreadScenario(image, options) {
     await attempt('random', readload('random'), readloadIops);
     await attempt('qemu', qemuBench, (res) => qemuBenchIops(res, count));
     await attempt('sequential', readload('sequential'), readloadIops);
-    log(`  round ${r + 1}: ours random ${formatCount(figures.random.at(-1))}, qemu-img bench ${formatCount(figures.qemu.at(-1))}, ours sequential ${formatCount(figures.sequential.at(-1))} IOPS`);
+    await attempt('bench', oursBench, (res) => qemuBenchIops(res, count));
+    log(`  round ${r + 1}: ours random ${formatCount(figures.random.at(-1))}, qemu-img bench ${formatCount(figures.qemu.at(-1))}, ours sequential ${formatCount(figures.sequential.at(-1))}, qcow2 bench ${formatCount(figures.bench.at(-1))} IOPS`);
   }
   const fio = await runFioJob({ name: 'randread-image', rw: 'randread', bs: '4k', iodepth: 16, readonly: true }, image, { runtime: 10 });
-  const med = { random: median(figures.random), sequential: median(figures.sequential), qemu: median(figures.qemu) };
+  const med = { random: median(figures.random), sequential: median(figures.sequential), qemu: median(figures.qemu), bench: median(figures.bench) };
   const iops = (key) => (errors[key] ? `FAILED (${errors[key].slice(0, 120)})` : `${formatCount(med[key])} IOPS`);
   const ratioRow = (scenario, key, theirs, theirsText, min, note) => {
     const ratio = errors[key] ? NaN : med[key] / theirs;
@@ -197,11 +200,12 @@ async function randreadScenario(image, options) {
       commands,
     });
   };
-  const commands = [readload('random').join(' '), `${qemuBench.join(' ')}; ${fio.command}`];
+  const commands = [`${readload('random').join(' ')}; qcow2 ${benchArgs.join(' ')}`, `${qemuBench.join(' ')}; ${fio.command}`];
   const qemuText = errors.qemu ? `FAILED (${errors.qemu})` : `${formatCount(med.qemu)} IOPS`;
   return [
     ratioRow('4 KiB reads depth 16, library, random vs qemu-img bench', 'random', med.qemu, qemuText, 1.0, 'qemu-img bench reads sequentially (4 KiB steps); ratio of IOPS'),
     ratioRow('4 KiB reads depth 16, library, same sequential pattern as qemu-img bench', 'sequential', med.qemu, qemuText, 1.0, 'ratio of IOPS'),
+    ratioRow('qcow2 bench vs qemu-img bench (4 KiB, depth 16, same command line)', 'bench', med.qemu, qemuText, 1.0, 'ratio of IOPS'),
     ratioRow('4 KiB random reads depth 16, library vs fio randread', 'random', fio.iops, `fio ${formatCount(fio.iops)} IOPS`, 0.9, 'fio randread on the image file'),
   ];
 }
