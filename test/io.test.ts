@@ -206,6 +206,7 @@ test('quit stops a -c sequence', async (t) => {
   const [a, b] = await rawTwins(t);
   await sameRun(t, a, b, ['-f', 'raw', ...cmds('length', 'quit', 'read 1M 1', 'length')]);
   await sameRun(t, a, b, ['-f', 'raw', ...cmds('q', 'bogus')]);
+  await sameRun(t, a, b, ['-f', 'raw', ...cmds('sleep 10', 'sleep x', 'sleep 1k', 'sleep', 'length')]);
 });
 
 /** Run a program with `input` on stdin. */

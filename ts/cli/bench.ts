@@ -41,6 +41,7 @@ function intSizeOption(text: string, what: string): number {
   return value;
 }
 
+/** Run `qcow2 bench` with `argv` (the arguments after the subcommand); resolves to the exit code. */
 export async function run(argv: string[]): Promise<number> {
   const args = parseArgs(argv, SPEC);
   if (args.options.has('h')) {

@@ -106,6 +106,7 @@ async function runInteractive(session: IoSession): Promise<boolean> {
   return ok;
 }
 
+/** Run `qcow2 io` with `argv` (the arguments after the subcommand); resolves to the exit code. */
 export async function run(argv: string[]): Promise<number> {
   let args;
   try {

@@ -170,6 +170,14 @@ const COMMANDS: Command[] = [
     run: atLeastOperands(2, readvCommand),
   },
   {
+    name: 'sleep',
+    oneline: 'waits for the given value in milliseconds',
+    min: 1,
+    max: 1,
+    noFile: true,
+    run: sleepCommand,
+  },
+  {
     name: 'truncate',
     alt: 't',
     args: '[-m prealloc_mode] off',
@@ -444,6 +452,17 @@ export async function openInSession(
     s.error(`can't open device ${request.path}: ${(error as Error).message}`);
     return false;
   }
+}
+
+/** `sleep ms`: wait, letting asynchronous requests run meanwhile. */
+async function sleepCommand(s: IoSession, _flags: Flags, operands: string[]): Promise<boolean> {
+  const text = operands[0];
+  if (!/^(0[xX][0-9a-fA-F]+|\d+)$/.test(text)) {
+    s.out(`${text} is not a valid number\n`);
+    return false;
+  }
+  await new Promise((resolve) => setTimeout(resolve, Number(text)));
+  return true;
 }
 
 async function closeCommand(s: IoSession): Promise<boolean> {
