@@ -361,6 +361,35 @@ test('aligned reads from cached tables skip the worker pool and equal the raw co
   await image.close();
 });
 
+test('aligned reads over scattered clusters, zeros and holes are served in pieces without the pool', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'scattered.qcow2');
+  await qemuImg('create', '-f', 'qcow2', file, '4M');
+  // Written backwards, so that neighbouring guest clusters lie apart in the file.
+  const clusters = [20, 19, 18, 16, 15, 13, 11, 10, 9, 8, 7, 6, 5, 3, 2, 1];
+  await qemuIo(file, ...clusters.map((c) => ['-c', `write -P ${c} ${c * 65536} 65536`]).flat(), '-c', `write -z ${14 * 65536} 65536`);
+  const raw = path.join(dir, 'scattered.raw');
+  await qemuImg('convert', '-O', 'raw', file, raw);
+  const expected = await readFile(raw);
+  const image = (await openChain(file)) as Qcow2Image;
+  await image.read(allocAligned(4096), 0); // loads the L2 table
+  const before = image.engine.info.directReads;
+  const ranges = [
+    [0, 22 * 65536],
+    [65536 + 4096, 8 * 65536],
+    [13 * 65536 - 8192, 3 * 65536],
+    [3 * 65536, 4096],
+  ];
+  for (const [offset, length] of ranges) {
+    const buf = allocAligned(length);
+    buf.fill(0xee);
+    await image.read(buf, offset);
+    t.true(buf.equals(expected.subarray(offset, offset + length)), `read ${offset}+${length}`);
+  }
+  t.is(image.engine.info.directReads - before, ranges.length);
+  await image.close();
+});
+
 test('createReadStream yields the disk, and reads past the end are refused', async (t) => {
   const dir = await tempDir(t);
   const file = path.join(dir, 's.qcow2');

@@ -21,38 +21,52 @@ constexpr unsigned kRingEntries = 256;
 /// IORING_OP_READ takes a 32-bit length; larger requests take the pool.
 constexpr uint64_t kMaxDirectRead = 1u << 30;
 
-/// A read in flight: what settles when its completion arrives. Lives on the JS thread only.
+struct PendingRead;
+
+/// One host read of a request: what an io_uring entry points at.
+struct PieceRead {
+  PendingRead* request;
+  uint8_t* data;
+  uint64_t length;
+  uint64_t host;
+};
+
+/// A request in flight: settles when its last piece is done. Lives on the JS thread only.
 struct PendingRead {
   Napi::Promise::Deferred deferred;
   Napi::Reference<Napi::Value> buffer;
   std::shared_ptr<Engine> engine;  // keeps the File (and the descriptor read from) alive
-  uint8_t* data;
-  uint64_t length;
-  uint64_t host;
   File* file;
+  PieceRead pieces[DirectPlan::kMaxPieces];
+  size_t remaining = 0;
+  Status status;  // the first failure of a piece
 };
 
-void Settle(Napi::Env env, PendingRead* read, const Status& status) {
-  if (status.ok()) {
-    read->deferred.Resolve(env.Undefined());
+/// Count a piece as done; the request settles with its last piece.
+void PieceDone(Napi::Env env, PieceRead* piece, const Status& status) {
+  PendingRead* request = piece->request;
+  if (!status.ok() && request->status.ok()) request->status = status;
+  if (--request->remaining > 0) return;
+  if (request->status.ok()) {
+    request->deferred.Resolve(env.Undefined());
   } else {
-    read->deferred.Reject(MakeError(env, status).Value());
+    request->deferred.Reject(MakeError(env, request->status).Value());
   }
-  delete read;
+  delete request;
 }
 
-/// Finishes, on a worker, a read the ring returned short or failed: at the end of the file the
-/// rest reads as zeros, as File::Read has it.
-class FinishReadJob : public Job {
+/// Finishes, on a worker, a piece the ring returned short, failed or never took: at the end of
+/// the file the rest reads as zeros, as File::Read has it.
+class FinishPieceJob : public Job {
  public:
-  FinishReadJob(PendingRead* read, uint64_t done) : read_(read), done_(done) {}
+  FinishPieceJob(PieceRead* piece, uint64_t done) : piece_(piece), done_(done) {}
   void Execute() override {
-    status_ = read_->file->Read(read_->data + done_, read_->length - done_, read_->host + done_);
+    status_ = piece_->request->file->Read(piece_->data + done_, piece_->length - done_, piece_->host + done_);
   }
-  void Complete(Napi::Env env) override { Settle(env, read_, status_); }
+  void Complete(Napi::Env env) override { PieceDone(env, piece_, status_); }
 
  private:
-  PendingRead* read_;
+  PieceRead* piece_;
   uint64_t done_;
   Status status_;
 };
@@ -75,35 +89,30 @@ class Ring {
     return nullptr;
   }
 
-  /// Queue `read` of `fd`; false (nothing queued) when the ring is full or refuses it.
-  bool Submit(PendingRead* read, int fd) {
-    if (inflight_ + queued_ >= cqEntries_) return false;
-    const unsigned tail = *sqTail_;
-    if (tail - __atomic_load_n(sqHead_, __ATOMIC_ACQUIRE) >= sqEntries_) return false;
-    const unsigned index = tail & *sqMask_;
-    io_uring_sqe* sqe = &sqes_[index];
-    std::memset(sqe, 0, sizeof *sqe);
-    sqe->opcode = IORING_OP_READ;
-    sqe->fd = fd;
-    sqe->addr = reinterpret_cast<uint64_t>(read->data);
-    sqe->len = static_cast<uint32_t>(read->length);
-    sqe->off = read->host;
-    sqe->user_data = reinterpret_cast<uint64_t>(read);
-    sqArray_[index] = index;
-    __atomic_store_n(sqTail_, tail + 1, __ATOMIC_RELEASE);
-    if (draining_) {
-      // Reads that promise reactions start while completions are handled go in one batch.
-      queued_++;
-      return true;
+  /// Queue the pieces of `request`, reading `fd`; false (nothing queued) when the ring lacks room.
+  /// Pieces the kernel then refuses are read by the pool.
+  bool Submit(Napi::Env env, PendingRead* request, int fd) {
+    const unsigned count = static_cast<unsigned>(request->remaining);
+    if (inflight_ + queued_ + count > cqEntries_) return false;
+    unsigned tail = *sqTail_;
+    if (tail - __atomic_load_n(sqHead_, __ATOMIC_ACQUIRE) + count > sqEntries_) return false;
+    for (unsigned i = 0; i < count; i++, tail++) {
+      const PieceRead& piece = request->pieces[i];
+      const unsigned index = tail & *sqMask_;
+      io_uring_sqe* sqe = &sqes_[index];
+      std::memset(sqe, 0, sizeof *sqe);
+      sqe->opcode = IORING_OP_READ;
+      sqe->fd = fd;
+      sqe->addr = reinterpret_cast<uint64_t>(piece.data);
+      sqe->len = static_cast<uint32_t>(piece.length);
+      sqe->off = piece.host;
+      sqe->user_data = reinterpret_cast<uint64_t>(&piece);
+      sqArray_[index] = index;
     }
-    long submitted = syscall(__NR_io_uring_enter, ringFd_, 1, 0, 0, nullptr, 0);
-    if (submitted != 1) {
-      // Without a submission thread the kernel takes entries only inside io_uring_enter: one it
-      // did not take can be withdrawn.
-      __atomic_store_n(sqTail_, tail, __ATOMIC_RELEASE);
-      return false;
-    }
-    if (inflight_++ == 0) uv_ref(reinterpret_cast<uv_handle_t*>(&poll_));
+    __atomic_store_n(sqTail_, tail, __ATOMIC_RELEASE);
+    queued_ += count;
+    // Reads that promise reactions start while completions are handled go in one batch.
+    if (!draining_) SubmitQueued(env);
     return true;
   }
 
@@ -198,7 +207,7 @@ class Ring {
       if (head == tail) break;
       for (; head != tail; head++) {
         const io_uring_cqe& cqe = cqes_[head & *cqMask_];
-        Complete(env, reinterpret_cast<PendingRead*>(cqe.user_data), cqe.res);
+        Complete(env, reinterpret_cast<PieceRead*>(cqe.user_data), cqe.res);
         inflight_--;
       }
       __atomic_store_n(cqHead_, head, __ATOMIC_RELEASE);
@@ -210,8 +219,8 @@ class Ring {
     SubmitQueued(env);
   }
 
-  /// Hand the reads queued during Drain() to the kernel with one call; any it does not take
-  /// are withdrawn from the ring and go to the pool.
+  /// Hand the queued entries to the kernel with one call; any it does not take are withdrawn
+  /// from the ring and go to the pool.
   void SubmitQueued(Napi::Env env) {
     if (queued_ == 0) return;
     const long submitted = syscall(__NR_io_uring_enter, ringFd_, queued_, 0, 0, nullptr, 0);
@@ -222,20 +231,20 @@ class Ring {
     const unsigned head = __atomic_load_n(sqHead_, __ATOMIC_ACQUIRE);
     const unsigned tail = *sqTail_;
     for (unsigned i = head; i != tail; i++) {
-      auto* read = reinterpret_cast<PendingRead*>(sqes_[sqArray_[i & *sqMask_]].user_data);
-      PoolOf(env).Submit(new FinishReadJob(read, 0));
+      auto* piece = reinterpret_cast<PieceRead*>(sqes_[sqArray_[i & *sqMask_]].user_data);
+      PoolOf(env).Submit(new FinishPieceJob(piece, 0));
     }
     __atomic_store_n(sqTail_, head, __ATOMIC_RELEASE);
   }
 
-  void Complete(Napi::Env env, PendingRead* read, int result) {
-    if (result >= 0 && static_cast<uint64_t>(result) == read->length) {
-      Settle(env, read, Status::Ok());
+  void Complete(Napi::Env env, PieceRead* piece, int result) {
+    if (result >= 0 && static_cast<uint64_t>(result) == piece->length) {
+      PieceDone(env, piece, Status::Ok());
       return;
     }
     // A short read, or a failure (an old kernel without IORING_OP_READ says EINVAL): the pool's
     // File::Read does the rest and has the last word on errors.
-    PoolOf(env).Submit(new FinishReadJob(read, result > 0 ? static_cast<uint64_t>(result) : 0));
+    PoolOf(env).Submit(new FinishPieceJob(piece, result > 0 ? static_cast<uint64_t>(result) : 0));
   }
 
   napi_env env_;
@@ -283,26 +292,34 @@ Ring* RingOf(Napi::Env env) {
 
 Napi::Value TryDirectRead(Napi::Env env, const std::shared_ptr<Engine>& engine, uint8_t* buf, uint64_t len, GuestOffset at,
                           Napi::Value keep) {
-  if (!DirectReadsEnabled()) return Napi::Value();
+  if (!DirectReadsEnabled() || len > kMaxDirectRead) return Napi::Value();
   const DirectPlan plan = engine->PlanDirect(buf, len, at);
-  if (plan.kind == DirectPlan::Kind::Zeros) {
-    engine->CountDirectRead();
-    std::memset(buf, 0, len);
-    auto done = Napi::Promise::Deferred::New(env);
-    done.Resolve(env.Undefined());
-    return done.Promise();
+  if (!plan.direct) return Napi::Value();
+  size_t reads = 0;
+  for (size_t i = 0; i < plan.count; i++) reads += plan.pieces[i].zero ? 0 : 1;
+  Ring* ring = reads > 0 ? RingOf(env) : nullptr;
+  if (reads > 0 && !ring) return Napi::Value();
+  auto* request = new PendingRead{Napi::Promise::Deferred::New(env), Napi::Reference<Napi::Value>::New(keep, 1), engine,
+                                  plan.file};
+  for (size_t i = 0; i < plan.count; i++) {
+    const DirectPlan::Piece& p = plan.pieces[i];
+    if (!p.zero) request->pieces[request->remaining++] = {request, buf + p.at, p.length, p.host};
   }
-  if (plan.kind != DirectPlan::Kind::FileRead || len > kMaxDirectRead) return Napi::Value();
-  Ring* ring = RingOf(env);
-  if (!ring) return Napi::Value();
-  auto* read = new PendingRead{Napi::Promise::Deferred::New(env), Napi::Reference<Napi::Value>::New(keep, 1), engine,
-                               buf, len, plan.host, plan.file};
-  if (!ring->Submit(read, plan.fd)) {
-    delete read;
+  if (reads > 0 && !ring->Submit(env, request, plan.fd)) {
+    delete request;
     return Napi::Value();
   }
+  // Committed to this way: zeros are written now, the reads land when the ring says.
+  for (size_t i = 0; i < plan.count; i++) {
+    if (plan.pieces[i].zero) std::memset(buf + plan.pieces[i].at, 0, plan.pieces[i].length);
+  }
   engine->CountDirectRead();
-  return read->deferred.Promise();
+  Napi::Promise promise = request->deferred.Promise();
+  if (reads == 0) {
+    request->deferred.Resolve(env.Undefined());
+    delete request;
+  }
+  return promise;
 }
 
 }  // namespace qcow2

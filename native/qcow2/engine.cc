@@ -157,23 +157,42 @@ Engine::~Engine() {
 DirectPlan Engine::PlanDirect(const uint8_t* buf, uint64_t len, GuestOffset at) {
   DirectPlan plan;
   if (closed_.load(std::memory_order_acquire) || len == 0 || at.value > size() || len > size() - at.value) return plan;
-  Segment seg;
-  if (!mapper_->ResolveCached(at, len, &seg) || seg.length != len) return plan;
-  const bool pastBacking = (!backing_.engine && !backing_.raw) || at.value >= backing_.size;
-  if (seg.kind == ClusterKind::Zero || (seg.kind == ClusterKind::Unallocated && pastBacking)) {
-    // Zeros are written on the JS thread, so only small requests take this way.
-    if (len <= kMaxDirectZeros) plan.kind = DirectPlan::Kind::Zeros;
-    return plan;
-  }
-  if (seg.kind != ClusterKind::Data || directFd_ < 0) return plan;
   File& file = DataFile();
-  if (reinterpret_cast<uintptr_t>(buf) % file.memAlign() != 0 || len % file.reqAlign() != 0 ||
-      seg.host % file.reqAlign() != 0) {
-    return plan;
+  const bool hasBacking = backing_.engine || backing_.raw;
+  uint64_t zeros = 0;
+  for (uint64_t done = 0; done < len;) {
+    const GuestOffset pos{at.value + done};
+    Segment seg;
+    if (!mapper_->ResolveCached(pos, len - done, &seg)) return plan;
+    const bool zero = seg.kind == ClusterKind::Zero ||
+                      (seg.kind == ClusterKind::Unallocated && (!hasBacking || pos.value >= backing_.size));
+    DirectPlan::Piece* last = plan.count > 0 ? &plan.pieces[plan.count - 1] : nullptr;
+    if (zero) {
+      // Zeros are written on the JS thread, so only small amounts take this way.
+      if ((zeros += seg.length) > kMaxDirectZeros) return plan;
+      if (last && last->zero) {
+        last->length += seg.length;
+      } else {
+        if (plan.count == DirectPlan::kMaxPieces) return plan;
+        plan.pieces[plan.count++] = {done, seg.length, 0, true};
+      }
+    } else {
+      if (seg.kind != ClusterKind::Data || directFd_ < 0) return plan;
+      if (reinterpret_cast<uintptr_t>(buf + done) % file.memAlign() != 0 || seg.length % file.reqAlign() != 0 ||
+          seg.host % file.reqAlign() != 0) {
+        return plan;
+      }
+      if (last && !last->zero && last->host + last->length == seg.host) {
+        last->length += seg.length;
+      } else {
+        if (plan.count == DirectPlan::kMaxPieces) return plan;
+        plan.pieces[plan.count++] = {done, seg.length, seg.host, false};
+      }
+    }
+    done += seg.length;
   }
-  plan.kind = DirectPlan::Kind::FileRead;
+  plan.direct = true;
   plan.fd = directFd_;
-  plan.host = seg.host;
   plan.file = &file;
   return plan;
 }

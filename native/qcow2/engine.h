@@ -73,13 +73,23 @@ struct CompressedBatch {
   void Add(uint8_t* dst, const Segment& seg, GuestOffset at);
 };
 
-/// How a request can be served without a worker thread (see direct_reads.h).
+/// How a request can be served without a worker thread (see direct_reads.h): a few reads of
+/// one file and ranges of zeros, together covering the request.
 struct DirectPlan {
-  enum class Kind { Pool, Zeros, FileRead };
-  Kind kind = Kind::Pool;
-  /// FileRead: the engine's own descriptor of the file, the host offset, and the File (for short reads).
+  static constexpr size_t kMaxPieces = 32;
+  /// A range of the request: read from `host`, or zeros.
+  struct Piece {
+    uint64_t at;  ///< offset in the request's buffer
+    uint64_t length;
+    uint64_t host;
+    bool zero;
+  };
+  /// False when the request must take the pool.
+  bool direct = false;
+  Piece pieces[kMaxPieces];
+  size_t count = 0;
+  /// The engine's own descriptor of the file the reads are from, and the File (for short reads).
   int fd = -1;
-  uint64_t host = 0;
   File* file = nullptr;
 };
 
@@ -97,8 +107,8 @@ class Engine {
   /// once `out` holds `maxRuns` runs (the runs then cover a prefix of the range).
   Status Map(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out);
 
-  /// Plan a read on the JS thread: only from cached tables, never blocking. Kind::Pool when the
-  /// request needs I/O to map, more than one host read, decompression or a backing image.
+  /// Plan a read on the JS thread: only from cached tables, never blocking. Not direct when the
+  /// request needs I/O to map, decompression, a backing image, or too many pieces.
   DirectPlan PlanDirect(const uint8_t* buf, uint64_t len, GuestOffset at);
 
   /// Requests served without a worker thread so far (for statistics).
