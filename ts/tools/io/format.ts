@@ -121,6 +121,7 @@ const ERRNO_TEXT: Record<string, string> = {
   EOPNOTSUPP: 'Operation not supported',
   [ErrorCodes.UNSUPPORTED]: 'Operation not supported',
   EINVAL: 'Invalid argument',
+  [ErrorCodes.INVALID_ARGUMENT]: 'Invalid argument',
   EPERM: 'Operation not permitted',
   EACCES: 'Permission denied',
   EROFS: 'Read-only file system',

@@ -1,6 +1,8 @@
 /** The data commands of qemu-io: read, write, readv, writev, aio_read, aio_write, discard. */
 import { readFile } from 'node:fs/promises';
 
+import { ErrorCodes, Qcow2Error } from '../../errors.js';
+import type { Image } from '../../image.js';
 import { allocAligned } from '../../native.js';
 import { MAX_REQUEST_BYTES, ParseError, dumpBuffer, errorText, parseLength, parseNumber, parsePattern, report } from './format.js';
 import { IoSession, ShowUsage } from './session.js';
@@ -16,8 +18,14 @@ function alignedBuffer(length: number): Buffer {
   return length === 0 ? Buffer.alloc(0) : allocAligned(length);
 }
 
-/** Seconds spent running `request`. */
-async function timed(request: () => Promise<void>): Promise<number> {
+/**
+ * Seconds spent running `request` on [offset, offset + length) of `image`. A range past the end
+ * fails as in qemu, with EIO, before the Image API sees it (offsets past 2^53 included).
+ */
+async function timed(image: Image, offset: number, length: number, request: () => Promise<void>): Promise<number> {
+  if (offset + length > image.size) {
+    throw new Qcow2Error(ErrorCodes.OUT_OF_BOUNDS, `request ${offset}+${length} is past the end of the disk (${image.size} bytes)`);
+  }
   const start = process.hrtime.bigint();
   await request();
   return Number(process.hrtime.bigint() - start) / 1e9;
@@ -77,7 +85,7 @@ export async function readCommand(s: IoSession, flags: Flags, operands: string[]
   const buffer = alignedBuffer(length);
   let seconds: number;
   try {
-    seconds = await timed(() => s.image!.read(buffer, offset));
+    seconds = await timed(s.image!, offset, buffer.length, () => s.image!.read(buffer, offset));
   } catch (error) {
     s.out(`read failed: ${errorText(error)}\n`);
     return false;
@@ -160,7 +168,7 @@ export async function writeCommand(s: IoSession, flags: Flags, operands: string[
   }
   let seconds: number;
   try {
-    seconds = await timed(async () => {
+    seconds = await timed(image, offset, length, async () => {
       await request();
       if (flags.has('f')) await image.flush();
     });
@@ -185,7 +193,7 @@ export async function readvCommand(s: IoSession, flags: Flags, operands: string[
   const buffer = alignedBuffer(lengths.reduce((a, b) => a + b, 0));
   let seconds: number;
   try {
-    seconds = await timed(() => s.image!.read(buffer, offset));
+    seconds = await timed(s.image!, offset, buffer.length, () => s.image!.read(buffer, offset));
   } catch (error) {
     s.out(`readv failed: ${errorText(error)}\n`);
     return false;
@@ -203,7 +211,7 @@ export async function writevCommand(s: IoSession, flags: Flags, operands: string
   const image = s.image!;
   let seconds: number;
   try {
-    seconds = await timed(async () => {
+    seconds = await timed(image, offset, buffer.length, async () => {
       await image.write(buffer, offset);
       if (flags.has('f')) await image.flush();
     });
@@ -226,7 +234,7 @@ export async function aioReadCommand(s: IoSession, flags: Flags, operands: strin
     (async () => {
       let seconds: number;
       try {
-        seconds = await timed(() => image.read(buffer, offset));
+        seconds = await timed(image, offset, buffer.length, () => image.read(buffer, offset));
       } catch (error) {
         s.out(`readv failed: ${errorText(error)}\n`);
         return;
@@ -255,7 +263,7 @@ export async function aioWriteCommand(s: IoSession, flags: Flags, operands: stri
     (async () => {
       let seconds: number;
       try {
-        seconds = await timed(async () => {
+        seconds = await timed(image, offset, length, async () => {
           await request();
           if (flags.has('f')) await image.flush();
         });
@@ -275,7 +283,7 @@ export async function discardCommand(s: IoSession, flags: Flags, operands: strin
   const length = parseLength(operands[1]);
   let seconds: number;
   try {
-    seconds = await timed(() => s.image!.discard(offset, length));
+    seconds = await timed(s.image!, offset, length, () => s.image!.discard(offset, length));
   } catch (error) {
     s.out(`discard failed: ${errorText(error)}\n`);
     return false;
