@@ -17,7 +17,7 @@ import {
   writeCommand,
   writevCommand,
 } from './requests.js';
-import { IoSession, ShowUsage } from './session.js';
+import { IoOpenRequest, IoSession, ShowUsage } from './session.js';
 
 /** One qemu-io command: its syntax, its argument bounds and what it does. */
 interface Command {
@@ -441,10 +441,7 @@ async function openCommand(s: IoSession, flags: Flags, operands: string[]): Prom
 }
 
 /** Open an image into the session, printing qemu-io's "can't open device" on failure. */
-export async function openInSession(
-  s: IoSession,
-  request: { path: string; format?: ImageFormat; readOnly: boolean; cache: CacheMode },
-): Promise<boolean> {
+export async function openInSession(s: IoSession, request: IoOpenRequest): Promise<boolean> {
   try {
     s.image = await s.opener(request);
     return true;
