@@ -168,6 +168,23 @@ for (const type of ['zlib', 'zstd'] as const) {
   });
 }
 
+test('a compressed cluster of an extended L2 image with a subcluster bitmap', async (t) => {
+  const dir = await tempDir(t);
+  const source = path.join(dir, 's.raw');
+  await writeFile(source, Buffer.alloc(256 * 1024, 'compressible '));
+  const file = path.join(dir, 'c.qcow2');
+  await qemuImg('convert', '-c', '-O', 'qcow2', '-o', 'extended_l2=on,cluster_size=65536', source, file);
+  const l = await Layout.load(file);
+  t.true((l.l2Entry(1, 16) & COMPRESSED) !== 0n);
+  const bitmapAt = l.l2EntryAt(1, 16) + 8;
+  l.bytes.writeBigUInt64BE(1n, bitmapAt);
+  await l.save();
+  const image = await open(file, { readOnly: true });
+  await t.throwsAsync(readRange(image, 65536, 4096), { code: ErrorCodes.CORRUPT, message: /zero subcluster bitmap/ });
+  t.true((await readRange(image, 0, 65536)).equals(Buffer.alloc(65536, 'compressible ')));
+  await image.close();
+});
+
 test('an L1 table larger than the limit, or past the end of the file', async (t) => {
   const file = await smallImage(t);
   const bytes = await readFile(file);
