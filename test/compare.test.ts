@@ -106,6 +106,26 @@ test('strict mode: allocation status differences count', async (t) => {
   t.is(await sameVerdict(t, '-s', c, d), 1);
 });
 
+test('strict mode with 512-byte clusters: the end-of-file flag only in the last L2 table', async (t) => {
+  const dir = await tempDir(t);
+  const base = path.join(dir, 'base.qcow2');
+  const top = path.join(dir, 'top.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', base, '2M');
+  await qemuIo('-c', 'write -P 1 1M 512', '-c', 'write -P 2 1500k 512', base);
+  await qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', '-b', 'base.qcow2', '-F', 'qcow2', top);
+  await qemuIo('-c', 'write -P 3 1905k 14848', top);
+  t.is(await sameVerdict(t, '-s', top, base), 1);
+  t.is(await sameVerdict(t, '-s', base, top), 1);
+  const plain = path.join(dir, 'plain.qcow2');
+  await qemuImg('convert', '-O', 'qcow2', '-o', 'cluster_size=512', base, plain);
+  t.is(await sameVerdict(t, '-s', plain, base), 0);
+  const copy = path.join(dir, 'copy.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', copy, '2M');
+  await qemuIo('-c', 'write -P 1 1M 512', '-c', 'write -P 2 1500k 512', '-c', 'write -z 2047k 1k', copy);
+  t.is(await sameVerdict(t, '-s', copy, base), 1);
+  t.is(await sameVerdict(t, copy, base), 0);
+});
+
 test('backing chains compare by what the guest sees', async (t) => {
   const { dir, qcow, raw } = await images(t);
   const overlay = path.join(dir, 'overlay.qcow2');

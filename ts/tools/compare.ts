@@ -2,6 +2,7 @@
 import { ErrorCodes, Qcow2Error, asQcow2Error, check } from '../errors.js';
 import type { Extent, Image } from '../image.js';
 import { allocAligned } from '../native.js';
+import type { Qcow2Header } from '../qcow2/header.js';
 import { bufferSizeFor } from './convert.js';
 import { mapEntryOf } from './map.js';
 
@@ -65,29 +66,75 @@ interface Difference {
   offset: number;
 }
 
-/** Virtual sizes down the backing chain of `image`: [its own, its backing file's, …]. */
-function chainSizes(image: Image): number[] {
-  const sizes: number[] = [];
-  for (let layer: Image | undefined = image; layer; layer = (layer as { backing?: Image }).backing) sizes.push(layer.size);
-  return sizes;
+/** One image of a backing chain, as far as QEMU's block status answers depend on it. */
+interface Layer {
+  size: number;
+  clusterSize: number;
+  /** Guest bytes one block status answer covers at most: a qcow2 L2 table; unbounded for raw. */
+  span: number;
+}
+
+/** The layers of the backing chain of `image`, top first. */
+function chainLayers(image: Image): Layer[] {
+  const layers: Layer[] = [];
+  for (let layer: Image | undefined = image; layer; layer = (layer as { backing?: Image }).backing) {
+    const header = (layer as { header?: Pick<Qcow2Header, 'clusterSize' | 'extendedL2'> }).header;
+    if (layer.format === 'qcow2' && header) {
+      const entries = header.clusterSize / (header.extendedL2 ? 16 : 8);
+      layers.push({ size: layer.size, clusterSize: header.clusterSize, span: entries * header.clusterSize });
+    } else {
+      layers.push({ size: layer.size, clusterSize: 512, span: Infinity });
+    }
+  }
+  return layers;
 }
 
 /**
- * The allocation status qemu-img compare -s compares, as one string: allocated, zero, data,
- * placed in a file, and whether the run ends where the answering layer (or the image) ends.
+ * From where in `extent` QEMU's block status carries its end-of-file flag, or undefined when
+ * it never does: the run must reach the end of the image (or, unallocated at the bottom of
+ * the chain, the end of the bottom file), and the answers of every layer consulted must reach
+ * it too, which they only do from the start of their last L2 table (last cluster if compressed).
  */
-function statusKey(image: Image, sizes: number[], extent: Extent): string {
-  const e = mapEntryOf(image, extent);
+function eofFrom(layers: Layer[], extent: Extent): number | undefined {
   const end = extent.offset + extent.length;
-  let allocated = e.present;
-  let eof = end === image.size;
-  if (extent.kind === 'unallocated') {
-    // Unallocated above a backing file means past that file's end: QEMU counts the zeroes it
-    // makes up there as allocated. At the bottom of the chain the bottom file's end counts.
-    if (extent.depth < sizes.length - 1) allocated = true;
-    else eof ||= end === sizes[extent.depth];
+  const bottom = layers.length - 1;
+  const atBottomEnd = extent.kind === 'unallocated' && extent.depth === bottom && end === layers[bottom].size;
+  if (end !== layers[0].size && !atBottomEnd) return undefined;
+  let from = extent.offset;
+  for (let i = 0; i <= Math.min(extent.depth, bottom); i++) {
+    const span = extent.compressed && i === extent.depth ? layers[i].clusterSize : layers[i].span;
+    if (Number.isFinite(span)) from = Math.max(from, Math.floor((end - 1) / span) * span);
   }
+  return from;
+}
+
+/**
+ * The block status qemu-img compare -s compares at guest offset `at` inside `extent`, as one
+ * string: allocated, zero, data, placed in a file, end of file.
+ */
+function statusKey(image: Image, layers: Layer[], extent: Extent, at: number): string {
+  const e = mapEntryOf(image, extent);
+  // Unallocated above a backing file means past that file's end: QEMU counts the zeroes it
+  // makes up there as allocated.
+  const allocated = e.present || (extent.kind === 'unallocated' && extent.depth < layers.length - 1);
+  const eofStart = eofFrom(layers, extent);
+  const eof = eofStart !== undefined && at >= eofStart;
   return `${allocated}:${e.zero}:${e.data}:${e.offset !== undefined}:${eof}`;
+}
+
+/** The first offset in [start, end) where the block status of `ea` (in `a`) and `eb` (in `b`) differ. */
+function firstStatusDifference(a: Side, ea: Extent, b: Side, eb: Extent, start: number, end: number): number | undefined {
+  const flips = [eofFrom(a.layers, ea), eofFrom(b.layers, eb)].filter((at): at is number => at !== undefined && at > start && at < end);
+  for (const at of [start, ...flips.sort((x, y) => x - y)]) {
+    if (statusKey(a.image, a.layers, ea, at) !== statusKey(b.image, b.layers, eb, at)) return at;
+  }
+  return undefined;
+}
+
+/** An image and its chain, for status comparisons. */
+interface Side {
+  image: Image;
+  layers: Layer[];
 }
 
 /** Wrap the extents of `image` so that their failures are status failures naming the image. */
@@ -149,16 +196,21 @@ async function* commonPieces(
   state: Comparison,
   strict: boolean,
 ): AsyncGenerator<Piece> {
-  const sizesA = chainSizes(a);
-  const sizesB = chainSizes(b);
+  const sideA = { image: a, layers: chainLayers(a) };
+  const sideB = { image: b, layers: chainLayers(b) };
   let ea = (await extentsA.next()).value as Extent | undefined;
   let eb = (await extentsB.next()).value as Extent | undefined;
   for (let pos = 0; ea && eb && !state.stopsBefore(pos); ) {
-    if (strict && statusKey(a, sizesA, ea) !== statusKey(b, sizesB, eb)) {
-      state.found({ verdict: 'status', offset: pos });
+    const end = Math.min(ea.offset + ea.length, eb.offset + eb.length);
+    const differs = strict ? firstStatusDifference(sideA, ea, sideB, eb, pos, end) : undefined;
+    if (differs !== undefined) {
+      state.found({ verdict: 'status', offset: differs });
+      // A content difference before the status flip still comes first.
+      if (differs > pos && (ea.kind === 'data' || eb.kind === 'data')) {
+        yield* split(state, pos, differs, ea.kind === 'data', eb.kind === 'data');
+      }
       return;
     }
-    const end = Math.min(ea.offset + ea.length, eb.offset + eb.length);
     if (ea.kind === 'data' || eb.kind === 'data') {
       yield* split(state, pos, end, ea.kind === 'data', eb.kind === 'data');
     } else {
