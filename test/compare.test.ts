@@ -166,6 +166,15 @@ test('-p prints progress lines around the verdict, and -q silences both', async 
   t.regex((await runProgram('qemu-img', ['compare', '-p', qcow, other])).stdout, mismatch);
   t.regex((await qcow2Cli('compare', '-p', qcow, other)).stdout, mismatch);
   t.is((await qcow2Cli('compare', '-p', '-q', qcow, other)).stdout, '');
+  const longer = path.join(dir, 'long.raw');
+  await copyFile(raw, longer);
+  await truncate(longer, 8 << 20);
+  await qemuIo('-f', 'raw', '-c', 'write -P 0 7M 64k', longer);
+  const sized = new RegExp(
+    String.raw`^    \(0\.00/100%\)\r(${line})*Warning: Image size mismatch!\n(${line})*    \(100\.00/100%\)\rImages are identical\.\n\n$`,
+  );
+  t.regex((await runProgram('qemu-img', ['compare', '-p', raw, longer])).stdout, sized);
+  t.regex((await qcow2Cli('compare', '-p', raw, longer)).stdout, sized);
 });
 
 test('library: compareImages reports verdict, offset and size mismatch', async (t) => {

@@ -44,11 +44,23 @@ export async function run(argv: string[]): Promise<number> {
       printError(error);
       return EXIT.openFailed;
     }
+    // Images of different sizes get a warning once their common part matched, before the
+    // longer one's tail is checked: between progress lines, as qemu-img prints it.
+    const common = Math.min(images[0].size, images[1].size);
+    let warn = !strict && images[0].size !== images[1].size;
+    const warnOnce = () => {
+      if (warn) say('Warning: Image size mismatch!\n');
+      warn = false;
+    };
     const result = await compareImages(images[0], images[1], {
       strict,
-      onProgress: (done, total) => progress.update(done, total),
+      onProgress: (done, total) => {
+        progress.update(done, total);
+        if (done >= common) warnOnce();
+      },
     });
-    say(verdictText(result, strict, Math.min(images[0].size, images[1].size)));
+    if (result.identical || (result.verdict === 'content' && result.offset! >= common)) warnOnce();
+    say(verdictText(result));
     return result.identical ? EXIT.identical : EXIT.different;
   } catch (error) {
     printError(error);
@@ -61,11 +73,15 @@ export async function run(argv: string[]): Promise<number> {
 }
 
 /** What qemu-img compare prints for `result`. */
-function verdictText(result: CompareResult, strict: boolean, common: number): string {
-  if (result.verdict === 'size') return 'Strict mode: Image size mismatch!\n';
-  if (result.verdict === 'status') return `Strict mode: Offset ${result.offset} block status mismatch!\n`;
-  // The size warning comes once the common part matched, before the longer image's tail is checked.
-  const warning = result.sizeMismatch && !strict && (result.identical || result.offset! >= common);
-  const text = result.identical ? 'Images are identical.\n' : `Content mismatch at offset ${result.offset}!\n`;
-  return (warning ? 'Warning: Image size mismatch!\n' : '') + text;
+function verdictText(result: CompareResult): string {
+  switch (result.verdict) {
+    case 'size':
+      return 'Strict mode: Image size mismatch!\n';
+    case 'status':
+      return `Strict mode: Offset ${result.offset} block status mismatch!\n`;
+    case 'content':
+      return `Content mismatch at offset ${result.offset}!\n`;
+    case 'identical':
+      return 'Images are identical.\n';
+  }
 }
