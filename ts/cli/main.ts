@@ -8,9 +8,11 @@ const COMMANDS: Record<string, () => Promise<{ run: Command }>> = {
   bench: () => import('./bench.js'),
   compare: () => import('./compare.js'),
   convert: () => import('./convert.js'),
+  create: () => import('./create.js'),
   info: () => import('./info.js'),
   io: () => import('./io.js'),
   map: () => import('./map.js'),
+  resize: () => import('./resize.js'),
 };
 
 function usage(): string {
