@@ -331,24 +331,30 @@ async function copyPiece(source: Image, target: Image, piece: Piece, buffer: Buf
   const view = buffer.subarray(0, readEnd);
   if (readEnd > 0) await source.read(view, piece.offset);
   if (ctx.inOrder) await piece.previous;
+  // The writes of one piece never overlap: all of them go out at once.
+  const writes: Array<Promise<void>> = [];
   for (const run of piece.runs) {
     const offset = piece.offset + run.start + ctx.shift;
     if (!run.data) {
-      if (!ctx.skipZeroes) await target.writeZeroes(offset, run.end - run.start, { unmap: ctx.sparseSize > 0 });
+      if (!ctx.skipZeroes) writes.push(target.writeZeroes(offset, run.end - run.start, { unmap: ctx.sparseSize > 0 }));
     } else if (ctx.sparseSize === 0) {
-      await target.write(view.subarray(run.start, run.end), offset);
+      writes.push(target.write(view.subarray(run.start, run.end), offset));
     } else {
-      await copyDataRun(target, view.subarray(run.start, run.end), offset, ctx);
+      writes.push(...writeDataRun(target, view.subarray(run.start, run.end), offset, ctx));
     }
   }
+  // Wait for every write, not just the first failure: the buffer must be free when this returns.
+  const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
 }
 
 /** Write a data run, leaving out (or zeroing) the zero stretches of at least sparseSize bytes in it. */
-async function copyDataRun(target: Image, data: Buffer, offset: number, ctx: PieceContext): Promise<void> {
-  for (const run of dataAndZeroRuns(data, offset, ctx.sparseSize)) {
-    if (run.data) await target.write(data.subarray(run.start, run.end), offset + run.start);
-    else if (!ctx.skipZeroes) await target.writeZeroes(offset + run.start, run.end - run.start, { unmap: true });
-  }
+function writeDataRun(target: Image, data: Buffer, offset: number, ctx: PieceContext): Array<Promise<void>> {
+  return dataAndZeroRuns(data, offset, ctx.sparseSize).flatMap((run) => {
+    if (run.data) return [target.write(data.subarray(run.start, run.end), offset + run.start)];
+    if (ctx.skipZeroes) return [];
+    return [target.writeZeroes(offset + run.start, run.end - run.start, { unmap: true })];
+  });
 }
 
 /**
