@@ -1,12 +1,14 @@
-/** `qcow2 convert [-f FMT] -O raw [-t CACHE] [-T CACHE] [-m N] [-W] [-p] [-S SIZE] [--target-is-zero] [-n] [-U] SRC DST`. */
+/** `qcow2 convert [-f FMT] -O raw|qcow2 [-o OPTIONS] [-c] [-B BACKING -F FMT] [-t CACHE] [-T CACHE] [-m N] [-W] [-p] [-S SIZE] [--target-is-zero] [-n] [-U] SRC DST`. */
 import { ErrorCodes, Qcow2Error } from '../errors.js';
-import type { Image } from '../image.js';
+import type { Image, ImageFormat } from '../image.js';
 import { convert } from '../tools/convert.js';
-import { UsageError, lastOption, parseArgs, parseSize } from './args.js';
+import type { Qcow2TargetOptions } from '../tools/convert-qcow2.js';
+import { createOptionsFrom, isHelpRequest, optionHelp, parseCreateOptions } from '../tools/qemu-options.js';
+import { ParsedArgs, UsageError, lastOption, parseArgs, parseSize } from './args.js';
 import { ProgressPrinter, hasFlag, openImage, optionValue, parseCache, parseFormat } from './common.js';
 
 const SPEC = {
-  short: 'f:O:t:T:m:WpqS:nUh',
+  short: 'f:O:t:T:m:WpqS:nUhco:B:F:',
   long: {
     'target-is-zero': { value: false },
     'force-share': { value: false, key: 'U' },
@@ -15,8 +17,9 @@ const SPEC = {
 };
 
 const USAGE =
-  'usage: qcow2 convert [-U] [-p] [-q] [-n] [--target-is-zero] [-f fmt] [-t cache] [-T src_cache] ' +
-  '[-O output_fmt] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename\n';
+  'usage: qcow2 convert [-U] [-c] [-p] [-q] [-n] [--target-is-zero] [-f fmt] [-t cache] [-T src_cache] ' +
+  '[-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] ' +
+  'filename [filename2 [...]] output_filename\n';
 
 /** qemu-img convert accepts 1 to 16 coroutines. */
 const MAX_COROUTINES = 16;
@@ -48,6 +51,30 @@ function parseSparseSize(text: string): number {
   return size;
 }
 
+/**
+ * How a qcow2 target is made, from -o, -B, -F and -c, with qemu-img's refusals; undefined
+ * for a raw target, which takes none of them.
+ */
+function qcow2Target(args: ParsedArgs, format: ImageFormat, optionTexts: string[], skipCreate: boolean): Qcow2TargetOptions | undefined {
+  const backing = lastOption(args, 'B');
+  const backingFormat = lastOption(args, 'F');
+  if (optionTexts.length > 0 && skipCreate) throw new UsageError('-o has no effect when skipping image creation');
+  if (backing !== undefined && backingFormat === undefined) throw new UsageError('Use of backing file requires explicit backing format');
+  const values = parseCreateOptions(format, optionTexts);
+  if (backing !== undefined) values.set('backing_file', backing);
+  if (backingFormat !== undefined) values.set('backing_fmt', backingFormat);
+  values.delete('size');
+  if (format === 'raw') {
+    if (hasFlag(args, 'c')) throw new Qcow2Error(ErrorCodes.UNSUPPORTED, 'Compression not supported for this file format');
+    if (backing !== undefined) throw new Qcow2Error(ErrorCodes.UNSUPPORTED, "Backing file not supported for file format 'raw'");
+    if (values.size > 0) throw new Qcow2Error(ErrorCodes.UNSUPPORTED, 'convert: -o options are only supported for qcow2 targets');
+    return undefined;
+  }
+  const { format: _format, size: _size, ...create } = createOptionsFrom(format, values);
+  const given = Object.fromEntries(Object.entries(create).filter(([, value]) => value !== undefined));
+  return { ...(skipCreate ? {} : { create: given }), compress: hasFlag(args, 'c') };
+}
+
 /** Run `qcow2 convert` with `argv`; resolves to the exit code (errors are thrown to main, which exits 1). */
 export async function run(argv: string[]): Promise<number> {
   const args = parseArgs(argv, SPEC);
@@ -64,12 +91,15 @@ export async function run(argv: string[]): Promise<number> {
   const skipCreate = hasFlag(args, 'n');
   const targetIsZero = hasFlag(args, 'target-is-zero');
   if (targetIsZero && !skipCreate) throw new UsageError('--target-is-zero requires use of -n flag');
+  const optionTexts = args.options.get('o') ?? [];
+  if (optionTexts.some(isHelpRequest)) {
+    process.stdout.write(optionHelp(outputFormat ?? 'raw', false));
+    return 0;
+  }
   if (args.positional.length < 2) throw new UsageError('Must specify image file name');
   const sources = args.positional.slice(0, -1);
   const target = args.positional[args.positional.length - 1];
-  if (outputFormat !== 'raw') {
-    throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `ERR_QCOW2_UNSUPPORTED: output format '${outputFormat}' is not supported yet`);
-  }
+  const qcow2 = qcow2Target(args, outputFormat ?? 'raw', optionTexts, skipCreate);
   const progress = new ProgressPrinter(hasFlag(args, 'p') && !hasFlag(args, 'q'), 1);
   progress.set(0);
   const images: Image[] = [];
@@ -77,6 +107,7 @@ export async function run(argv: string[]): Promise<number> {
     for (const source of sources) images.push(await openImage(source, { format, cache: sourceCache ?? 'writeback' }));
     await convert(images, target, {
       outputFormat,
+      qcow2,
       targetCache,
       parallel,
       outOfOrder: hasFlag(args, 'W'),

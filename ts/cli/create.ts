@@ -1,15 +1,14 @@
 /** `qcow2 create [-q] [-f FMT] [-b BACKING [-F BACKING_FMT]] [-u] [-o OPTIONS] FILENAME [SIZE]`, as qemu-img create. */
 import { ErrorCodes, Qcow2Error, asQcow2Error } from '../errors.js';
 import type { ImageFormat } from '../image.js';
-import { CreateOptions, Preallocation, create, createSize } from '../tools/create.js';
+import { CreateOptions, create, createSize } from '../tools/create.js';
 import {
   OptionValues,
+  createOptionsFrom,
   formattingLine,
   isHelpRequest,
   optionHelp,
   parseCreateOptions,
-  parseOptionBool,
-  parseOptionNumber,
   parseOptionSize,
 } from '../tools/qemu-options.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
@@ -51,30 +50,6 @@ function parseCreateFormat(text: string | undefined, file: string): ImageFormat 
   return text;
 }
 
-/** The typed create options from `-o` values (already checked for syntax). */
-function toCreateOptions(format: ImageFormat, values: OptionValues): CreateOptions {
-  const text = (name: string) => values.get(name);
-  const map = <T>(name: string, parse: (name: string, value: string) => T): T | undefined => {
-    const value = text(name);
-    return value === undefined ? undefined : parse(name, value);
-  };
-  return {
-    format,
-    size: map('size', parseOptionSize),
-    preallocation: text('preallocation') as Preallocation | undefined,
-    compat: text('compat') as CreateOptions['compat'],
-    clusterSize: map('cluster_size', parseOptionSize),
-    refcountBits: map('refcount_bits', parseOptionNumber),
-    backingFile: text('backing_file'),
-    backingFormat: text('backing_fmt') as ImageFormat | undefined,
-    dataFile: text('data_file'),
-    dataFileRaw: map('data_file_raw', parseOptionBool),
-    extendedL2: map('extended_l2', parseOptionBool),
-    lazyRefcounts: map('lazy_refcounts', parseOptionBool),
-    compressionType: text('compression_type') as CreateOptions['compressionType'],
-  };
-}
-
 /** Errors about the image read "FILE: MESSAGE", as qemu-img prints them. */
 function aboutFile(file: string, error: unknown): Qcow2Error {
   const cause = asQcow2Error(error);
@@ -110,7 +85,7 @@ export async function run(argv: string[]): Promise<number> {
   if (backing !== undefined) values.set('backing_file', backing);
   if (backingFormat !== undefined) values.set('backing_fmt', backingFormat);
   if (size !== undefined && values.has('size')) throw aboutFile(file, new UsageError('The image size must be specified only once'));
-  const options: CreateOptions = { ...toCreateOptions(format, values), skipBackingCheck: hasFlag(args, 'u') };
+  const options: CreateOptions = { ...createOptionsFrom(format, values), skipBackingCheck: hasFlag(args, 'u') };
   if (size !== undefined) options.size = size;
   try {
     if (format === 'raw' && values.has('backing_fmt') && !values.has('backing_file')) {

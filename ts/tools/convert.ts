@@ -6,6 +6,7 @@ import type { Image, ImageFormat } from '../image.js';
 import { CacheMode, allocAligned, native } from '../native.js';
 import { open } from '../open.js';
 import { RawImage } from '../raw.js';
+import { Qcow2TargetOptions, convertToQcow2 } from './convert-qcow2.js';
 
 /** Largest piece read or written by one request: bounds memory to `parallel` × this. */
 export const COPY_CHUNK = 2 << 20;
@@ -40,8 +41,10 @@ export interface CopyOptions {
 export interface ConvertOptions extends Omit<CopyOptions, 'targetIsZero' | 'targetOffset'> {
   /** Source format (probed when left out). */
   format?: ImageFormat;
-  /** Target format: only 'raw' for now. */
+  /** Target format: 'raw' (default) or 'qcow2'. */
   outputFormat?: ImageFormat;
+  /** How a qcow2 target is created and written (compression). */
+  qcow2?: Qcow2TargetOptions;
   /** Host cache of the source (qemu-img -T; default 'writeback'). */
   sourceCache?: CacheMode;
   /** Host cache of the target (qemu-img -t; default 'unsafe': no flush to disk). */
@@ -78,7 +81,7 @@ interface Piece {
 }
 
 /**
- * Convert `source` into a new or existing raw image at `target`. Several sources are
+ * Convert `source` into a new or existing raw or qcow2 image at `target`. Several sources are
  * concatenated, as qemu-img does. Paths are opened (and closed) here; open images stay the
  * caller's.
  */
@@ -88,9 +91,7 @@ export async function convert(
   options: ConvertOptions = {},
 ): Promise<void> {
   const outputFormat = options.outputFormat ?? 'raw';
-  if (outputFormat !== 'raw') {
-    throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `convert: output format '${outputFormat}' is not supported yet (raw only)`);
-  }
+  check(outputFormat === 'raw' || outputFormat === 'qcow2', `convert: unknown output format '${outputFormat as string}' (raw, qcow2)`);
   check(!options.targetIsZero || options.skipCreate === true, 'convert: targetIsZero needs skipCreate (-n)');
   checkCopyOptions(options);
   const sources = typeof source === 'string' || !Array.isArray(source) ? [source as string | Image] : source;
@@ -105,6 +106,7 @@ export async function convert(
       await refuseSameFile(input.path, target);
     }
     const size = inputs.reduce((sum, input) => sum + input.size, 0);
+    if (outputFormat === 'qcow2') return await convertToQcow2(inputs, target, size, options);
     const output = options.skipCreate
       ? await openExistingRaw(target, size, options.targetCache)
       : await createRaw(target, size, options.targetCache);

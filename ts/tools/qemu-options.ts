@@ -1,6 +1,7 @@
 /** qemu's `-o key=value,…` option syntax for image creation: parsing, typed values, help, the "Formatting" line. */
 import { ErrorCodes, Qcow2Error } from '../errors.js';
 import type { ImageFormat } from '../image.js';
+import type { CreateOptions, Preallocation } from './create.js';
 
 /** How a value is written and checked: as qemu's QemuOpts types. */
 export type OptionType = 'size' | 'bool' | 'str' | 'num';
@@ -171,4 +172,28 @@ export function optionHelp(format: ImageFormat, withFileName: boolean): string {
     lines.push('', 'The protocol level may support further options.', 'Specify the target filename to include those options.');
   }
   return lines.join('\n') + '\n';
+}
+
+/** The typed create options of `format` from option values (already checked for syntax). */
+export function createOptionsFrom(format: ImageFormat, values: OptionValues): CreateOptions {
+  const text = (name: string) => values.get(name);
+  const map = <T>(name: string, parse: (name: string, value: string) => T): T | undefined => {
+    const value = text(name);
+    return value === undefined ? undefined : parse(name, value);
+  };
+  return {
+    format,
+    size: map('size', parseOptionSize),
+    preallocation: text('preallocation') as Preallocation | undefined,
+    compat: text('compat') as CreateOptions['compat'],
+    clusterSize: map('cluster_size', parseOptionSize),
+    refcountBits: map('refcount_bits', parseOptionNumber),
+    backingFile: text('backing_file'),
+    backingFormat: text('backing_fmt') as ImageFormat | undefined,
+    dataFile: text('data_file'),
+    dataFileRaw: map('data_file_raw', parseOptionBool),
+    extendedL2: map('extended_l2', parseOptionBool),
+    lazyRefcounts: map('lazy_refcounts', parseOptionBool),
+    compressionType: text('compression_type') as CreateOptions['compressionType'],
+  };
 }
