@@ -95,6 +95,10 @@ test('raw: writes, reads, patterns, dumps and statistics as qemu-io prints them;
       'read -P 0 1M 1M',
       'truncate 768k',
       'length',
+      'truncate -m falloc 1536k',
+      'truncate -m metadata 2M',
+      'truncate -m full 2M',
+      'length',
       'map',
     ),
   ]);
@@ -333,3 +337,52 @@ test('size, time and statistics formats', (t) => {
   t.is(report('wrote', 0, 1024, 1, 0.5, true), '1024,1,0:00:00.50,2048.000,2.000\n');
   t.is(dumpBuffer(Buffer.from('0a ~Z'), 0x10), '00000010:  30 61 20 7e 5a  0a..Z\n');
 });
+
+/** Twin qcow2 images: a fresh one, or an overlay over a backing file with data (for copy-on-write). */
+async function qcow2Twins(t: ExecutionContext, withBacking: boolean): Promise<[string, string]> {
+  const dir = await tempDir(t);
+  let backingArgs: string[] = [];
+  if (withBacking) {
+    const base = path.join(dir, 'base.qcow2');
+    await qemuImg('create', '-f', 'qcow2', base, '4M');
+    await qemuIo('-f', 'qcow2', '-c', 'write -P 9 0 4M', base);
+    backingArgs = ['-b', base, '-F', 'qcow2'];
+  }
+  return twins(t, (f) => qemuImg('create', '-f', 'qcow2', ...backingArgs, f, '4M'), 'disk.qcow2');
+}
+
+const QCOW2_WRITES = [
+  'write -P 1 0 64k',
+  'write -P 2 100k 10k',
+  'write -z 256k 64k',
+  'write -zu 320k 64k',
+  'discard 0 64k',
+  'writev -P 3 1M 4k 4k',
+  'aio_write -P 4 2M 64k',
+  'aio_flush',
+  'write -c -P 5 3M 64k',
+  'write -c 3M 1k',
+  'read -P 5 3M 64k',
+  'read -P 2 100k 10k',
+  'flush',
+  'write 4M 1',
+  'map',
+  'alloc 0 4M',
+  'truncate 8M',
+  'length',
+  'write -P 6 7M 64k',
+  'truncate 1000',
+  'truncate 6M',
+  'read -P 6 7M 1',
+  'length',
+];
+
+for (const withBacking of [false, true]) {
+  test(`qcow2 writes${withBacking ? ' over a backing file' : ''}: the same output as qemu-io, identical images, a clean check`, async (t) => {
+    const [a, b] = await qcow2Twins(t, withBacking);
+    await sameRun(t, a, b, ['-f', 'qcow2', ...cmds(...QCOW2_WRITES)]);
+    await assertSameImages(t, a, b, 'qcow2');
+    const check = await runProgram('qemu-img', ['check', b]);
+    t.is(check.code, 0, check.stdout + check.stderr);
+  });
+}

@@ -6,6 +6,10 @@ import { Qcow2Image } from '../../qcow2/image.js';
 import { UsageError, parseArgs } from '../../cli/args.js';
 import { QemuJsonValue, dumpNested } from '../../cli/qemu-format.js';
 import { info } from '../info.js';
+import type { Preallocation } from '../create.js';
+import { resizeImage } from '../resize.js';
+import { RawImage } from '../../raw.js';
+import { ProbedRawImage } from './probe-guard.js';
 import { ParseError, cvtstr, parseNumber } from './format.js';
 import {
   Flags,
@@ -372,14 +376,7 @@ async function infoCommand(s: IoSession): Promise<boolean> {
   return true;
 }
 
-/** An image that can change its size (raw images can). */
-type Resizable = Image & { resize(size: number): Promise<void> };
-
-function resizable(image: Image): Resizable | undefined {
-  return typeof (image as Partial<Resizable>).resize === 'function' ? (image as Resizable) : undefined;
-}
-
-/** `truncate [-m prealloc_mode] off`: only preallocation "off" (the default) is offered. */
+/** `truncate [-m prealloc_mode] off`: qemu-io's truncate grows and shrinks, with qemu-img resize's checks. */
 async function truncateCommand(s: IoSession, flags: Flags, operands: string[]): Promise<boolean> {
   const mode = flags.get('m')?.at(-1) ?? 'off';
   const size = parseNumber(operands[0]);
@@ -387,18 +384,23 @@ async function truncateCommand(s: IoSession, flags: Flags, operands: string[]): 
     s.error(`Invalid preallocation mode '${mode}'`);
     return false;
   }
-  const image = resizable(s.image!);
-  if (mode !== 'off' || !image) {
-    s.error(`Preallocation mode '${mode}' or resizing ${s.image!.format} images is not supported`);
-    return false;
-  }
+  const image = s.image instanceof ProbedRawImage ? s.image.inner : s.image!;
   try {
-    await image.resize(size);
+    if (size === 0) await truncateToZero(image);
+    else await resizeImage(image, size, { shrink: true, preallocation: mode as Preallocation });
     return true;
   } catch (error) {
-    s.error(`Failed to resize the image: ${(error as Error).message}`);
+    s.error((error as Error).message);
     return false;
   }
+}
+
+/** An empty disk, which qemu-io allows and resizeImage (like qemu-img resize) does not. */
+async function truncateToZero(image: Image): Promise<void> {
+  if (image instanceof RawImage) await image.resize(0);
+  else if (image instanceof Qcow2Image) await image.resize(0, { shrink: true, preallocation: 'off' });
+  else throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `truncate: images of format '${image.format}' cannot be resized`);
+  await image.flush();
 }
 
 /** Options of `open -o`: only the format can be chosen (driver=raw|qcow2). */

@@ -16,7 +16,8 @@ const PROBED_BYTES = 512;
 export class ProbedRawImage implements Image {
   readonly format = 'raw' as const;
 
-  constructor(private readonly inner: Image) {}
+  /** The image the guard passes requests to (the CLI unwraps it for resizing). */
+  constructor(readonly inner: Image) {}
 
   get path(): string {
     return this.inner.path;
@@ -79,12 +80,5 @@ export class ProbedRawImage implements Image {
 
   createReadStream(options?: ReadStreamOptions): Readable {
     return this.inner.createReadStream(options);
-  }
-
-  /** Raw images can change size; the guard passes that on. */
-  async resize(size: number): Promise<void> {
-    const inner = this.inner as Image & { resize?(size: number): Promise<void> };
-    if (typeof inner.resize !== 'function') throw new Qcow2Error('ENOTSUP', `resize: '${this.path}' cannot change its size`);
-    await inner.resize(size);
   }
 }
