@@ -47,6 +47,20 @@ test('write benches hit the same offsets as qemu-img bench, wrapping at the end 
   await assertSameImages(t, a, b);
 });
 
+test('qcow2 write benches: the same offsets written as qemu-img bench, and a clean image', async (t) => {
+  const dir = await tempDir(t);
+  const a = path.join(dir, 'a.qcow2');
+  const b = path.join(dir, 'b.qcow2');
+  await qemuImg('create', '-f', 'qcow2', a, '4M');
+  await copyFile(a, b);
+  await sameBench(t, a, b, ['-f', 'qcow2', '-w', '-c', '40', '-d', '4', '-s', '4k', '-S', '200k', '-o', '1k', '--pattern=3']);
+  await sameBench(t, a, b, ['-w', '-c', '12', '-d', '4', '-s', '64k', '-o', '3M', '--pattern=4', '--flush-interval=4']);
+  const r = await runProgram('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', a, b]);
+  t.is(r.code, 0, r.stdout + r.stderr);
+  const check = await runProgram('qemu-img', ['check', b]);
+  t.is(check.code, 0, check.stdout + check.stderr);
+});
+
 test('the library runs exactly COUNT requests at offset, offset+step, … modulo the disk size', async (t) => {
   const [file] = await rawTwins(t, '1M');
   const image = await open(file, { format: 'raw' });
