@@ -52,6 +52,8 @@ class File {
   uint32_t memAlign() const { return memAlign_; }
   /// Alignment that offsets and lengths need (1 when buffered).
   uint32_t reqAlign() const { return reqAlign_; }
+  /// The open descriptor (-1 once closed), for I/O submitted outside this class (io_uring reads).
+  int fd() const { return fd_.load(std::memory_order_acquire); }
 
   /// Read exactly `len` bytes at `off` into any buffer; bytes past the end of the file read as zero.
   Status Read(void* buf, size_t len, uint64_t off);
@@ -85,7 +87,6 @@ class File {
   Status ExtendingWrite(const void* buf, size_t len, uint64_t off);
   void NoteSize(uint64_t end);
   Status Fail(int err, const char* op, uint64_t off, size_t len) const;
-  int fd() const { return fd_.load(std::memory_order_acquire); }
 
   friend class RangeLock;
   void Lock(uint64_t start, uint64_t end);

@@ -71,6 +71,30 @@ export interface Qcow2EngineParams {
   l2CacheSize?: number;
   /** Bytes per cached L2 slice, a power of two (default 4096, at most the cluster size). */
   l2SliceSize?: number;
+  /** Open for writing: the refcount table fields below are then required. */
+  writable?: boolean;
+  version?: 2 | 3;
+  refcountTableOffset?: number;
+  refcountTableClusters?: number;
+  /** The incompatible feature bits as stored (the corrupt bit is set beside them). */
+  incompatibleFeatures?: number;
+}
+
+/** What Qcow2Engine.format() lays out: the structures the header must point at. */
+export interface Qcow2FormatParams {
+  clusterBits: number;
+  refcountOrder: number;
+  size: number;
+  extendedL2?: boolean;
+  preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
+}
+
+/** Where Qcow2Engine.format() put the tables. */
+export interface Qcow2FormatResult {
+  l1TableOffset: number;
+  l1Size: number;
+  refcountTableOffset: number;
+  refcountTableClusters: number;
 }
 
 /** What unallocated clusters of a qcow2 engine read from: another engine or a raw file, up to `size`. */
@@ -120,7 +144,19 @@ export interface Qcow2Engine {
    * At most `maxRuns` runs (default 65536): they may then cover only a prefix of the range.
    */
   map(offset: number, length: number, maxRuns?: number): Promise<Float64Array>;
-  /** Refuse further requests and drop the cached tables; the files stay open (their owners close them). */
+  /** Write guest bytes (writable engines); resolves once the mapping showing them is written. */
+  write(buffer: Uint8Array, offset: number): Promise<void>;
+  /** Make a range read as zeros; whole clusters change their mapping, `unmap` frees their host space. */
+  writeZeroes(offset: number, length: number, options?: { unmap?: boolean }): Promise<void>;
+  /** Drop the whole clusters of a range, as QEMU's qcow2 discard does. */
+  discard(offset: number, length: number): Promise<void>;
+  /** Store whole clusters compressed (cluster-aligned offset; whole clusters or up to the disk end). */
+  writeCompressed(buffer: Uint8Array, offset: number): Promise<void>;
+  /** Everything written before is durable when this resolves. */
+  flush(): Promise<void>;
+  /** Grow the disk, or with shrink: true shrink it (clusters past the new end are dropped); writes the header size. */
+  resize(size: number, options?: { shrink?: boolean }): Promise<void>;
+  /** Flush (when writable), refuse further requests and drop the cached tables; the files stay open. */
   close(): Promise<void>;
 }
 
@@ -131,6 +167,8 @@ export interface Qcow2EngineConstructor {
     dataFile?: NativeFile | null,
     backing?: Qcow2EngineBacking | null,
   ): Promise<Qcow2Engine>;
+  /** Lay out the refcount table and blocks, L1 (and preallocated L2 and data) in an empty image file; the header is the caller's. */
+  format(file: NativeFile, params: Qcow2FormatParams, dataFile?: NativeFile | null): Promise<Qcow2FormatResult>;
 }
 
 /** Everything the addon exports. */

@@ -58,6 +58,7 @@ struct ZstdApi {
   size_t (*decompressDCtx)(void* dctx, void* dst, size_t dstCapacity, const void* src, size_t srcSize);
   unsigned (*isError)(size_t code);
   const char* (*getErrorName)(size_t code);
+  size_t (*compress)(void* dst, size_t dstCapacity, const void* src, size_t srcSize, int level);
 };
 
 /// libzstd, loaded once; nullptr (with `error` set) when it cannot be.
@@ -85,6 +86,7 @@ const ZstdApi* LoadZstd(std::string* error) {
     bind(api.decompressDCtx, "ZSTD_decompressDCtx");
     bind(api.isError, "ZSTD_isError");
     bind(api.getErrorName, "ZSTD_getErrorName");
+    bind(api.compress, "ZSTD_compress");
     if (!ok) {
       failure = "libzstd.so.1 lacks the functions zstd-compressed clusters need";
       return;
@@ -128,7 +130,49 @@ class ZstdDecoder {
   void* ctx_ = nullptr;
 };
 
+/// One deflate state per thread, reset between clusters.
+class Deflater {
+ public:
+  ~Deflater() {
+    if (ready_) deflateEnd(&stream_);
+  }
+
+  Status Run(const uint8_t* in, size_t inLen, uint8_t* out, size_t outCap, size_t* outLen) {
+    int rc = ready_ ? deflateReset(&stream_)
+                    : deflateInit2(&stream_, Z_DEFAULT_COMPRESSION, Z_DEFLATED, kDeflateWindowBits, 9, Z_DEFAULT_STRATEGY);
+    if (rc != Z_OK) return Status::Error("ENOMEM", "could not set up zlib deflate (code " + std::to_string(rc) + ")");
+    ready_ = true;
+    stream_.next_in = const_cast<Bytef*>(in);
+    stream_.avail_in = static_cast<uInt>(inLen);
+    stream_.next_out = out;
+    stream_.avail_out = static_cast<uInt>(outCap);
+    rc = deflate(&stream_, Z_FINISH);
+    *outLen = rc == Z_STREAM_END ? outCap - stream_.avail_out : 0;
+    return Status::Ok();
+  }
+
+ private:
+  z_stream stream_{};
+  bool ready_ = false;
+};
+
+/// QEMU's zstd level for compressed clusters is the library default.
+constexpr int kZstdLevel = 3;
+
 }  // namespace
+
+Status CompressCluster(Compression type, const uint8_t* in, size_t inLen, uint8_t* out, size_t outCap, size_t* outLen) {
+  if (type == Compression::Zstd) {
+    std::string error;
+    const ZstdApi* api = LoadZstd(&error);
+    if (!api) return Status::Error("ERR_QCOW2_UNSUPPORTED", error);
+    const size_t got = api->compress(out, outCap, in, inLen, kZstdLevel);
+    *outLen = api->isError(got) ? 0 : got;
+    return Status::Ok();
+  }
+  thread_local Deflater zlib;
+  return zlib.Run(in, inLen, out, outCap, outLen);
+}
 
 Status DecompressCluster(Compression type, const uint8_t* in, size_t inLen, uint8_t* out, size_t outLen) {
   if (type == Compression::Zstd) {

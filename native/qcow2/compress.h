@@ -16,4 +16,9 @@ enum class Compression : uint8_t { Zlib = 0, Zstd = 1 };
 /// libzstd is ERR_QCOW2_UNSUPPORTED. Safe to call from any number of threads at once.
 Status DecompressCluster(Compression type, const uint8_t* in, size_t inLen, uint8_t* out, size_t outLen);
 
+/// Compress one cluster of `inLen` bytes into `out` (room for `outCap` bytes): raw deflate with a
+/// 4 KiB window, or a zstd frame recording the content size. `*outLen` = 0 when the result would not
+/// fit in `outCap` bytes (the caller then stores the cluster uncompressed).
+Status CompressCluster(Compression type, const uint8_t* in, size_t inLen, uint8_t* out, size_t outCap, size_t* outLen);
+
 }  // namespace qcow2

@@ -47,6 +47,7 @@ void PieceDone(Napi::Env env, PieceRead* piece, const Status& status) {
   PendingRead* request = piece->request;
   if (!status.ok() && request->status.ok()) request->status = status;
   if (--request->remaining > 0) return;
+  request->engine->EndRead();
   if (request->status.ok()) {
     request->deferred.Resolve(env.Undefined());
   } else {
@@ -293,19 +294,25 @@ Ring* RingOf(Napi::Env env) {
 Napi::Value TryDirectRead(Napi::Env env, const std::shared_ptr<Engine>& engine, uint8_t* buf, uint64_t len, GuestOffset at,
                           Napi::Value keep) {
   if (!DirectReadsEnabled() || len > kMaxDirectRead) return Napi::Value();
+  // Counted before planning, so that clusters freed meanwhile wait until the reads have landed.
+  engine->BeginRead();
   const DirectPlan plan = engine->PlanDirect(buf, len, at);
-  if (!plan.direct) return Napi::Value();
   size_t reads = 0;
-  for (size_t i = 0; i < plan.count; i++) reads += plan.pieces[i].zero ? 0 : 1;
-  Ring* ring = reads > 0 ? RingOf(env) : nullptr;
-  if (reads > 0 && !ring) return Napi::Value();
+  for (size_t i = 0; plan.direct && i < plan.count; i++) reads += plan.pieces[i].zero ? 0 : 1;
+  Ring* ring = plan.direct && reads > 0 ? RingOf(env) : nullptr;
+  if (!plan.direct || (reads > 0 && !ring)) {
+    engine->EndRead();
+    return Napi::Value();
+  }
   auto* request = new PendingRead{Napi::Promise::Deferred::New(env), Napi::Reference<Napi::Value>::New(keep, 1), engine,
                                   plan.file};
   for (size_t i = 0; i < plan.count; i++) {
     const DirectPlan::Piece& p = plan.pieces[i];
     if (!p.zero) request->pieces[request->remaining++] = {request, buf + p.at, p.length, p.host};
   }
+  if (reads == 0) engine->EndRead();
   if (reads > 0 && !ring->Submit(env, request, plan.fd)) {
+    engine->EndRead();
     delete request;
     return Napi::Value();
   }

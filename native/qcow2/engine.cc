@@ -21,6 +21,7 @@ uint64_t AlignUp(uint64_t v, uint64_t a) { return AlignDown(v + a - 1, a); }
 struct InflatedCluster {
   uint64_t engine = 0;
   uint64_t host = 0;
+  uint64_t generation = 0;
   AlignedBuffer data;
 };
 
@@ -71,23 +72,6 @@ class HostRun {
   uint64_t at_ = 0, host_ = 0, length_ = 0;
 };
 
-/// The descriptor opened by name shows the same file as `file`: same size and first block
-/// (the name could have been given to another file since `file` was opened).
-bool SameFile(File& file, int fd) {
-  uint64_t size = 0;
-  struct stat st;
-  if (!file.Size(&size).ok() || fstat(fd, &st) != 0) return false;
-  // Block devices report their size through an ioctl, not st_size.
-  if (!S_ISBLK(st.st_mode) && static_cast<uint64_t>(st.st_size) != size) return false;
-  if (size == 0) return true;
-  const size_t probe = std::min<uint64_t>(size, kBufferAlign);
-  AlignedBuffer mine(kBufferAlign), theirs(kBufferAlign);
-  if (!file.Read(theirs.data(), probe, 0).ok()) return false;
-  // O_DIRECT reads whole blocks: ask for one, compare what the file holds.
-  ssize_t got = ::pread(fd, mine.data(), kBufferAlign, 0);
-  return got >= static_cast<ssize_t>(probe) && std::memcmp(mine.data(), theirs.data(), probe) == 0;
-}
-
 Status CheckConfig(const EngineConfig& c, const std::shared_ptr<File>& dataFile) {
   if (c.clusterBits < 9 || c.clusterBits > 21) {
     return Status::Error(kInvalidHeader, "cluster bits must be between 9 and 21, got " + std::to_string(c.clusterBits));
@@ -130,6 +114,10 @@ Status Engine::Open(const EngineConfig& config, std::shared_ptr<File> image, std
   engine->config_ = config;
   engine->id_ = nextEngineId.fetch_add(1);
   QCOW2_TRY(image->Size(&engine->imageFileSize_));
+  if (config.writable) {
+    QCOW2_TRY(Refcounts::Load(image, config.clusterBits, config.refcountOrder, config.refcountTableOffset,
+                              config.refcountTableClusters, engine->imageFileSize_, &engine->refcounts_));
+  }
   if (backing.engine) backing.size = std::min(backing.size, backing.engine->size());
   const Geometry geometry = Geometry::Make(config.clusterBits, config.extendedL2, config.virtualSize);
   const HostBounds bounds{engine->imageFileSize_, config.externalDataFile};
@@ -137,27 +125,23 @@ Status Engine::Open(const EngineConfig& config, std::shared_ptr<File> image, std
   engine->image_ = std::move(image);
   engine->dataFile_ = std::move(dataFile);
   engine->backing_ = std::move(backing);
-  // Direct reads need a descriptor of their own: File keeps its descriptor private, and this one
-  // stays valid for reads in flight even after the File is closed. It bypasses the page cache
-  // exactly when the File does.
-  File& data = engine->DataFile();
-  engine->directFd_ = ::open(data.path().c_str(), O_RDONLY | O_CLOEXEC | (data.direct() ? O_DIRECT : 0));
-  if (engine->directFd_ >= 0 && !SameFile(data, engine->directFd_)) {
-    ::close(engine->directFd_);
-    engine->directFd_ = -1;
-  }
   *out = std::move(engine);
   return Status::Ok();
 }
 
-Engine::~Engine() {
-  if (directFd_ >= 0) ::close(directFd_);
-}
+Engine::~Engine() = default;
 
 DirectPlan Engine::PlanDirect(const uint8_t* buf, uint64_t len, GuestOffset at) {
   DirectPlan plan;
+  // Never wait on the JS thread: a resize in progress, or writers on these clusters, send the read to the pool.
+  std::shared_lock<std::shared_mutex> resizing(resizeMu_, std::try_to_lock);
+  if (!resizing.owns_lock()) return plan;
   if (closed_.load(std::memory_order_acquire) || len == 0 || at.value > size() || len > size() - at.value) return plan;
+  if (config_.writable && locks_.Busy(at.value >> geometry().clusterBits, (at.value + len - 1) >> geometry().clusterBits)) {
+    return plan;
+  }
   File& file = DataFile();
+  const int fd = file.fd();
   const bool hasBacking = backing_.engine || backing_.raw;
   uint64_t zeros = 0;
   for (uint64_t done = 0; done < len;) {
@@ -177,7 +161,7 @@ DirectPlan Engine::PlanDirect(const uint8_t* buf, uint64_t len, GuestOffset at) 
         plan.pieces[plan.count++] = {done, seg.length, 0, true};
       }
     } else {
-      if (seg.kind != ClusterKind::Data || directFd_ < 0) return plan;
+      if (seg.kind != ClusterKind::Data || fd < 0) return plan;
       if (reinterpret_cast<uintptr_t>(buf + done) % file.memAlign() != 0 || seg.length % file.reqAlign() != 0 ||
           seg.host % file.reqAlign() != 0) {
         return plan;
@@ -192,7 +176,7 @@ DirectPlan Engine::PlanDirect(const uint8_t* buf, uint64_t len, GuestOffset at) 
     done += seg.length;
   }
   plan.direct = true;
-  plan.fd = directFd_;
+  plan.fd = fd;
   plan.file = &file;
   return plan;
 }
@@ -204,13 +188,26 @@ Status Engine::Live() const {
   return Status::Ok();
 }
 
-void Engine::Close() {
+Status Engine::Close() {
+  Status status = config_.writable && !closed_.load() && !failed_.load() ? Flush() : Status::Ok();
   closed_.store(true, std::memory_order_release);
   mapper_->cache().Clear();
+  return status;
 }
 
 Status Engine::Read(uint8_t* buf, uint64_t len, GuestOffset at) {
   QCOW2_TRY(Live());
+  std::shared_lock<std::shared_mutex> resizing(resizeMu_);
+  return ReadLocked(buf, len, at);
+}
+
+Status Engine::ReadLocked(uint8_t* buf, uint64_t len, GuestOffset at) {
+  // Counted, so that clusters freed meanwhile are not reused under this read.
+  BeginRead();
+  struct Done {
+    Engine* e;
+    ~Done() { e->EndRead(); }
+  } done{this};
   if (at.value > size() || len > size() - at.value) {
     return Status::Error("ERR_QCOW2_OUT_OF_BOUNDS", "read of " + std::to_string(len) + " bytes at guest offset " +
                                                         std::to_string(at.value) + " is past the end of the disk (" +
@@ -267,7 +264,10 @@ void CompressedBatch::Add(uint8_t* dst, const Segment& seg, GuestOffset at) { it
 
 bool Engine::ServeFromLastInflated(uint8_t* dst, const Segment& seg, GuestOffset at) {
   const InflatedCluster& last = LastInflated();
-  if (last.engine != id_ || last.host != seg.host || last.data.size() != geometry().clusterSize) return false;
+  if (last.engine != id_ || last.host != seg.host || last.data.size() != geometry().clusterSize ||
+      last.generation != compressedGeneration_.load(std::memory_order_acquire)) {
+    return false;
+  }
   std::memcpy(dst, last.data.data() + geometry().InCluster(at), seg.length);
   return true;
 }
@@ -277,7 +277,7 @@ Status Engine::ReadCompressed(CompressedBatch* batch) {
   const uint64_t clusterSize = geometry().clusterSize;
   // A descriptor bounds its input (at most two clusters); the file's end may come sooner.
   auto inputBytes = [&](const Segment& seg) {
-    return std::min({seg.compressedBytes, imageFileSize_ - seg.host, 2 * clusterSize});
+    return std::min({seg.compressedBytes, mapper_->fileSize() - seg.host, 2 * clusterSize});
   };
   uint64_t end = 0;
   for (size_t i = 0; i < batch->count; i++) end = std::max(end, batch->items[i].seg.host + inputBytes(batch->items[i].seg));
@@ -306,8 +306,10 @@ Status Engine::ReadCompressed(CompressedBatch* batch) {
     InflatedCluster& last = LastInflated();
     if (last.data.size() != clusterSize) last.data = AlignedBuffer(clusterSize);
     last.engine = 0;
+    const uint64_t generation = compressedGeneration_.load(std::memory_order_acquire);
     QCOW2_TRY(Inflate(item.seg, in, inputBytes(item.seg), last.data.data()));
     last.engine = id_;
+    last.generation = generation;
     last.host = item.seg.host;
     std::memcpy(item.dst, last.data.data() + inCluster, item.seg.length);
   }
@@ -322,6 +324,7 @@ Status Engine::Inflate(const Segment& seg, const uint8_t* in, uint64_t bytes, ui
 
 Status Engine::Map(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out) {
   QCOW2_TRY(Live());
+  std::shared_lock<std::shared_mutex> resizing(resizeMu_);
   if (at.value > size() || len > size() - at.value) {
     return Status::Error("ERR_QCOW2_OUT_OF_BOUNDS", "map of " + std::to_string(len) + " bytes at guest offset " +
                                                         std::to_string(at.value) + " is past the end of the disk (" +

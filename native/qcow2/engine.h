@@ -2,12 +2,18 @@
 // another Engine (or a raw File) read directly from here, whatever the depth of the chain.
 #pragma once
 #include <atomic>
+#include <condition_variable>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <shared_mutex>
 #include <vector>
 
 #include "file.h"
 #include "qcow2/compress.h"
+#include "qcow2/format.h"
 #include "qcow2/mapper.h"
+#include "qcow2/refcounts.h"
 
 namespace qcow2 {
 
@@ -26,6 +32,27 @@ struct EngineConfig {
   /// The data file is a valid raw image of the disk: guest offset == data file offset.
   bool dataFileRaw = false;
   MapperOptions mapper;
+  /// Writes are allowed (the image file, and data file, are open for writing).
+  bool writable = false;
+  uint32_t version = 3;
+  uint64_t refcountTableOffset = 0;
+  uint64_t refcountTableClusters = 0;
+  /// The incompatible feature bits as stored, to set the corrupt bit beside them.
+  uint64_t incompatibleFeatures = 0;
+};
+
+/// Guest clusters held by writers: a request holds its whole range, so overlapping writes take turns.
+class ClusterLocks {
+ public:
+  void Lock(uint64_t first, uint64_t last);
+  void Unlock(uint64_t first, uint64_t last);
+  /// True when a writer holds any cluster of [first, last] (never blocks).
+  bool Busy(uint64_t first, uint64_t last);
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::pair<uint64_t, uint64_t>> held_;
 };
 
 /// What unallocated clusters fall through to: another engine, a raw file, or nothing (zeros).
@@ -115,18 +142,74 @@ class Engine {
   void CountDirectRead() { directReads_.fetch_add(1, std::memory_order_relaxed); }
   uint64_t directReads() const { return directReads_.load(std::memory_order_relaxed); }
 
-  /// Refuse further requests and drop the cached tables; requests already running finish.
-  void Close();
+  /// Write `len` guest bytes from `buf` at `at`; returns once the mapping that shows them is written.
+  Status Write(const uint8_t* buf, uint64_t len, GuestOffset at);
+  /// Make [at, at + len) read as zeros; `unmap` lets whole clusters give up their host space.
+  Status WriteZeroes(GuestOffset at, uint64_t len, bool unmap);
+  /// Drop the whole clusters of [at, at + len), as QEMU's qcow2 discard does.
+  Status Discard(GuestOffset at, uint64_t len);
+  /// Store whole clusters compressed (`at` cluster-aligned; `len` whole clusters or up to the disk end).
+  Status WriteCompressed(const uint8_t* buf, uint64_t len, GuestOffset at);
+  /// Everything written before is durable once this returns.
+  Status Flush();
+  /// Grow the disk, or shrink it (`shrink`), dropping the clusters past the new end.
+  Status Resize(uint64_t size, bool shrink);
+  /// A read served outside the engine (io_uring) starts or ends: freed clusters wait for those in flight.
+  void BeginRead() { readsInflight_.fetch_add(1, std::memory_order_acq_rel); }
+  void EndRead() { readsInflight_.fetch_sub(1, std::memory_order_acq_rel); }
+
+  /// Flush when writable, then refuse further requests and drop the cached tables.
+  Status Close();
   ~Engine();
 
   const Geometry& geometry() const { return mapper_->geometry(); }
   uint64_t size() const { return geometry().virtualSize; }
+  uint64_t clusterSize() const { return geometry().clusterSize; }
   L2Cache& cache() { return mapper_->cache(); }
 
  private:
   Engine() = default;
   Status Live() const;
+  Status Writable() const;
   File& DataFile() const { return config_.externalDataFile ? *dataFile_ : *image_; }
+  Status ReadLocked(uint8_t* buf, uint64_t len, GuestOffset at);
+  Status CheckWrite(GuestOffset at, uint64_t len, const char* what) const;
+
+  // Writing (engine_write.cc).
+  struct ClusterPlan;
+  struct L2Update {
+    uint64_t l1Index;
+    uint64_t l2Index;
+    uint64_t raw;
+    uint64_t bitmap;
+  };
+  /// Host bytes whose clusters lose one reference once the new mapping is on disk.
+  struct HostFree {
+    uint64_t host;
+    uint64_t bytes;
+    bool dataFile;
+  };
+  Status PlanCluster(uint64_t cluster, ClusterPlan* plan);
+  /// The L2 table for L1 entry `l1Index`: its offset, or a new table's (allocated under metaMu_).
+  Status TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset);
+  Status WriteData(const uint8_t* buf, uint64_t len, GuestOffset at, std::vector<ClusterPlan>& plans);
+  /// Queue mapping changes and frees, then wait until a commit has written them.
+  Status Publish(std::vector<L2Update> updates, std::vector<HostFree> frees);
+  Status CommitUpTo(uint64_t ticket);
+  Status RunCommit(uint64_t* done);
+  Status WriteRefcountChanges();
+  Status WriteL2Updates(const std::vector<L2Update>& updates, const std::map<uint64_t, uint64_t>& tables);
+  Status ApplyFrees(const std::vector<HostFree>& frees);
+  /// Give the clusters whose last reference dropped back to the allocator once no read may still use them.
+  Status ReleaseFreed();
+  Status WriteHeaderField(uint64_t offset, const void* bytes, size_t length);
+  /// Note a failure of the write path: corruption sets the corrupt bit and stops all writes.
+  Status Fail(Status status);
+  Status ZeroEntry(const Mapper::RawEntry& e, bool unmap, bool discard, L2Update* update, HostFree* freed, bool* change);
+  Status ModifyClusters(GuestOffset at, uint64_t len, bool unmap, bool discard);
+  Status GrowL1(uint64_t entries);
+  /// Store `bytes` of compressed data for the cluster at `at`, packed behind the last compressed cluster.
+  Status WriteCompressedCluster(const uint8_t* data, uint64_t bytes, GuestOffset at);
   Status ReadBacking(uint8_t* buf, uint64_t len, GuestOffset at);
   /// Copy the part of a compressed cluster this thread inflated last; false when it was another.
   bool ServeFromLastInflated(uint8_t* dst, const Segment& seg, GuestOffset at);
@@ -145,9 +228,36 @@ class Engine {
   /// Distinguishes engines in per-thread caches, even when one is freed and another takes its address.
   uint64_t id_ = 0;
   std::atomic<bool> closed_{false};
-  /// A descriptor of DataFile() for direct reads (O_DIRECT when the File is); -1 when it would not open.
-  int directFd_ = -1;
   std::atomic<uint64_t> directReads_{0};
+
+  /// Requests hold it shared; a resize holds it alone.
+  std::shared_mutex resizeMu_;
+  /// Guards the allocator, the queues of changes and the tables being made; never held across data I/O.
+  std::mutex metaMu_;
+  std::unique_ptr<Refcounts> refcounts_;
+  std::vector<L2Update> pending_;
+  std::vector<HostFree> pendingFrees_;
+  /// New L2 tables not yet in the L1 table, by L1 index.
+  std::map<uint64_t, uint64_t> newTables_;
+  /// Clusters whose last reference is gone, waiting until no read can still be using them.
+  std::vector<uint64_t> freed_;
+  uint64_t ticket_ = 0;
+  /// One commit runs at a time and covers every change queued when it started.
+  std::mutex commitMu_;
+  std::condition_variable commitCv_;
+  bool committing_ = false;
+  uint64_t committed_ = 0;
+  /// The first failure of the write path; every later write reports it.
+  Status failure_;
+  std::mutex failMu_;
+  std::atomic<bool> failed_{false};
+  std::atomic<int64_t> readsInflight_{0};
+  /// Bumped when compressed host space is freed: per-thread inflated clusters from before are stale.
+  std::atomic<uint64_t> compressedGeneration_{0};
+  ClusterLocks locks_;
+  /// Where the next compressed cluster goes: the free bytes at the end of the last host cluster used.
+  uint64_t compressedNext_ = 0;
+  uint64_t compressedEnd_ = 0;
 };
 
 /// Append `run` to `out`, merging it into the last run when it continues it exactly.

@@ -24,6 +24,13 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         StaticMethod<&EngineWrap::Open>("open"),
         InstanceMethod<&EngineWrap::Read>("read"),
         InstanceMethod<&EngineWrap::Map>("map"),
+        InstanceMethod<&EngineWrap::Write>("write"),
+        InstanceMethod<&EngineWrap::WriteZeroes>("writeZeroes"),
+        InstanceMethod<&EngineWrap::Discard>("discard"),
+        InstanceMethod<&EngineWrap::WriteCompressed>("writeCompressed"),
+        InstanceMethod<&EngineWrap::Flush>("flush"),
+        InstanceMethod<&EngineWrap::Resize>("resize"),
+        StaticMethod<&EngineWrap::Format>("format"),
         InstanceMethod<&EngineWrap::Close>("close"),
         InstanceAccessor<&EngineWrap::Info>("info"),
     });
@@ -50,6 +57,13 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   static Napi::Value Open(const Napi::CallbackInfo& info);
   Napi::Value Read(const Napi::CallbackInfo& info);
   Napi::Value Map(const Napi::CallbackInfo& info);
+  Napi::Value Write(const Napi::CallbackInfo& info);
+  Napi::Value WriteZeroes(const Napi::CallbackInfo& info);
+  Napi::Value Discard(const Napi::CallbackInfo& info);
+  Napi::Value WriteCompressed(const Napi::CallbackInfo& info);
+  Napi::Value Flush(const Napi::CallbackInfo& info);
+  Napi::Value Resize(const Napi::CallbackInfo& info);
+  static Napi::Value Format(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value Info(const Napi::CallbackInfo& info);
 
@@ -105,6 +119,13 @@ EngineConfig ParseConfig(const Napi::Object& o) {
   if (cacheBytes < 512) throw Napi::RangeError::New(o.Env(), "option l2CacheSize must be at least 512 bytes, got " + std::to_string(cacheBytes));
   c.mapper.l2CacheBytes = static_cast<size_t>(cacheBytes);
   c.mapper.l2SliceBytes = PowerOfTwoOption(o, "l2SliceSize", c.mapper.l2SliceBytes, 512, 2u << 20);
+  c.writable = OptionBool(o, "writable", false);
+  if (c.writable) {
+    c.version = SmallInteger(o, "version", 3);
+    c.refcountTableOffset = RequiredOffset(o, "refcountTableOffset");
+    c.refcountTableClusters = RequiredOffset(o, "refcountTableClusters");
+    c.incompatibleFeatures = OptionOffset(o, "incompatibleFeatures", 0);
+  }
   return c;
 }
 
@@ -184,12 +205,95 @@ Napi::Value EngineWrap::Map(const Napi::CallbackInfo& info) {
       });
 }
 
+Napi::Value EngineWrap::Write(const Napi::CallbackInfo& info) {
+  Args args(info);
+  Keep keep;
+  PinnedBytes buf = args.Bytes(0, "buffer", &keep);
+  uint64_t off = args.Offset(1, "offset");
+  auto engine = Live(info.Env());
+  return RunAsync(
+      info.Env(), [=] { return engine->Write(buf.data, buf.length, GuestOffset{off}); }, nullptr, std::move(keep));
+}
+
+Napi::Value EngineWrap::WriteZeroes(const Napi::CallbackInfo& info) {
+  Args args(info);
+  uint64_t off = args.Offset(0, "offset");
+  uint64_t len = args.Offset(1, "length");
+  bool unmap = OptionBool(args.Object(2, "options"), "unmap", false);
+  auto engine = Live(info.Env());
+  return RunAsync(info.Env(), [=] { return engine->WriteZeroes(GuestOffset{off}, len, unmap); });
+}
+
+Napi::Value EngineWrap::Discard(const Napi::CallbackInfo& info) {
+  Args args(info);
+  uint64_t off = args.Offset(0, "offset");
+  uint64_t len = args.Offset(1, "length");
+  auto engine = Live(info.Env());
+  return RunAsync(info.Env(), [=] { return engine->Discard(GuestOffset{off}, len); });
+}
+
+Napi::Value EngineWrap::WriteCompressed(const Napi::CallbackInfo& info) {
+  Args args(info);
+  Keep keep;
+  PinnedBytes buf = args.Bytes(0, "buffer", &keep);
+  uint64_t off = args.Offset(1, "offset");
+  auto engine = Live(info.Env());
+  return RunAsync(
+      info.Env(), [=] { return engine->WriteCompressed(buf.data, buf.length, GuestOffset{off}); }, nullptr,
+      std::move(keep));
+}
+
+Napi::Value EngineWrap::Flush(const Napi::CallbackInfo& info) {
+  auto engine = Live(info.Env());
+  return RunAsync(info.Env(), [=] { return engine->Flush(); });
+}
+
+Napi::Value EngineWrap::Resize(const Napi::CallbackInfo& info) {
+  Args args(info);
+  uint64_t size = args.Offset(0, "size");
+  bool shrink = OptionBool(args.Object(1, "options"), "shrink", false);
+  auto engine = Live(info.Env());
+  return RunAsync(info.Env(), [=] { return engine->Resize(size, shrink); });
+}
+
+Preallocation ParsePreallocation(const Napi::Object& o) {
+  const std::string mode = OptionString(o, "preallocation", "off");
+  if (mode == "off") return Preallocation::Off;
+  if (mode == "metadata") return Preallocation::Metadata;
+  if (mode == "falloc") return Preallocation::Falloc;
+  if (mode == "full") return Preallocation::Full;
+  throw Napi::TypeError::New(o.Env(), "option preallocation must be 'off', 'metadata', 'falloc' or 'full', got '" + mode + "'");
+}
+
+Napi::Value EngineWrap::Format(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto image = FileWrap::FileOf(info[0]);
+  if (!image) throw Napi::TypeError::New(env, "file must be an open NativeFile");
+  Napi::Object o = Args(info).Object(1, "params");
+  FormatRequest request;
+  request.clusterBits = SmallInteger(o, "clusterBits", 21);
+  if (request.clusterBits < 9) throw Napi::RangeError::New(env, "option clusterBits must be at least 9, got " + std::to_string(request.clusterBits));
+  request.refcountOrder = SmallInteger(o, "refcountOrder", 6);
+  request.size = RequiredOffset(o, "size");
+  request.extendedL2 = OptionBool(o, "extendedL2", false);
+  request.preallocation = ParsePreallocation(o);
+  auto dataFile = OptionalFile(env, info[2], "dataFile");
+  auto result = std::make_shared<FormatResult>();
+  return RunAsync(
+      env, [=] { return FormatImage(*image, dataFile.get(), request, result.get()); },
+      [result](Napi::Env env) -> Napi::Value {
+        Napi::Object out = Napi::Object::New(env);
+        out.Set("l1TableOffset", static_cast<double>(result->l1Offset));
+        out.Set("l1Size", static_cast<double>(result->l1Size));
+        out.Set("refcountTableOffset", static_cast<double>(result->refcountTableOffset));
+        out.Set("refcountTableClusters", static_cast<double>(result->refcountTableClusters));
+        return out;
+      });
+}
+
 Napi::Value EngineWrap::Close(const Napi::CallbackInfo& info) {
   std::shared_ptr<Engine> engine = std::move(engine_);
-  return RunAsync(info.Env(), [engine] {
-    if (engine) engine->Close();
-    return Status::Ok();
-  });
+  return RunAsync(info.Env(), [engine] { return engine ? engine->Close() : Status::Ok(); });
 }
 
 Napi::Value EngineWrap::Info(const Napi::CallbackInfo& info) {

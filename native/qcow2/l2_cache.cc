@@ -52,6 +52,18 @@ Status L2Cache::Load(uint64_t offset, size_t bytes, uint64_t wanted, std::shared
   return Status::Ok();
 }
 
+void L2Cache::Replace(uint64_t offset, std::shared_ptr<const L2Slice> slice) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = index_.find(offset);
+    if (it != index_.end()) {
+      it->second->second = std::move(slice);
+      return;
+    }
+  }
+  Insert(offset, slice);
+}
+
 void L2Cache::Clear() {
   std::lock_guard<std::mutex> lock(mu_);
   index_.clear();

@@ -22,6 +22,7 @@ class L2Slice {
   L2Slice(const uint8_t* bytes, size_t length) : bytes_(new uint8_t[length]) { std::memcpy(bytes_.get(), bytes, length); }
   /// Word `i` of the slice: entry i (8-byte entries), or half of an extended entry.
   uint64_t Word(size_t i) const { return LoadBE64(bytes_.get() + 8 * i); }
+  const uint8_t* data() const { return bytes_.get(); }
 
  private:
   std::unique_ptr<uint8_t[]> bytes_;
@@ -46,6 +47,8 @@ class L2Cache {
   /// The slice at `offset` when it is cached, without loading it.
   bool Peek(uint64_t offset, std::shared_ptr<const L2Slice>* out) { return Lookup(offset, out, false); }
   L2CacheStats Stats();
+  /// Put `slice` (an updated copy, already written to disk) in place of the slice at `offset`.
+  void Replace(uint64_t offset, std::shared_ptr<const L2Slice> slice);
   /// Drop every cached slice (requests holding one keep it until they finish).
   void Clear();
 

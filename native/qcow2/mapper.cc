@@ -45,7 +45,9 @@ Mapper::Mapper(const Geometry& geometry, const HostBounds& bounds, std::shared_p
       bounds_(bounds),
       sliceBytes_(std::min<size_t>(options.l2SliceBytes, geometry.clusterSize)),
       entriesPerSlice_(sliceBytes_ / geometry.entryBytes),
-      cache_(std::move(image), sliceBytes_, options.l2CacheBytes) {}
+      cache_(std::move(image), sliceBytes_, options.l2CacheBytes) {
+  fileSize_.store(bounds.imageFileSize);
+}
 
 Status Mapper::Load(const Geometry& geometry, const HostBounds& bounds, uint64_t l1Offset, uint64_t l1Entries,
                     std::shared_ptr<File> image, const MapperOptions& options, std::unique_ptr<Mapper>* out) {
@@ -57,8 +59,9 @@ Status Mapper::Load(const Geometry& geometry, const HostBounds& bounds, uint64_t
   std::unique_ptr<Mapper> mapper(new Mapper(geometry, bounds, image, sized));
   AlignedBuffer table(std::max<uint64_t>(l1Bytes, 8));
   if (l1Bytes > 0) QCOW2_TRY(image->Read(table.data(), l1Bytes, l1Offset));
-  mapper->l1_.resize(l1Entries);
-  for (uint64_t i = 0; i < l1Entries; i++) mapper->l1_[i] = LoadBE64(table.data() + 8 * i);
+  mapper->l1_.reset(new std::atomic<uint64_t>[std::max<uint64_t>(l1Entries, 1)]);
+  mapper->l1Count_ = l1Entries;
+  for (uint64_t i = 0; i < l1Entries; i++) mapper->l1_[i].store(LoadBE64(table.data() + 8 * i));
   *out = std::move(mapper);
   return Status::Ok();
 }
@@ -80,7 +83,7 @@ Status Mapper::PieceAt(const L2Slice& slice, uint64_t sliceFirstCluster, GuestOf
   const uint64_t raw = g.extendedL2 ? slice.Word(2 * index) : slice.Word(index);
   const uint64_t bitmap = g.extendedL2 ? slice.Word(2 * index + 1) : 0;
   L2Entry entry;
-  QCOW2_TRY(DecodeL2Entry(g, bounds_, GuestOffset{g.ClusterStart(at)}, raw, bitmap, &entry));
+  QCOW2_TRY(DecodeL2Entry(g, Bounds(), GuestOffset{g.ClusterStart(at)}, raw, bitmap, &entry));
   const uint64_t clusterStart = g.ClusterStart(at);
   const uint64_t inCluster = g.InCluster(at);
   uint32_t sc = static_cast<uint32_t>(inCluster >> g.subclusterBits);
@@ -114,12 +117,12 @@ bool Mapper::ResolveCached(GuestOffset at, uint64_t maxLength, Segment* out) {
 Status Mapper::ResolveIn(GuestOffset at, uint64_t maxLength, Segment* out, bool scan, bool cachedOnly) {
   const Geometry& g = geometry_;
   const uint64_t l1Index = g.L1Index(at);
-  if (l1Index >= l1_.size()) {
+  if (l1Index >= l1Count_) {
     return Status::Error("ERR_QCOW2_OUT_OF_BOUNDS", "guest offset " + std::to_string(at.value) +
                                                         " is past what the L1 table maps");
   }
   uint64_t l2Offset = 0;
-  QCOW2_TRY(DecodeL1Entry(g, bounds_, l1Index, l1_[l1Index], &l2Offset));
+  QCOW2_TRY(DecodeL1Entry(g, Bounds(), l1Index, L1Raw(l1Index), &l2Offset));
   uint64_t limit = std::min(at.value + maxLength, (l1Index + 1) << (g.clusterBits + g.l2Bits));
   if (l2Offset == 0) {
     *out = Segment{ClusterKind::Unallocated, limit - at.value, false, 0, 0};
@@ -141,6 +144,40 @@ Status Mapper::ResolveIn(GuestOffset at, uint64_t maxLength, Segment* out, bool 
   }
   out->length = pos - at.value;
   return Status::Ok();
+}
+
+Status Mapper::EntryAt(GuestOffset at, RawEntry* out) {
+  const Geometry& g = geometry_;
+  *out = RawEntry{};
+  out->l1Index = g.L1Index(at);
+  if (out->l1Index >= l1Count_) {
+    return Status::Error("ERR_QCOW2_OUT_OF_BOUNDS", "guest offset " + std::to_string(at.value) +
+                                                        " is past what the L1 table maps");
+  }
+  out->l1Raw = L1Raw(out->l1Index);
+  QCOW2_TRY(DecodeL1Entry(g, Bounds(), out->l1Index, out->l1Raw, &out->l2Offset));
+  if (out->l2Offset == 0) return Status::Ok();
+  std::shared_ptr<const L2Slice> slice;
+  uint64_t firstCluster, sliceEnd;
+  QCOW2_TRY(L2SliceFor(at, out->l2Offset, false, false, &slice, &firstCluster, &sliceEnd));
+  const uint64_t index = (at.value >> g.clusterBits) - firstCluster;
+  out->raw = g.extendedL2 ? slice->Word(2 * index) : slice->Word(index);
+  out->bitmap = g.extendedL2 ? slice->Word(2 * index + 1) : 0;
+  return DecodeL2Entry(g, Bounds(), GuestOffset{g.ClusterStart(at)}, out->raw, out->bitmap, &out->entry);
+}
+
+void Mapper::GrowL1(uint64_t entries) {
+  if (entries <= l1Count_) return;
+  std::unique_ptr<std::atomic<uint64_t>[]> grown(new std::atomic<uint64_t>[entries]);
+  for (uint64_t i = 0; i < entries; i++) grown[i].store(i < l1Count_ ? L1Raw(i) : 0);
+  l1_ = std::move(grown);
+  l1Count_ = entries;
+}
+
+void Mapper::NoteFileSize(uint64_t size) {
+  uint64_t seen = fileSize_.load(std::memory_order_relaxed);
+  while (seen < size && !fileSize_.compare_exchange_weak(seen, size, std::memory_order_release)) {
+  }
 }
 
 }  // namespace qcow2

@@ -1,6 +1,7 @@
 // Guest-to-host mapping: the L1 table held in memory and L2 slices through the cache, turned
 // into segments — the longest runs of guest bytes that one I/O (or one memset) can serve.
 #pragma once
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -44,6 +45,30 @@ class Mapper {
   const Geometry& geometry() const { return geometry_; }
   L2Cache& cache() { return cache_; }
 
+  /// The raw L2 entry (and subcluster bitmap) of the cluster holding `at`, with the L1 entry above it.
+  struct RawEntry {
+    uint64_t l1Index = 0;
+    uint64_t l1Raw = 0;
+    /// The L2 table offset; 0 when the L1 entry is unallocated (then `raw` and `bitmap` are 0).
+    uint64_t l2Offset = 0;
+    uint64_t raw = 0;
+    uint64_t bitmap = 0;
+    L2Entry entry;
+  };
+  Status EntryAt(GuestOffset at, RawEntry* out);
+  /// Publish a new L1 entry (already on disk).
+  void SetL1(uint64_t index, uint64_t raw) { l1_[index].store(raw, std::memory_order_release); }
+  uint64_t L1Raw(uint64_t index) const { return l1_[index].load(std::memory_order_acquire); }
+  uint64_t l1Entries() const { return l1Count_; }
+  /// Replace the L1 table by a longer one (the caller holds every request out).
+  void GrowL1(uint64_t entries);
+  /// The image file has grown to `size` bytes: host offsets below it are valid.
+  void NoteFileSize(uint64_t size);
+  /// Host offsets of the image file are checked against this size.
+  uint64_t fileSize() const { return fileSize_.load(std::memory_order_acquire); }
+  /// The virtual disk size changed (the caller holds every request out).
+  void SetVirtualSize(uint64_t size) { geometry_.virtualSize = size; }
+
  private:
   Mapper(const Geometry& geometry, const HostBounds& bounds, std::shared_ptr<File> image, const MapperOptions& options);
 
@@ -61,12 +86,16 @@ class Mapper {
                     uint64_t* firstCluster, uint64_t* sliceEnd);
   Status ResolveIn(GuestOffset at, uint64_t maxLength, Segment* out, bool scan, bool cachedOnly);
 
+  HostBounds Bounds() const { return {fileSize(), bounds_.externalData}; }
+
   Geometry geometry_;
   HostBounds bounds_;
+  std::atomic<uint64_t> fileSize_{0};
   size_t sliceBytes_;
   uint64_t entriesPerSlice_;
-  /// The L1 table as read; each entry is checked when a request uses it.
-  std::vector<uint64_t> l1_;
+  /// The L1 table as read and as updated; each entry is checked when a request uses it.
+  std::unique_ptr<std::atomic<uint64_t>[]> l1_;
+  uint64_t l1Count_ = 0;
   L2Cache cache_;
 };
 

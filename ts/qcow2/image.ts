@@ -2,8 +2,18 @@
 import { Readable } from 'node:stream';
 
 import { ErrorCodes, Qcow2Error, asQcow2Error, check } from '../errors.js';
-import { Extent, ExtentKind, ExtentOptions, Image, ReadStreamOptions, checkRange, extentRange, imageReadStream } from '../image.js';
-import { MAP_RUN_FIELDS, MapFlags, MapKind, NativeFile, Qcow2Engine } from '../native.js';
+import {
+  Extent,
+  ExtentKind,
+  ExtentOptions,
+  Image,
+  ReadStreamOptions,
+  WriteZeroesOptions,
+  checkRange,
+  extentRange,
+  imageReadStream,
+} from '../image.js';
+import { MAP_RUN_FIELDS, MapFlags, MapKind, NativeFile, Qcow2Engine, native } from '../native.js';
 import type { Qcow2Header } from './header.js';
 
 /**
@@ -48,7 +58,15 @@ function continues(a: Run, b: Run): boolean {
   return a.host < 0 || a.host + a.length === b.host;
 }
 
-/** An open qcow2 image. Writing is not supported yet: this class reads. */
+/** Options of Qcow2Image.resize(). */
+export interface Qcow2ResizeOptions {
+  /** Allow a smaller size: the clusters past the new end are dropped, as qemu-img resize --shrink does. */
+  shrink?: boolean;
+  /** Only 'off' is supported for now. */
+  preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
+}
+
+/** An open qcow2 image: reads, writes, zeroes, discards, compressed writes and resizes run in the native engine. */
 export class Qcow2Image implements Image {
   readonly format = 'qcow2' as const;
   readonly path: string;
@@ -66,8 +84,10 @@ export class Qcow2Image implements Image {
   #drained: (() => void) | undefined;
   #closing: Promise<void> | undefined;
   #chainFiles: { path: string; dataFile?: string }[] | undefined;
+  #size: number;
 
   constructor(parts: Qcow2ImageParts) {
+    this.#size = parts.header.size;
     this.path = parts.path;
     this.readOnly = parts.readOnly;
     this.header = parts.header;
@@ -79,7 +99,12 @@ export class Qcow2Image implements Image {
   }
 
   get size(): number {
-    return this.header.size;
+    return this.#size;
+  }
+
+  /** Bytes per cluster. */
+  get clusterSize(): number {
+    return this.header.clusterSize;
   }
 
   /** The native engine, for an overlay whose engine reads this image directly. */
@@ -124,27 +149,86 @@ export class Qcow2Image implements Image {
     }
   }
 
-  #refuseWrite(what: string): never {
-    this.#live();
+  /** The engine, when the image is open for writing. */
+  #writable(what: string): Qcow2Engine {
+    const engine = this.#live();
     if (this.readOnly) throw new Qcow2Error(ErrorCodes.READ_ONLY, `${what}: image '${this.path}' is read-only`);
-    throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `${what}: writing qcow2 images is not supported yet`);
+    return engine;
   }
 
-  async write(_buffer: Uint8Array, _offset: number): Promise<void> {
-    this.#refuseWrite('write');
+  /** Write `buffer` at guest `offset`. Not an async function, like read(). */
+  write(buffer: Uint8Array, offset: number): Promise<void> {
+    try {
+      const engine = this.#writable('write');
+      check(buffer instanceof Uint8Array, 'write: buffer must be a Buffer or Uint8Array');
+      checkRange(offset, buffer.byteLength, this.size, 'write');
+      if (buffer.byteLength === 0) return Promise.resolve();
+      return this.#track(engine.write(buffer, offset));
+    } catch (error) {
+      return Promise.reject(asQcow2Error(error));
+    }
   }
 
-  async writeZeroes(_offset: number, _length: number): Promise<void> {
-    this.#refuseWrite('writeZeroes');
+  /** Make [offset, offset + length) read as zeros; with `unmap` whole clusters give their host space back. */
+  async writeZeroes(offset: number, length: number, options: WriteZeroesOptions = {}): Promise<void> {
+    const engine = this.#writable('writeZeroes');
+    checkRange(offset, length, this.size, 'writeZeroes');
+    if (length === 0) return;
+    await this.#track(engine.writeZeroes(offset, length, { unmap: options.unmap ?? false }));
   }
 
-  async discard(_offset: number, _length: number): Promise<void> {
-    this.#refuseWrite('discard');
+  /** Drop the whole clusters of the range (partial clusters at its edges are left alone, as QEMU does). */
+  async discard(offset: number, length: number): Promise<void> {
+    const engine = this.#writable('discard');
+    checkRange(offset, length, this.size, 'discard');
+    if (length === 0) return;
+    await this.#track(engine.discard(offset, length));
   }
 
-  /** Nothing is ever written, so there is nothing to make durable. */
+  /**
+   * Write whole clusters compressed (offset cluster-aligned, length a multiple of the cluster size,
+   * or reaching the end of the disk); clusters that do not shrink are stored uncompressed. Large
+   * buffers are split so that every worker thread compresses a part.
+   */
+  async writeCompressed(buffer: Uint8Array, offset: number): Promise<void> {
+    const engine = this.#writable('writeCompressed');
+    check(buffer instanceof Uint8Array, 'writeCompressed: buffer must be a Buffer or Uint8Array');
+    checkRange(offset, buffer.byteLength, this.size, 'writeCompressed');
+    const cs = this.clusterSize;
+    const aligned = offset % cs === 0 && (buffer.byteLength % cs === 0 || offset + buffer.byteLength === this.size);
+    check(aligned, `writeCompressed: ${buffer.byteLength} bytes at offset ${offset} are not whole clusters of ${cs} bytes`);
+    const perPart = Math.max(1, Math.ceil(buffer.byteLength / cs / native.poolThreads)) * cs;
+    const parts: Promise<void>[] = [];
+    for (let at = 0; at < buffer.byteLength; at += perPart) {
+      const part = buffer.subarray(at, Math.min(at + perPart, buffer.byteLength));
+      parts.push(this.#track(engine.writeCompressed(part, offset + at)));
+    }
+    await Promise.all(parts);
+  }
+
+  /** Make everything written so far durable. */
   async flush(): Promise<void> {
-    this.#live();
+    const engine = this.#live();
+    if (this.readOnly) return;
+    await this.#track(engine.flush());
+  }
+
+  /** Grow the disk, or with { shrink: true } shrink it, like qemu-img resize. */
+  async resize(size: number, options: Qcow2ResizeOptions = {}): Promise<void> {
+    const engine = this.#writable('resize');
+    check(Number.isSafeInteger(size) && size >= 0, `resize: size must be a non-negative integer, got ${size}`);
+    const preallocation = options.preallocation ?? 'off';
+    if (preallocation !== 'off') {
+      throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `resize: preallocation '${preallocation}' is not supported yet`);
+    }
+    if (size < this.size && !options.shrink) {
+      throw new Qcow2Error(
+        ErrorCodes.INVALID_ARGUMENT,
+        `resize: shrinking '${this.path}' from ${this.size} to ${size} bytes needs { shrink: true }`,
+      );
+    }
+    await this.#track(engine.resize(size, { shrink: options.shrink ?? false }));
+    this.#size = size;
   }
 
   /** Close the image and its backing chain, once the requests already running have finished. */
@@ -158,7 +242,9 @@ export class Qcow2Image implements Image {
     if (!engine) return;
     this.#engine = undefined;
     if (this.#inflight > 0) await new Promise<void>((resolve) => (this.#drained = resolve));
-    const results = await Promise.allSettled([engine.close(), this.#file.close(), this.#dataFile?.close()]);
+    // The engine flushes what it wrote before the files it writes to may close.
+    const closed = await Promise.allSettled([engine.close()]);
+    const results = [...closed, ...(await Promise.allSettled([this.#file.close(), this.#dataFile?.close()]))];
     const backing = await Promise.allSettled([this.backing?.close()]);
     for (const r of [...results, ...backing]) {
       if (r.status === 'rejected') throw asQcow2Error(r.reason);

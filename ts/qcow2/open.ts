@@ -7,7 +7,7 @@ import type { Image } from '../image.js';
 import { CacheMode, NativeFile, Qcow2EngineBacking, Qcow2EngineParams, native } from '../native.js';
 import { DEFAULT_MAX_CHAIN_DEPTH, OpenOptions, checkOpenOptions, probeFormat } from '../open.js';
 import { RawImage } from '../raw.js';
-import { Qcow2Header, readHeader } from './header.js';
+import { Qcow2Header, clearUnknownAutoclear, readHeader } from './header.js';
 import { Qcow2Image } from './image.js';
 
 /** Where an image sits in the chain being opened. */
@@ -111,7 +111,7 @@ function checkOpenable(imagePath: string, header: Qcow2Header, readOnly: boolean
   }
 }
 
-function engineParams(header: Qcow2Header, options: Qcow2OpenOptions): Qcow2EngineParams {
+function engineParams(header: Qcow2Header, options: Qcow2OpenOptions, writable: boolean): Qcow2EngineParams {
   return {
     ...(options.l2CacheSize !== undefined ? { l2CacheSize: options.l2CacheSize } : {}),
     ...(options.l2SliceSize !== undefined ? { l2SliceSize: options.l2SliceSize } : {}),
@@ -124,7 +124,33 @@ function engineParams(header: Qcow2Header, options: Qcow2OpenOptions): Qcow2Engi
     compressionType: header.compressionType,
     externalDataFile: header.externalDataFile,
     dataFileRaw: header.dataFileRaw,
+    ...(writable
+      ? {
+          writable: true,
+          version: header.version,
+          refcountTableOffset: header.refcountTableOffset,
+          refcountTableClusters: header.refcountTableClusters,
+          incompatibleFeatures: Number(header.incompatibleFeatures),
+        }
+      : {}),
   };
+}
+
+/** Byte offset of the autoclear feature bits in a version 3 header. */
+const AUTOCLEAR_OFFSET = 88;
+
+/**
+ * A writable open clears the autoclear bits this package does not keep valid: unknown ones, and the
+ * bitmaps bit (bitmaps are not updated by writes here), as the spec asks of any writer.
+ */
+async function clearAutoclear(file: NativeFile, header: Qcow2Header): Promise<Qcow2Header> {
+  const cleared = clearUnknownAutoclear(header, 2n);
+  if (header.version < 3 || cleared.autoclearFeatures === header.autoclearFeatures) return header;
+  const field = Buffer.alloc(8);
+  field.writeBigUInt64BE(cleared.autoclearFeatures);
+  await settle(file.write(field, AUTOCLEAR_OFFSET));
+  await settle(file.flush());
+  return cleared;
 }
 
 async function openMember(imagePath: string, options: Qcow2OpenOptions, state: ChainState): Promise<Qcow2Image> {
@@ -132,7 +158,7 @@ async function openMember(imagePath: string, options: Qcow2OpenOptions, state: C
   if (state.seen.has(real)) {
     throw new Qcow2Error(ErrorCodes.BACKING_LOOP, `backing chain loops: '${imagePath}' is already in the chain`);
   }
-  const { header } = await readHeader(imagePath);
+  let { header } = await readHeader(imagePath);
   const readOnly = state.depth > 0 || (options.readOnly ?? false);
   checkOpenable(imagePath, header, readOnly);
   checkFileNames(imagePath, header, options);
@@ -140,6 +166,7 @@ async function openMember(imagePath: string, options: Qcow2OpenOptions, state: C
   const opened: { close(): Promise<void> }[] = [];
   try {
     const file = await openFile(imagePath, readOnly, cache, opened);
+    if (!readOnly) header = await clearAutoclear(file, header);
     let dataFile: { file: NativeFile; path: string } | undefined;
     if (header.externalDataFile && header.dataFile !== undefined) {
       const dataPath = resolveName(imagePath, header.dataFile);
@@ -152,7 +179,7 @@ async function openMember(imagePath: string, options: Qcow2OpenOptions, state: C
       backing = await openBacking(imagePath, header, options, { depth: state.depth + 1, seen });
       opened.push(backing);
     }
-    const engine = await settle(native.Qcow2Engine.open(file, engineParams(header, options), dataFile?.file, engineBacking(backing)));
+    const engine = await settle(native.Qcow2Engine.open(file, engineParams(header, options, !readOnly), dataFile?.file, engineBacking(backing)));
     return new Qcow2Image({ path: imagePath, readOnly, header, engine, file, dataFile, backing });
   } catch (error) {
     await Promise.allSettled(opened.map((o) => o.close()));

@@ -1,0 +1,704 @@
+// The write path of the engine. A request locks its guest clusters, decides per cluster whether it
+// writes in place or needs a cluster of its own (allocated contiguously for the whole request),
+// writes its data with one vectored write per host run, then queues its mapping changes and waits
+// for a commit. One commit at a time writes the changes of every request queued before it:
+//   refcount blocks -> fdatasync (covers data too) -> L2 slices -> fdatasync -> L1 entries, frees
+// so one pair of barriers serves many concurrent requests, and nothing on disk ever points at a
+// cluster whose data or refcount is not there yet. Clusters losing their last reference are given
+// back only after the mapping that dropped them is on disk and no read can still be using them.
+#include <algorithm>
+#include <cstring>
+
+#include "buffer.h"
+#include "qcow2/engine.h"
+
+namespace qcow2 {
+namespace {
+
+constexpr const char* kCorrupt = "ERR_QCOW2_CORRUPT";
+constexpr uint64_t kAllAllocated = 0xffffffffull;
+constexpr uint64_t kAllZero = 0xffffffffull << 32;
+/// Byte offsets of header fields the engine updates.
+constexpr uint64_t kHeaderSize = 24;
+constexpr uint64_t kHeaderL1 = 36;
+constexpr uint64_t kHeaderRefcountTable = 48;
+constexpr uint64_t kHeaderIncompatible = 72;
+constexpr uint64_t kCorruptBit = 2;
+
+void StoreBE64(uint8_t* p, uint64_t v) {
+  v = __builtin_bswap64(v);
+  std::memcpy(p, &v, 8);
+}
+
+void StoreBE32(uint8_t* p, uint32_t v) {
+  v = __builtin_bswap32(v);
+  std::memcpy(p, &v, 4);
+}
+
+/// Holds a range of guest clusters for the lifetime of a request.
+class ClusterRange {
+ public:
+  ClusterRange(ClusterLocks& locks, uint64_t first, uint64_t last) : locks_(locks), first_(first), last_(last) {
+    locks_.Lock(first_, last_);
+  }
+  ~ClusterRange() { locks_.Unlock(first_, last_); }
+
+ private:
+  ClusterLocks& locks_;
+  uint64_t first_, last_;
+};
+
+}  // namespace
+
+void ClusterLocks::Lock(uint64_t first, uint64_t last) {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] {
+    for (const auto& [a, b] : held_) {
+      if (a <= last && first <= b) return false;
+    }
+    return true;
+  });
+  held_.emplace_back(first, last);
+}
+
+void ClusterLocks::Unlock(uint64_t first, uint64_t last) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = std::find(held_.begin(), held_.end(), std::make_pair(first, last));
+    if (it != held_.end()) held_.erase(it);
+  }
+  cv_.notify_all();
+}
+
+bool ClusterLocks::Busy(uint64_t first, uint64_t last) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& [a, b] : held_) {
+    if (a <= last && first <= b) return true;
+  }
+  return false;
+}
+
+/// What a write does to one guest cluster.
+struct Engine::ClusterPlan {
+  enum Action : uint8_t {
+    InPlace,   ///< the cluster owns its host cluster: write the request's bytes there
+    Fill,      ///< write the whole cluster to its own host cluster, then map it as data
+    Allocate,  ///< write the whole cluster to a new host cluster, then map it (and drop the old one)
+  };
+  Action action = InPlace;
+  Mapper::RawEntry entry;
+  uint64_t host = 0;
+  uint64_t table = 0;
+  bool freeOld = false;
+};
+
+Status Engine::Writable() const {
+  QCOW2_TRY(Live());
+  if (!config_.writable) return Status::Error("ERR_QCOW2_READ_ONLY", "the image '" + image_->path() + "' is read-only");
+  if (failed_.load(std::memory_order_acquire)) return failure_;
+  return Status::Ok();
+}
+
+Status Engine::CheckWrite(GuestOffset at, uint64_t len, const char* what) const {
+  QCOW2_TRY(Writable());
+  if (at.value > size() || len > size() - at.value) {
+    return Status::Error("ERR_QCOW2_OUT_OF_BOUNDS", std::string(what) + " of " + std::to_string(len) +
+                                                        " bytes at guest offset " + std::to_string(at.value) +
+                                                        " is past the end of the disk (" + std::to_string(size()) +
+                                                        " bytes)");
+  }
+  return Status::Ok();
+}
+
+Status Engine::Fail(Status status) {
+  if (status.ok()) return status;
+  std::lock_guard<std::mutex> lock(failMu_);
+  if (failed_.load()) return status;
+  failure_ = status;
+  failed_.store(true, std::memory_order_release);
+  if (status.code == kCorrupt && config_.version >= 3) {
+    failure_.message = "the image was marked corrupt and accepts no more writes: " + status.message;
+    uint8_t bits[8];
+    StoreBE64(bits, config_.incompatibleFeatures | kCorruptBit);
+    if (image_->Write(bits, 8, kHeaderIncompatible).ok()) image_->Flush();
+  }
+  return status;
+}
+
+Status Engine::WriteHeaderField(uint64_t offset, const void* bytes, size_t length) {
+  QCOW2_TRY(image_->Write(bytes, length, offset));
+  return image_->Flush();
+}
+
+Status Engine::PlanCluster(uint64_t cluster, ClusterPlan* plan) {
+  const Geometry& g = geometry();
+  QCOW2_TRY(mapper_->EntryAt(GuestOffset{cluster << g.clusterBits}, &plan->entry));
+  const Mapper::RawEntry& e = plan->entry;
+  if (e.l2Offset != 0 && !(e.l1Raw & kCopiedFlag)) {
+    return Status::Error("ERR_QCOW2_UNSUPPORTED", "writing into an L2 table shared with a snapshot (L1 entry " +
+                                                      std::to_string(e.l1Index) + ") is not supported");
+  }
+  const L2Entry& l2 = e.entry;
+  const bool owned = !l2.compressed && l2.hostAllocated && (config_.externalDataFile || (e.raw & kCopiedFlag));
+  const bool whole = g.extendedL2 ? l2.allocMask == kAllAllocated : !l2.zero;
+  if (owned) {
+    plan->host = l2.host;
+    plan->action = whole ? ClusterPlan::InPlace : ClusterPlan::Fill;
+  } else if (config_.externalDataFile) {
+    // Data in an external file sits at its guest offset, unreferenced by refcounts.
+    plan->host = cluster << g.clusterBits;
+    plan->action = ClusterPlan::Fill;
+  } else {
+    plan->action = ClusterPlan::Allocate;
+    plan->freeOld = l2.compressed || l2.hostAllocated;
+  }
+  return Status::Ok();
+}
+
+Status Engine::TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset) {
+  if (e.l2Offset != 0) {
+    *tableOffset = e.l2Offset;
+    return Status::Ok();
+  }
+  auto it = newTables_.find(e.l1Index);
+  if (it != newTables_.end()) {
+    *tableOffset = it->second;
+    return Status::Ok();
+  }
+  uint64_t cluster = 0;
+  QCOW2_TRY(refcounts_->Allocate(1, &cluster));
+  *tableOffset = cluster << geometry().clusterBits;
+  newTables_[e.l1Index] = *tableOffset;
+  mapper_->NoteFileSize(*tableOffset + geometry().clusterSize);
+  return Status::Ok();
+}
+
+Status Engine::Write(const uint8_t* buf, uint64_t len, GuestOffset at) {
+  QCOW2_TRY(CheckWrite(at, len, "write"));
+  if (len == 0) return Status::Ok();
+  std::shared_lock<std::shared_mutex> resizing(resizeMu_);
+  const Geometry& g = geometry();
+  const uint64_t first = at.value >> g.clusterBits, last = (at.value + len - 1) >> g.clusterBits;
+  ClusterRange held(locks_, first, last);
+  std::vector<ClusterPlan> plans(last - first + 1);
+  for (uint64_t c = first; c <= last; c++) QCOW2_TRY(Fail(PlanCluster(c, &plans[c - first])));
+  uint64_t allocations = 0;
+  bool metadata = false;
+  for (const ClusterPlan& p : plans) {
+    allocations += p.action == ClusterPlan::Allocate;
+    metadata = metadata || p.action != ClusterPlan::InPlace;
+  }
+  if (metadata) {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    uint64_t next = 0;
+    if (allocations > 0) QCOW2_TRY(Fail(refcounts_->Allocate(allocations, &next)));
+    for (ClusterPlan& p : plans) {
+      if (p.action == ClusterPlan::InPlace) continue;
+      QCOW2_TRY(Fail(TableFor(p.entry, &p.table)));
+      if (p.action == ClusterPlan::Allocate) p.host = (next++) << g.clusterBits;
+    }
+    if (allocations > 0) mapper_->NoteFileSize(next << g.clusterBits);
+  }
+  QCOW2_TRY(WriteData(buf, len, at, plans));
+  if (!metadata) return Status::Ok();
+  std::vector<L2Update> updates;
+  std::vector<HostFree> frees;
+  for (const ClusterPlan& p : plans) {
+    if (p.action == ClusterPlan::InPlace) continue;
+    const uint64_t l2Index = g.L2Index(GuestOffset{(first + (&p - plans.data())) << g.clusterBits});
+    updates.push_back({p.entry.l1Index, l2Index, p.host | kCopiedFlag, g.extendedL2 ? kAllAllocated : 0});
+    if (p.freeOld) {
+      const L2Entry& old = p.entry.entry;
+      frees.push_back({old.host, old.compressed ? old.compressedBytes : g.clusterSize, false});
+    }
+  }
+  return Publish(std::move(updates), std::move(frees));
+}
+
+Status Engine::WriteData(const uint8_t* buf, uint64_t len, GuestOffset at, std::vector<ClusterPlan>& plans) {
+  const Geometry& g = geometry();
+  const uint64_t first = at.value >> g.clusterBits;
+  const uint64_t end = at.value + len;
+  std::vector<AlignedBuffer> filled;
+  filled.reserve(plans.size());
+  std::vector<struct iovec> run;
+  uint64_t runHost = 0, runBytes = 0;
+  auto flush = [&]() -> Status {
+    if (run.empty()) return Status::Ok();
+    Status st = DataFile().Writev(run.data(), static_cast<int>(run.size()), runHost);
+    run.clear();
+    runBytes = 0;
+    return st;
+  };
+  for (size_t i = 0; i < plans.size(); i++) {
+    const ClusterPlan& p = plans[i];
+    const uint64_t start = (first + i) << g.clusterBits;
+    const uint64_t from = std::max(start, at.value), to = std::min(start + g.clusterSize, end);
+    uint64_t host = p.host + (from - start);
+    struct iovec piece = {const_cast<uint8_t*>(buf + (from - at.value)), to - from};
+    if (p.action != ClusterPlan::InPlace && (from != start || to != start + g.clusterSize)) {
+      // A partial write to a cluster of its own: the rest of the cluster keeps what the guest saw.
+      AlignedBuffer& cluster = filled.emplace_back(g.clusterSize);
+      const uint64_t visible = std::min(g.clusterSize, size() - start);
+      std::memset(cluster.data() + visible, 0, g.clusterSize - visible);
+      QCOW2_TRY(ReadLocked(cluster.data(), visible, GuestOffset{start}));
+      std::memcpy(cluster.data() + (from - start), piece.iov_base, piece.iov_len);
+      piece = {cluster.data(), g.clusterSize};
+      host = p.host;
+    }
+    if (runBytes > 0 && runHost + runBytes != host) QCOW2_TRY(flush());
+    if (run.empty()) runHost = host;
+    run.push_back(piece);
+    runBytes += piece.iov_len;
+  }
+  return flush();
+}
+
+Status Engine::Publish(std::vector<L2Update> updates, std::vector<HostFree> frees) {
+  uint64_t ticket;
+  {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    pending_.insert(pending_.end(), updates.begin(), updates.end());
+    pendingFrees_.insert(pendingFrees_.end(), frees.begin(), frees.end());
+    ticket = ++ticket_;
+  }
+  return CommitUpTo(ticket);
+}
+
+Status Engine::CommitUpTo(uint64_t ticket) {
+  std::unique_lock<std::mutex> lock(commitMu_);
+  while (committed_ < ticket) {
+    if (failed_.load(std::memory_order_acquire)) return failure_;
+    if (committing_) {
+      commitCv_.wait(lock);
+      continue;
+    }
+    committing_ = true;
+    lock.unlock();
+    uint64_t done = 0;
+    Status status = RunCommit(&done);
+    if (!status.ok()) Fail(status);
+    lock.lock();
+    committing_ = false;
+    if (status.ok()) committed_ = std::max(committed_, done);
+    commitCv_.notify_all();
+    if (!status.ok()) return status;
+  }
+  return Status::Ok();
+}
+
+Status Engine::RunCommit(uint64_t* done) {
+  std::vector<L2Update> updates;
+  std::vector<HostFree> frees;
+  std::map<uint64_t, uint64_t> tables;
+  {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    updates.swap(pending_);
+    frees.swap(pendingFrees_);
+    *done = ticket_;
+    for (const L2Update& u : updates) {
+      auto it = newTables_.find(u.l1Index);
+      if (it != newTables_.end()) tables.insert(*it);
+    }
+  }
+  QCOW2_TRY(WriteRefcountChanges());
+  // Data and refcounts reach the disk before any mapping points at them.
+  QCOW2_TRY(image_->Flush());
+  if (config_.externalDataFile) QCOW2_TRY(dataFile_->Flush());
+  QCOW2_TRY(WriteL2Updates(updates, tables));
+  if (!tables.empty() || !frees.empty()) {
+    // New tables are on disk before the L1 points at them; dropped mappings before their clusters are reused.
+    QCOW2_TRY(image_->Flush());
+  }
+  for (const auto& [l1Index, offset] : tables) {
+    uint8_t entry[8];
+    StoreBE64(entry, offset | kCopiedFlag);
+    QCOW2_TRY(image_->Write(entry, 8, config_.l1TableOffset + 8 * l1Index));
+    mapper_->SetL1(l1Index, offset | kCopiedFlag);
+  }
+  if (!tables.empty()) {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    for (const auto& [l1Index, offset] : tables) newTables_.erase(l1Index);
+  }
+  QCOW2_TRY(ApplyFrees(frees));
+  return ReleaseFreed();
+}
+
+Status Engine::WriteRefcountChanges() {
+  std::vector<RefcountBlockWrite> blocks;
+  std::vector<RefcountTableWrite> entries;
+  bool moved;
+  {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    moved = refcounts_->tableMoved();
+    refcounts_->TakeDirty(&blocks, &entries);
+  }
+  for (const RefcountBlockWrite& b : blocks) QCOW2_TRY(image_->Write(b.bytes.data(), b.bytes.size(), b.offset));
+  if (moved) {
+    uint64_t offset = 0, clusters = 0;
+    std::pair<uint64_t, uint64_t> old;
+    {
+      std::lock_guard<std::mutex> lock(metaMu_);
+      QCOW2_TRY(refcounts_->WriteTable(&offset, &clusters, &old));
+    }
+    // The new table and its blocks are durable before the header points at them.
+    QCOW2_TRY(image_->Flush());
+    uint8_t field[12];
+    StoreBE64(field, offset);
+    StoreBE32(field + 8, static_cast<uint32_t>(clusters));
+    QCOW2_TRY(WriteHeaderField(kHeaderRefcountTable, field, sizeof field));
+    config_.refcountTableOffset = offset;
+    config_.refcountTableClusters = clusters;
+    std::lock_guard<std::mutex> lock(metaMu_);
+    pendingFrees_.push_back({old.first << geometry().clusterBits, old.second << geometry().clusterBits, false});
+    return Status::Ok();
+  }
+  if (entries.empty()) return Status::Ok();
+  // New blocks are durable before the table points at them.
+  QCOW2_TRY(image_->Flush());
+  for (const RefcountTableWrite& e : entries) {
+    uint8_t entry[8];
+    StoreBE64(entry, e.blockOffset);
+    QCOW2_TRY(image_->Write(entry, 8, config_.refcountTableOffset + 8 * e.index));
+  }
+  return Status::Ok();
+}
+
+Status Engine::WriteL2Updates(const std::vector<L2Update>& updates, const std::map<uint64_t, uint64_t>& tables) {
+  if (updates.empty()) return Status::Ok();
+  const Geometry& g = geometry();
+  L2Cache& cache = mapper_->cache();
+  const uint64_t sliceBytes = cache.sliceBytes();
+  const uint64_t perSlice = sliceBytes / g.entryBytes;
+  // Slices keyed by host offset; a new table is written whole.
+  std::map<uint64_t, std::vector<uint8_t>> slices;
+  for (const auto& [l1Index, offset] : tables) {
+    for (uint64_t at = 0; at < g.clusterSize; at += sliceBytes) slices[offset + at].assign(sliceBytes, 0);
+  }
+  for (const L2Update& u : updates) {
+    auto table = tables.find(u.l1Index);
+    uint64_t tableOffset = table != tables.end() ? table->second : mapper_->L1Raw(u.l1Index) & kOffsetMask;
+    if (tableOffset == 0) return Status::Error(kCorrupt, "L1 entry " + std::to_string(u.l1Index) + " lost its L2 table");
+    const uint64_t sliceOffset = tableOffset + (u.l2Index / perSlice) * sliceBytes;
+    auto it = slices.find(sliceOffset);
+    if (it == slices.end()) {
+      std::shared_ptr<const L2Slice> slice;
+      QCOW2_TRY(cache.Get(sliceOffset, &slice));
+      it = slices.emplace(sliceOffset, std::vector<uint8_t>(slice->data(), slice->data() + sliceBytes)).first;
+    }
+    uint8_t* entry = it->second.data() + (u.l2Index % perSlice) * g.entryBytes;
+    StoreBE64(entry, u.raw);
+    if (g.extendedL2) StoreBE64(entry + 8, u.bitmap);
+  }
+  for (const auto& [offset, bytes] : slices) {
+    QCOW2_TRY(image_->Write(bytes.data(), bytes.size(), offset));
+    cache.Replace(offset, std::make_shared<const L2Slice>(bytes.data(), bytes.size()));
+  }
+  return Status::Ok();
+}
+
+Status Engine::ApplyFrees(const std::vector<HostFree>& frees) {
+  const uint64_t cs = geometry().clusterSize;
+  std::vector<std::pair<uint64_t, uint64_t>> punch;
+  {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    for (const HostFree& f : frees) {
+      if (f.dataFile) {
+        punch.emplace_back(f.host, f.bytes);
+        continue;
+      }
+      const uint64_t firstCluster = f.host / cs, lastCluster = (f.host + f.bytes - 1) / cs;
+      for (uint64_t c = firstCluster; c <= lastCluster; c++) {
+        uint64_t refcount = 0;
+        QCOW2_TRY(refcounts_->Get(c, &refcount));
+        if (refcount == 1) {
+          freed_.push_back(c);
+          // The cluster compressed data was being packed into is going away: start a new one.
+          if (compressedEnd_ > 0 && c == (compressedEnd_ - 1) / cs) compressedNext_ = compressedEnd_ = 0;
+        } else {
+          QCOW2_TRY(refcounts_->Add(c, -1));
+        }
+      }
+      compressedGeneration_.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+  for (const auto& [host, bytes] : punch) dataFile_->Allocate(AllocateMode::PunchHole, host, bytes);
+  return Status::Ok();
+}
+
+Status Engine::ReleaseFreed() {
+  if (readsInflight_.load(std::memory_order_acquire) != 0) return Status::Ok();
+  std::vector<uint64_t> clusters;
+  {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    clusters.swap(freed_);
+  }
+  if (clusters.empty()) return Status::Ok();
+  std::sort(clusters.begin(), clusters.end());
+  const uint64_t cs = geometry().clusterSize;
+  // Punched while their refcount still holds them, so that no allocation can take them meanwhile;
+  // a file system without hole punching just keeps the bytes.
+  for (size_t i = 0; i < clusters.size();) {
+    size_t j = i + 1;
+    while (j < clusters.size() && clusters[j] == clusters[j - 1] + 1) j++;
+    image_->Allocate(AllocateMode::PunchHole, clusters[i] * cs, (clusters[j - 1] - clusters[i] + 1) * cs);
+    i = j;
+  }
+  std::lock_guard<std::mutex> lock(metaMu_);
+  for (uint64_t c : clusters) QCOW2_TRY(refcounts_->Add(c, -1));
+  return Status::Ok();
+}
+
+Status Engine::Flush() {
+  QCOW2_TRY(Writable());
+  uint64_t ticket;
+  {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    ticket = ++ticket_;
+  }
+  QCOW2_TRY(CommitUpTo(ticket));
+  // The commit wrote the refcounts of earlier frees; make them durable too.
+  QCOW2_TRY(image_->Flush());
+  if (config_.externalDataFile) QCOW2_TRY(dataFile_->Flush());
+  return Status::Ok();
+}
+
+Status Engine::ZeroEntry(const Mapper::RawEntry& e, bool unmap, bool discard, L2Update* update, HostFree* freed,
+                         bool* change) {
+  const Geometry& g = geometry();
+  const L2Entry& l2 = e.entry;
+  const bool hasBacking = backing_.engine || backing_.raw;
+  const bool owned = !l2.compressed && l2.hostAllocated && (config_.externalDataFile || (e.raw & kCopiedFlag));
+  const bool keep = owned && !unmap && !discard;
+  const bool hasData = l2.compressed || l2.hostAllocated;
+  const uint64_t keptHost = keep ? (l2.host | kCopiedFlag) : 0;
+  // Version 2 has no zero flag: only unallocated clusters without a backing image read as zeros.
+  // A discard makes a cluster read as zeros where the backing would otherwise show, as QEMU's does.
+  const bool zeroFlag = config_.version >= 3 && (!discard || hasBacking || hasData);
+  update->raw = keptHost;
+  update->bitmap = 0;
+  if (zeroFlag) {
+    if (g.extendedL2) {
+      update->bitmap = kAllZero;
+    } else {
+      update->raw |= kZeroFlag;
+    }
+  }
+  *change = update->raw != e.raw || update->bitmap != e.bitmap;
+  freed->bytes = 0;
+  if (hasData && !keep) {
+    freed->host = l2.host;
+    freed->bytes = l2.compressed ? l2.compressedBytes : g.clusterSize;
+    freed->dataFile = config_.externalDataFile;
+  }
+  return Status::Ok();
+}
+
+Status Engine::ModifyClusters(GuestOffset at, uint64_t len, bool unmap, bool discard) {
+  const Geometry& g = geometry();
+  const uint64_t first = at.value >> g.clusterBits, last = (at.value + len - 1) >> g.clusterBits;
+  ClusterRange held(locks_, first, last);
+  std::vector<L2Update> updates;
+  std::vector<HostFree> frees;
+  for (uint64_t c = first; c <= last; c++) {
+    Mapper::RawEntry e;
+    QCOW2_TRY(Fail(mapper_->EntryAt(GuestOffset{c << g.clusterBits}, &e)));
+    if (e.l2Offset != 0 && !(e.l1Raw & kCopiedFlag)) {
+      return Status::Error("ERR_QCOW2_UNSUPPORTED", "changing an L2 table shared with a snapshot (L1 entry " +
+                                                        std::to_string(e.l1Index) + ") is not supported");
+    }
+    L2Update update{e.l1Index, g.L2Index(GuestOffset{c << g.clusterBits}), 0, 0};
+    HostFree freed{};
+    bool change = false;
+    QCOW2_TRY(ZeroEntry(e, unmap, discard, &update, &freed, &change));
+    if (!change) continue;
+    if (e.l2Offset == 0) {
+      std::lock_guard<std::mutex> lock(metaMu_);
+      uint64_t table = 0;
+      QCOW2_TRY(Fail(TableFor(e, &table)));
+    }
+    updates.push_back(update);
+    if (freed.bytes > 0) frees.push_back(freed);
+  }
+  if (updates.empty()) return Status::Ok();
+  return Publish(std::move(updates), std::move(frees));
+}
+
+Status Engine::WriteZeroes(GuestOffset at, uint64_t len, bool unmap) {
+  QCOW2_TRY(CheckWrite(at, len, "write of zeros"));
+  if (len == 0) return Status::Ok();
+  const Geometry& g = geometry();
+  const uint64_t end = at.value + len;
+  // Whole clusters (the last one may end at the disk end) change their mapping; edges get zeros written.
+  uint64_t inner = (at.value + g.clusterSize - 1) & ~(g.clusterSize - 1);
+  uint64_t innerEnd = end == size() ? end : end & ~(g.clusterSize - 1);
+  const bool hasBacking = backing_.engine || backing_.raw;
+  const bool mapZeros = config_.version >= 3 || (unmap && !hasBacking);
+  if (!mapZeros || innerEnd <= inner) inner = innerEnd = end;
+  AlignedBuffer zeros(std::min<uint64_t>(std::max(inner - at.value, end - innerEnd), 1u << 20) + 1);
+  std::memset(zeros.data(), 0, zeros.size());
+  auto writeZeros = [&](uint64_t from, uint64_t to) -> Status {
+    for (uint64_t pos = from; pos < to;) {
+      const uint64_t n = std::min<uint64_t>(to - pos, zeros.size() - 1);
+      QCOW2_TRY(Write(zeros.data(), n, GuestOffset{pos}));
+      pos += n;
+    }
+    return Status::Ok();
+  };
+  QCOW2_TRY(writeZeros(at.value, inner));
+  if (innerEnd > inner) {
+    std::shared_lock<std::shared_mutex> resizing(resizeMu_);
+    QCOW2_TRY(ModifyClusters(GuestOffset{inner}, innerEnd - inner, unmap, false));
+  }
+  return writeZeros(std::max(innerEnd, inner), end);
+}
+
+Status Engine::Discard(GuestOffset at, uint64_t len) {
+  QCOW2_TRY(CheckWrite(at, len, "discard"));
+  const Geometry& g = geometry();
+  const uint64_t end = at.value + len;
+  const uint64_t inner = (at.value + g.clusterSize - 1) & ~(g.clusterSize - 1);
+  const uint64_t innerEnd = end == size() ? end : end & ~(g.clusterSize - 1);
+  if (innerEnd <= inner) return Status::Ok();
+  std::shared_lock<std::shared_mutex> resizing(resizeMu_);
+  return ModifyClusters(GuestOffset{inner}, innerEnd - inner, true, true);
+}
+
+Status Engine::WriteCompressed(const uint8_t* buf, uint64_t len, GuestOffset at) {
+  QCOW2_TRY(CheckWrite(at, len, "compressed write"));
+  const Geometry& g = geometry();
+  if (config_.externalDataFile) {
+    return Status::Error("ERR_QCOW2_UNSUPPORTED", "compressed clusters cannot be stored in an image with an external data file");
+  }
+  if (g.InCluster(at) != 0 || (len % g.clusterSize != 0 && at.value + len != size())) {
+    return Status::Error("ERR_QCOW2_INVALID_ARGUMENT", "compressed writes take whole clusters: " + std::to_string(len) +
+                                                           " bytes at guest offset " + std::to_string(at.value) +
+                                                           " are not aligned to the cluster size " +
+                                                           std::to_string(g.clusterSize));
+  }
+  AlignedBuffer cluster(g.clusterSize);
+  AlignedBuffer packed(g.clusterSize);
+  for (uint64_t done = 0; done < len; done += g.clusterSize) {
+    const uint64_t n = std::min(g.clusterSize, len - done);
+    std::memcpy(cluster.data(), buf + done, n);
+    std::memset(cluster.data() + n, 0, g.clusterSize - n);
+    size_t bytes = 0;
+    // Output no smaller than a cluster less a sector saves nothing: store the cluster as it is.
+    QCOW2_TRY(CompressCluster(config_.compression, cluster.data(), g.clusterSize, packed.data(),
+                              g.clusterSize - kSectorSize, &bytes));
+    if (bytes == 0) {
+      QCOW2_TRY(Write(buf + done, n, GuestOffset{at.value + done}));
+      continue;
+    }
+    QCOW2_TRY(WriteCompressedCluster(packed.data(), bytes, GuestOffset{at.value + done}));
+  }
+  return Status::Ok();
+}
+
+Status Engine::WriteCompressedCluster(const uint8_t* data, uint64_t bytes, GuestOffset at) {
+  const Geometry& g = geometry();
+  std::shared_lock<std::shared_mutex> resizing(resizeMu_);
+  const uint64_t c = at.value >> g.clusterBits;
+  ClusterRange held(locks_, c, c);
+  ClusterPlan plan;
+  QCOW2_TRY(Fail(PlanCluster(c, &plan)));
+  uint64_t host = 0;
+  {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    QCOW2_TRY(Fail(TableFor(plan.entry, &plan.table)));
+    if (compressedNext_ + bytes <= compressedEnd_) {
+      // Packed behind the previous compressed cluster: one more reference to the host cluster.
+      host = compressedNext_;
+      QCOW2_TRY(Fail(refcounts_->Add(host >> g.clusterBits, 1)));
+    } else {
+      uint64_t first = 0;
+      QCOW2_TRY(Fail(refcounts_->Allocate(1, &first)));
+      host = first << g.clusterBits;
+      compressedEnd_ = host + g.clusterSize;
+    }
+    compressedNext_ = host + bytes;
+    mapper_->NoteFileSize(host + g.clusterSize);
+  }
+  QCOW2_TRY(image_->Write(data, bytes, host));
+  const uint64_t sectors = (host + bytes - 1) / kSectorSize - host / kSectorSize;
+  const uint64_t raw = kCompressedFlag | (sectors << g.CompressedOffsetBits()) | host;
+  std::vector<HostFree> frees;
+  const L2Entry& old = plan.entry.entry;
+  if (old.compressed || old.hostAllocated) frees.push_back({old.host, old.compressed ? old.compressedBytes : g.clusterSize, false});
+  return Publish({{plan.entry.l1Index, g.L2Index(at), raw, 0}}, std::move(frees));
+}
+
+Status Engine::GrowL1(uint64_t entries) {
+  const Geometry& g = geometry();
+  const uint64_t bytes = (entries * 8 + g.clusterSize - 1) & ~(g.clusterSize - 1);
+  const uint64_t oldBytes = (mapper_->l1Entries() * 8 + g.clusterSize - 1) & ~(g.clusterSize - 1);
+  uint64_t cluster = 0;
+  {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    QCOW2_TRY(refcounts_->Allocate(bytes >> g.clusterBits, &cluster));
+  }
+  const uint64_t offset = cluster << g.clusterBits;
+  mapper_->NoteFileSize(offset + bytes);
+  AlignedBuffer table(bytes);
+  std::memset(table.data(), 0, bytes);
+  for (uint64_t i = 0; i < mapper_->l1Entries(); i++) StoreBE64(table.data() + 8 * i, mapper_->L1Raw(i));
+  QCOW2_TRY(image_->Write(table.data(), bytes, offset));
+  // Refcounts and table are durable before the header points at the table.
+  QCOW2_TRY(WriteRefcountChanges());
+  QCOW2_TRY(image_->Flush());
+  uint8_t field[12];
+  StoreBE32(field, static_cast<uint32_t>(entries));
+  StoreBE64(field + 4, offset);
+  QCOW2_TRY(WriteHeaderField(kHeaderL1, field, sizeof field));
+  const uint64_t oldOffset = config_.l1TableOffset;
+  config_.l1TableOffset = offset;
+  config_.l1Size = entries;
+  mapper_->GrowL1(entries);
+  if (oldBytes > 0 && oldOffset != 0) {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    pendingFrees_.push_back({oldOffset, oldBytes, false});
+  }
+  return Status::Ok();
+}
+
+Status Engine::Resize(uint64_t newSize, bool shrink) {
+  QCOW2_TRY(Writable());
+  std::unique_lock<std::shared_mutex> resizing(resizeMu_);
+  const Geometry& g = geometry();
+  const uint64_t oldSize = size();
+  if (newSize < oldSize && !shrink) {
+    return Status::Error("ERR_QCOW2_INVALID_ARGUMENT", "shrinking the disk from " + std::to_string(oldSize) + " to " +
+                                                           std::to_string(newSize) + " bytes needs shrink: true");
+  }
+  if (newSize < oldSize) {
+    // Clusters wholly past the new end lose their data, as QEMU's shrink discards them.
+    const uint64_t from = (newSize + g.clusterSize - 1) & ~(g.clusterSize - 1);
+    if (from < oldSize) {
+      const Geometry& geo = geometry();
+      const uint64_t first = from >> geo.clusterBits, last = (oldSize - 1) >> geo.clusterBits;
+      std::vector<L2Update> updates;
+      std::vector<HostFree> frees;
+      for (uint64_t c = first; c <= last; c++) {
+        Mapper::RawEntry e;
+        QCOW2_TRY(Fail(mapper_->EntryAt(GuestOffset{c << geo.clusterBits}, &e)));
+        if (e.l2Offset == 0 || (e.raw == 0 && e.bitmap == 0)) continue;
+        const L2Entry& l2 = e.entry;
+        updates.push_back({e.l1Index, geo.L2Index(GuestOffset{c << geo.clusterBits}), 0, 0});
+        if ((l2.compressed || l2.hostAllocated) && !config_.externalDataFile) {
+          frees.push_back({l2.host, l2.compressed ? l2.compressedBytes : geo.clusterSize, false});
+        }
+      }
+      QCOW2_TRY(Publish(std::move(updates), std::move(frees)));
+    }
+  }
+  const Geometry grown = Geometry::Make(g.clusterBits, g.extendedL2, newSize);
+  if (grown.L1EntriesNeeded() > mapper_->l1Entries()) QCOW2_TRY(Fail(GrowL1(grown.L1EntriesNeeded())));
+  QCOW2_TRY(Flush());
+  uint8_t field[8];
+  StoreBE64(field, newSize);
+  QCOW2_TRY(WriteHeaderField(kHeaderSize, field, sizeof field));
+  mapper_->SetVirtualSize(newSize);
+  return Status::Ok();
+}
+
+}  // namespace qcow2

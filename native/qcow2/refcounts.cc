@@ -1,0 +1,215 @@
+#include "qcow2/refcounts.h"
+
+#include <algorithm>
+
+#include "buffer.h"
+#include "qcow2/layout.h"
+
+namespace qcow2 {
+namespace {
+
+constexpr const char* kCorrupt = "ERR_QCOW2_CORRUPT";
+
+/// QEMU's bound on the refcount table, a sane limit for any image.
+constexpr uint64_t kMaxTableBytes = 8ull << 20;
+
+}  // namespace
+
+uint64_t GetRefcount(const uint8_t* block, uint32_t bits, uint64_t index) {
+  if (bits < 8) {
+    const uint32_t perByte = 8 / bits;
+    const uint32_t shift = static_cast<uint32_t>(index % perByte) * bits;
+    return (block[index / perByte] >> shift) & ((1u << bits) - 1);
+  }
+  const uint32_t bytes = bits / 8;
+  uint64_t v = 0;
+  for (uint32_t i = 0; i < bytes; i++) v = v << 8 | block[index * bytes + i];
+  return v;
+}
+
+void SetRefcount(uint8_t* block, uint32_t bits, uint64_t index, uint64_t value) {
+  if (bits < 8) {
+    const uint32_t perByte = 8 / bits;
+    const uint32_t shift = static_cast<uint32_t>(index % perByte) * bits;
+    const uint8_t mask = static_cast<uint8_t>(((1u << bits) - 1) << shift);
+    uint8_t& byte = block[index / perByte];
+    byte = static_cast<uint8_t>((byte & ~mask) | ((value << shift) & mask));
+    return;
+  }
+  const uint32_t bytes = bits / 8;
+  for (uint32_t i = 0; i < bytes; i++) block[index * bytes + i] = static_cast<uint8_t>(value >> (8 * (bytes - 1 - i)));
+}
+
+Status Refcounts::Load(std::shared_ptr<File> image, uint32_t clusterBits, uint32_t refcountOrder, uint64_t tableOffset,
+                       uint64_t tableClusters, uint64_t fileSize, std::unique_ptr<Refcounts>* out) {
+  std::unique_ptr<Refcounts> r(new Refcounts());
+  r->clusterBits_ = clusterBits;
+  r->clusterSize_ = 1ull << clusterBits;
+  r->bits_ = 1u << refcountOrder;
+  r->perBlock_ = r->clusterSize_ * 8 / r->bits_;
+  r->maxValue_ = r->bits_ == 64 ? ~0ull : (1ull << r->bits_) - 1;
+  const uint64_t bytes = tableClusters << clusterBits;
+  if (tableClusters == 0 || bytes > kMaxTableBytes) {
+    return Status::Error(kCorrupt, "the refcount table has " + std::to_string(tableClusters) +
+                                       " clusters; it must have at least 1 and at most " +
+                                       std::to_string(kMaxTableBytes >> clusterBits));
+  }
+  if ((tableOffset & (r->clusterSize_ - 1)) || tableOffset > fileSize || bytes > fileSize - tableOffset) {
+    return Status::Error(kCorrupt, "the refcount table (" + std::to_string(bytes) + " bytes at offset " +
+                                       std::to_string(tableOffset) + ") is unaligned or ends past the image file (" +
+                                       std::to_string(fileSize) + " bytes)");
+  }
+  AlignedBuffer table(bytes);
+  QCOW2_TRY(image->Read(table.data(), bytes, tableOffset));
+  r->table_.resize(bytes / 8);
+  for (uint64_t i = 0; i < r->table_.size(); i++) r->table_[i] = LoadBE64(table.data() + 8 * i);
+  r->tableOffset_ = tableOffset;
+  r->tableClusters_ = tableClusters;
+  r->fileSize_ = fileSize;
+  r->image_ = std::move(image);
+  *out = std::move(r);
+  return Status::Ok();
+}
+
+Status Refcounts::LoadBlock(uint64_t index, Block** out) {
+  auto it = blocks_.find(index);
+  if (it != blocks_.end()) {
+    *out = &it->second;
+    return Status::Ok();
+  }
+  const uint64_t raw = table_[index];
+  const uint64_t offset = raw & kOffsetMask;
+  if ((raw & ~kOffsetMask) || (offset & (clusterSize_ - 1)) || offset + clusterSize_ > std::max(fileSize_, offset + 1)) {
+    return Status::Error(kCorrupt, "refcount table entry " + std::to_string(index) + " (" + Hex(raw) +
+                                       ") is unaligned, has reserved bits, or points past the image file (" +
+                                       std::to_string(fileSize_) + " bytes)");
+  }
+  AlignedBuffer buffer(clusterSize_);
+  QCOW2_TRY(image_->Read(buffer.data(), clusterSize_, offset));
+  Block& block = blocks_[index];
+  block.bytes.assign(buffer.data(), buffer.data() + clusterSize_);
+  *out = &block;
+  return Status::Ok();
+}
+
+Status Refcounts::MakeBlock(uint64_t index, Block** out) {
+  if (index >= table_.size()) QCOW2_TRY(GrowTable(index + 1));
+  const uint64_t self = index * perBlock_;
+  Block& block = blocks_[index];
+  block.bytes.assign(clusterSize_, 0);
+  block.dirty = true;
+  SetRefcount(block.bytes.data(), bits_, 0, 1);
+  table_[index] = self << clusterBits_;
+  newEntries_.push_back({index, self << clusterBits_});
+  fileSize_ = std::max(fileSize_, (self + 1) << clusterBits_);
+  *out = &block;
+  return Status::Ok();
+}
+
+Status Refcounts::BlockFor(uint64_t cluster, bool create, Block** out) {
+  const uint64_t index = cluster / perBlock_;
+  *out = nullptr;
+  if (index < table_.size() && table_[index] != 0) return LoadBlock(index, out);
+  if (!create) return Status::Ok();
+  return MakeBlock(index, out);
+}
+
+Status Refcounts::Get(uint64_t cluster, uint64_t* value) {
+  Block* block = nullptr;
+  QCOW2_TRY(BlockFor(cluster, false, &block));
+  *value = block ? GetRefcount(block->bytes.data(), bits_, cluster % perBlock_) : 0;
+  return Status::Ok();
+}
+
+Status Refcounts::Add(uint64_t cluster, int64_t delta) {
+  Block* block = nullptr;
+  QCOW2_TRY(BlockFor(cluster, delta > 0, &block));
+  const uint64_t now = block ? GetRefcount(block->bytes.data(), bits_, cluster % perBlock_) : 0;
+  const bool under = delta < 0 && now < static_cast<uint64_t>(-delta);
+  const bool over = delta > 0 && maxValue_ - now < static_cast<uint64_t>(delta);
+  if (!block || under || over) {
+    return Status::Error(kCorrupt, "refcount of cluster " + std::to_string(cluster) + " is " + std::to_string(now) +
+                                       "; adding " + std::to_string(delta) + " leaves the range 0.." +
+                                       std::to_string(maxValue_));
+  }
+  const uint64_t value = now + static_cast<uint64_t>(delta);
+  SetRefcount(block->bytes.data(), bits_, cluster % perBlock_, value);
+  block->dirty = true;
+  if (value == 0) cursor_ = std::min(cursor_, cluster);
+  return Status::Ok();
+}
+
+Status Refcounts::Allocate(uint64_t count, uint64_t* first) {
+  for (;;) {
+    uint64_t start = cursor_, firstFree = UINT64_MAX;
+    bool madeBlock = false;
+    for (uint64_t c = start; c < start + count; c++) {
+      const uint64_t index = c / perBlock_;
+      Block* block = nullptr;
+      if (index >= table_.size() || table_[index] == 0) {
+        // A new block takes the first cluster it describes, which may fall in this run: search again.
+        QCOW2_TRY(MakeBlock(index, &block));
+        madeBlock = true;
+        break;
+      }
+      QCOW2_TRY(LoadBlock(index, &block));
+      if (GetRefcount(block->bytes.data(), bits_, c % perBlock_) != 0) {
+        start = c + 1;
+      } else {
+        firstFree = std::min(firstFree, c);
+      }
+    }
+    if (madeBlock) continue;
+    for (uint64_t c = start; c < start + count; c++) QCOW2_TRY(Add(c, 1));
+    cursor_ = firstFree < start ? firstFree : start + count;
+    fileSize_ = std::max(fileSize_, (start + count) << clusterBits_);
+    *first = start;
+    return Status::Ok();
+  }
+}
+
+Status Refcounts::GrowTable(uint64_t minEntries) {
+  const uint64_t entriesPerCluster = clusterSize_ / 8;
+  uint64_t clusters = std::max<uint64_t>(tableClusters_ * 2, (minEntries + entriesPerCluster - 1) / entriesPerCluster + 1);
+  if ((clusters << clusterBits_) > kMaxTableBytes) {
+    return Status::Error("ENOSPC", "the refcount table would need " + std::to_string(clusters) +
+                                       " clusters, more than the limit of " + std::to_string(kMaxTableBytes >> clusterBits_));
+  }
+  // The old table stays in use until the header points at the new one; it is freed after that.
+  if (!tableMoved_) oldTable_ = {tableOffset_ >> clusterBits_, tableClusters_};
+  table_.resize(clusters * entriesPerCluster, 0);
+  tableClusters_ = clusters;
+  tableMoved_ = true;
+  uint64_t at = 0;
+  // The new table's clusters may need blocks of their own, which Allocate makes in the bigger table.
+  QCOW2_TRY(Allocate(clusters, &at));
+  tableOffset_ = at << clusterBits_;
+  return Status::Ok();
+}
+
+void Refcounts::TakeDirty(std::vector<RefcountBlockWrite>* blocks, std::vector<RefcountTableWrite>* entries) {
+  for (auto& [index, block] : blocks_) {
+    if (!block.dirty) continue;
+    blocks->push_back({table_[index] & kOffsetMask, block.bytes});
+    block.dirty = false;
+  }
+  if (!tableMoved_) entries->insert(entries->end(), newEntries_.begin(), newEntries_.end());
+  newEntries_.clear();
+}
+
+Status Refcounts::WriteTable(uint64_t* offset, uint64_t* clusters, std::pair<uint64_t, uint64_t>* old) {
+  const uint64_t bytes = tableClusters_ << clusterBits_;
+  AlignedBuffer buffer(bytes);
+  for (uint64_t i = 0; i < table_.size(); i++) {
+    const uint64_t be = __builtin_bswap64(table_[i]);
+    __builtin_memcpy(buffer.data() + 8 * i, &be, 8);
+  }
+  QCOW2_TRY(image_->Write(buffer.data(), bytes, tableOffset_));
+  *offset = tableOffset_;
+  *clusters = tableClusters_;
+  *old = oldTable_;
+  tableMoved_ = false;
+  return Status::Ok();
+}
+
+}  // namespace qcow2
