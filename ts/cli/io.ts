@@ -8,7 +8,7 @@ import { open, probeFormat } from '../open.js';
 import { checkFormatName, executeLine, openInSession } from '../tools/io/commands.js';
 import { errorText } from '../tools/io/format.js';
 import { ProbedRawImage } from '../tools/io/probe-guard.js';
-import { IoOpenRequest, IoSession } from '../tools/io/session.js';
+import { IO_DEFAULT_CACHE, IoOpenRequest, IoSession } from '../tools/io/session.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
 
 const SPEC = {
@@ -42,7 +42,8 @@ Exercise the I/O path of an image, with qemu-io's commands and output.
   -f, --format FMT     the image format (raw, qcow2); probed when left out
   -r, --read-only      open the image read-only
   -n, --nocache        disable host cache, short for -t none
-  -t, --cache=MODE     host cache mode (none, writeback, unsafe, directsync, writethrough)
+  -t, --cache=MODE     host cache mode (none, writeback, unsafe, directsync, writethrough;
+                       default writethrough)
   -U, --force-share    accepted for compatibility (no locks are taken)
   -C, -m, -k, -i MODE, -d MODE  accepted for compatibility
   -h, --help           display this help and exit
@@ -127,7 +128,7 @@ export async function run(argv: string[]): Promise<number> {
     process.stdout.write(`qcow2 io version ${version}\n`);
     return 0;
   }
-  const cache = args.options.has('n') ? 'none' : (lastOption(args, 't') ?? 'writeback');
+  const cache = args.options.has('n') ? 'none' : (lastOption(args, 't') ?? IO_DEFAULT_CACHE);
   if (!(CACHE_MODES as readonly string[]).includes(cache)) {
     process.stderr.write(`${PREFIX}Invalid cache option: ${cache}\n`);
     return 1;

@@ -21,7 +21,7 @@ import {
   writeCommand,
   writevCommand,
 } from './requests.js';
-import { IoOpenRequest, IoSession, ShowUsage } from './session.js';
+import { IO_DEFAULT_CACHE, IoOpenRequest, IoSession, ShowUsage } from './session.js';
 
 /** One qemu-io command: its syntax, its argument bounds and what it does. */
 interface Command {
@@ -428,7 +428,7 @@ async function openCommand(s: IoSession, flags: Flags, operands: string[]): Prom
   }
   if (operands.length !== 1) throw new ShowUsage();
   const [path] = operands;
-  const cacheText = flags.has('n') ? 'none' : (flags.get('t')?.at(-1) ?? 'writeback');
+  const cacheText = flags.has('n') ? 'none' : (flags.get('t')?.at(-1) ?? IO_DEFAULT_CACHE);
   if (!(CACHE_MODES as readonly string[]).includes(cacheText)) {
     s.error(`Invalid cache option: ${cacheText}`);
     return false;

@@ -2,6 +2,9 @@
 import type { Image, ImageFormat } from '../../image.js';
 import type { CacheMode } from '../../native.js';
 
+/** qemu-io's default host cache mode: writethrough, every write durable before it completes. */
+export const IO_DEFAULT_CACHE = 'writethrough';
+
 /** Thrown by a command whose operands do not fit its syntax: the command's usage line is printed. */
 export class ShowUsage extends Error {}
 
