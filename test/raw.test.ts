@@ -5,7 +5,7 @@ import path from 'node:path';
 import test from 'ava';
 
 import { ErrorCodes, RawImage, open, probeFormat } from '../ts/index.js';
-import { patternBytes, qemuImg, tempDir } from './helpers/qemu.js';
+import { patternBytes, qcow2Cli, qemuImg, tempDir } from './helpers/qemu.js';
 
 async function rawFile(t: Parameters<typeof tempDir>[0], content: Buffer): Promise<string> {
   const file = path.join(await tempDir(t), 'disk.raw');
@@ -23,7 +23,10 @@ test('open() probes raw and qcow2 by magic', async (t) => {
   t.is(await probeFormat(qcow), 'qcow2');
   const image = await open(raw, { readOnly: true });
   t.is(image.format, 'raw');
-  t.is(image.size, 3);
+  t.is(image.size, 512, 'a raw disk is whole sectors, as QEMU sees it');
+  const sector = Buffer.alloc(512, 1);
+  await image.read(sector, 0);
+  t.deepEqual(sector, Buffer.concat([Buffer.from('QFI'), Buffer.alloc(509)]));
   await image.close();
 });
 
@@ -154,4 +157,18 @@ test('Symbol.asyncDispose closes the image', async (t) => {
   const image = await open(file, { readOnly: true });
   await image[Symbol.asyncDispose]();
   await t.throwsAsync(image.read(Buffer.alloc(1), 0), { code: ErrorCodes.CLOSED });
+});
+
+test('a raw file that is not whole sectors maps and converts like qemu-img (rounded up to 512)', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'odd.raw');
+  await writeFile(file, patternBytes(1000, 28));
+  const ours = await qcow2Cli('map', '--output=json', '-f', 'raw', file);
+  t.is(ours.stdout, await qemuImg('map', '--output=json', '-f', 'raw', file));
+  await qemuImg('convert', '-f', 'raw', '-O', 'raw', file, path.join(dir, 'theirs.raw'));
+  const converted = await qcow2Cli('convert', '-f', 'raw', '-O', 'raw', file, path.join(dir, 'ours.raw'));
+  t.is(converted.code, 0, converted.stderr);
+  const theirs = await readFile(path.join(dir, 'theirs.raw'));
+  t.is(theirs.length, 1024);
+  t.deepEqual(await readFile(path.join(dir, 'ours.raw')), theirs);
 });

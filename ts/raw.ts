@@ -14,6 +14,14 @@ import {
 } from './image.js';
 import { CacheMode, NativeFile, native } from './native.js';
 
+/**
+ * The guest size of a raw file: its length rounded up to whole 512-byte sectors, as QEMU sees
+ * it (the bytes of the last partial sector past the end of the file read as zero).
+ */
+export function rawDiskSize(fileSize: number): number {
+  return Math.ceil(fileSize / 512) * 512;
+}
+
 export interface RawOpenOptions {
   readOnly?: boolean;
   cache?: CacheMode;
@@ -41,12 +49,12 @@ export class RawImage implements Image {
   static async open(path: string, options: RawOpenOptions = {}): Promise<RawImage> {
     const readOnly = options.readOnly ?? false;
     const file = await settle(native.NativeFile.open(path, { writable: !readOnly, cache: options.cache ?? 'none' }));
-    return new RawImage(path, file, await settle(file.size()), readOnly);
+    return new RawImage(path, file, rawDiskSize(await settle(file.size())), readOnly);
   }
 
   /** Wrap a file the caller already opened (the image takes ownership). */
   static async fromFile(path: string, file: NativeFile): Promise<RawImage> {
-    return new RawImage(path, file, await settle(file.size()), !file.info.writable);
+    return new RawImage(path, file, rawDiskSize(await settle(file.size())), !file.info.writable);
   }
 
   get size(): number {
@@ -117,14 +125,14 @@ export class RawImage implements Image {
     await settle(this.#live().flush());
   }
 
-  /** Change the size of the file; growing adds a hole that reads as zero. */
+  /** Change the size of the file to exactly `size` bytes; growing adds a hole that reads as zero. */
   async resize(size: number): Promise<void> {
     const file = this.#writable('resize');
     if (!Number.isSafeInteger(size) || size < 0) {
       throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `resize: size must be a non-negative integer, got ${size}`);
     }
     await settle(file.truncate(size));
-    this.#size = size;
+    this.#size = rawDiskSize(size);
   }
 
   async close(): Promise<void> {
@@ -137,19 +145,23 @@ export class RawImage implements Image {
     await this.close();
   }
 
-  /** Data and holes from SEEK_DATA/SEEK_HOLE: holes read as zero. */
+  /**
+   * Data and holes from SEEK_DATA/SEEK_HOLE: holes read as zero. Data that reaches the end of
+   * the file covers the rest of its last sector, as QEMU reports it.
+   */
   async *extents(options?: ExtentOptions): AsyncGenerator<Extent> {
     const file = this.#live();
     const { offset, end } = extentRange(options, this.#size);
+    const fileSize = await settle(file.size());
+    const dataEnd = (hole: number) => Math.min(hole >= fileSize ? rawDiskSize(fileSize) : hole, end);
     for (let pos = offset; pos < end; ) {
-      const data = Math.min(await settle(file.seekData(pos)), end);
+      const data = pos < fileSize ? Math.min(await settle(file.seekData(pos)), end) : end;
       if (data > pos) {
         yield { offset: pos, length: data - pos, kind: 'zero', depth: 0 };
         pos = data;
         if (pos >= end) break;
       }
-      const hole = Math.min(await settle(file.seekHole(pos)), end);
-      const stop = hole > pos ? hole : end;
+      const stop = dataEnd(await settle(file.seekHole(pos)));
       yield { offset: pos, length: stop - pos, kind: 'data', depth: 0, hostOffset: pos, file: this.path };
       pos = stop;
     }
