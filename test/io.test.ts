@@ -233,7 +233,8 @@ function runWithInput(program: string, args: string[], input: string): Promise<R
 
 test('interactive mode: a prompt per line from stdin, quit ends it, any failure makes the exit code 1', async (t) => {
   const [a, b] = await rawTwins(t);
-  for (const input of ['write -P 7 0 4k\nread -P 7 0 4k\n\nbogus\nread 1M 1\nlength\nquit\nlength\n', 'length\nalloc 0', '']) {
+  const inputs = ['write -P 7 0 4k\nread -P 7 0 4k\n\nbogus\nread 1M 1\nlength\nquit\nlength\n', 'length\nalloc 0', '', '  length  \nlength\t\n'];
+  for (const input of inputs) {
     const theirs = await runWithInput('qemu-io', ['-f', 'raw', a], input);
     const ours = await runWithInput(process.execPath, [CLI, 'io', '-f', 'raw', b], input);
     t.is(maskTimes(ours.stdout), maskTimes(theirs.stdout), JSON.stringify(input));

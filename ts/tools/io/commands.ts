@@ -257,7 +257,8 @@ function countError(command: Command, typed: string, count: number): string | un
 
 /** Run one command line; failures are printed, never thrown. */
 export async function executeLine(s: IoSession, line: string): Promise<LineResult> {
-  const [typed, ...args] = line.split(/\s+/).filter((word) => word !== '');
+  // Words are separated by spaces only, as in qemu-io: a tab is part of a word.
+  const [typed, ...args] = line.split(' ').filter((word) => word !== '');
   if (typed === undefined) return { ok: true, quit: false };
   const command = find(typed);
   if (!command) {
