@@ -21,6 +21,8 @@ const { GiB, MiB, agedQcow2, compressedQcow2, fullQcow2 } = require('../lib/fixt
 const { dropCaches, runChecked, runMeasured } = require('../lib/proc.js');
 const { formatBytes, formatCount, formatKiB, formatMs, formatRatio, markdownTable, median, printTable } = require('../lib/stats.js');
 
+const USAGE =
+  'usage: node bench/scenarios/read-path.js [--runs N] [--only ID,ID] [--small] [--no-drop-caches] [--markdown] [--read-count N] [--clean]';
 const ALL = ['convert-full', 'convert-aged', 'convert-zlib', 'convert-zstd', 'map-aged', 'randread', 'memory', 'fio'];
 const MEMORY_LIMIT_KIB = 256 * 1024;
 /** The watchdog kills a command when the bench disk's free space falls below this. */
@@ -37,7 +39,8 @@ function parseCommandLine(argv) {
     else if (arg === '--markdown') options.markdown = true;
     else if (arg === '--clean') options.clean = true;
     else if (arg === '--read-count') options.readCount = Number(argv[++i]);
-    else throw new Error(`unknown argument '${arg}'`);
+    else if (arg === '-h' || arg === '--help') return null;
+    else throw new Error(`unknown argument '${arg}'\n${USAGE}`);
   }
   const unknown = options.only.filter((id) => !ALL.includes(id));
   if (unknown.length) throw new Error(`unknown scenario ${unknown.join(', ')} (known: ${ALL.join(', ')})`);
@@ -268,6 +271,10 @@ function load() {
 
 async function main() {
   const options = parseCommandLine(process.argv.slice(2));
+  if (!options) {
+    process.stdout.write(`${USAGE}\nscenarios: ${ALL.join(', ')}\n`);
+    return;
+  }
   if (options.clean) {
     cleanBenchDir();
     process.stdout.write(`removed ${BENCH_DIR}\n`);
