@@ -208,6 +208,15 @@ test('open and close within a session; commands without an open file say so', as
   const missing = path.join(path.dirname(a), 'missing.img');
   await sameRun(t, missing, missing, ['-f', 'raw', '-c', 'length']);
   await sameRun(t, a, a, ['-f', 'bogus', '-c', 'length']);
+  const dir = path.dirname(a);
+  await sameRun(t, dir, dir, ['-c', 'length']);
+  await sameRun(t, missing, missing, ['-c', 'length']);
+  const orphan = path.join(dir, 'orphan.qcow2');
+  await qemuImg('create', '-f', 'qcow2', '-u', '-b', path.join(dir, 'gone.qcow2'), '-F', 'qcow2', orphan, '1M');
+  await sameRun(t, orphan, orphan, ['-c', 'length']);
+  const garbage = path.join(dir, 'garbage.qcow2');
+  await writeFile(garbage, 'not an image');
+  await sameRun(t, garbage, garbage, ['-f', 'qcow2', '-c', 'length']);
 });
 
 test('quit stops a -c sequence', async (t) => {

@@ -1,7 +1,7 @@
 /** `qcow2 io [-f FMT] [-r] [-n] [-t CACHE] [-c CMD]... [-U] [IMG]`: a drop-in for qemu-io. */
 import readline from 'node:readline';
 
-import { asQcow2Error } from '../errors.js';
+import { Qcow2Error, asQcow2Error } from '../errors.js';
 import type { ImageFormat } from '../image.js';
 import { CACHE_MODES, CacheMode } from '../native.js';
 import { open, probeFormat } from '../open.js';
@@ -66,6 +66,18 @@ function rawProbeWarning(path: string): string {
   );
 }
 
+/** qemu's wording for a file that could not be opened: "Could not open 'PATH': strerror". */
+function openFailure(cause: Qcow2Error, imagePath: string): string {
+  const node = /^E[A-Z0-9]+: .*, [a-z]+ '(.*)'$/.exec(cause.message);
+  if (node) {
+    const text = `Could not open '${node[1]}': ${errorText(cause)}`;
+    // Any other file a Node call names is one the image points to: its backing file.
+    return node[1] === imagePath ? text : `Could not open backing file: ${text}`;
+  }
+  if (/^E[A-Z0-9]+: /.test(cause.message)) return `Could not open '${imagePath}': ${errorText(cause)}`;
+  return cause.message.replace(/^could not open/, 'Could not open');
+}
+
 /** Open images the way qemu-io does: backing and data file names followed, errors worded like qemu's. */
 async function openForIo(request: IoOpenRequest) {
   let format: ImageFormat | undefined = request.format;
@@ -75,9 +87,7 @@ async function openForIo(request: IoOpenRequest) {
     const image = await open(request.path, { format, readOnly: request.readOnly, cache: request.cache, followFileNames: true });
     return probedRaw ? new ProbedRawImage(image) : image;
   } catch (error) {
-    const cause = asQcow2Error(error);
-    const errno = /^E[A-Z]+$/.test(cause.code);
-    throw new Error(errno ? `Could not open '${request.path}': ${errorText(cause)}` : cause.message);
+    throw new Error(openFailure(asQcow2Error(error), request.path));
   }
 }
 
