@@ -349,7 +349,7 @@ test('size, time and statistics formats', (t) => {
 });
 
 /** Twin qcow2 images: a fresh one, or an overlay over a backing file with data (for copy-on-write). */
-async function qcow2Twins(t: ExecutionContext, withBacking: boolean): Promise<[string, string]> {
+async function qcow2Twins(t: ExecutionContext, withBacking: boolean, options = 'cluster_size=64k'): Promise<[string, string]> {
   const dir = await tempDir(t);
   let backingArgs: string[] = [];
   if (withBacking) {
@@ -358,7 +358,7 @@ async function qcow2Twins(t: ExecutionContext, withBacking: boolean): Promise<[s
     await qemuIo('-f', 'qcow2', '-c', 'write -P 9 0 4M', base);
     backingArgs = ['-b', base, '-F', 'qcow2'];
   }
-  return twins(t, (f) => qemuImg('create', '-f', 'qcow2', ...backingArgs, f, '4M'), 'disk.qcow2');
+  return twins(t, (f) => qemuImg('create', '-f', 'qcow2', '-o', options, ...backingArgs, f, '4M'), 'disk.qcow2');
 }
 
 const QCOW2_WRITES = [
@@ -396,3 +396,14 @@ for (const withBacking of [false, true]) {
     t.is(check.code, 0, check.stdout + check.stderr);
   });
 }
+
+test('qcow2 writes with 4 KiB and 2 MiB clusters, 1-bit refcounts with lazy refcounts, zstd compression', async (t) => {
+  const writes = [...QCOW2_WRITES.slice(0, 16), 'write -z 400k 1k', 'discard 100k 4k', 'write -P 7 3M 512', 'map'];
+  for (const options of ['cluster_size=4k', 'cluster_size=2M', 'refcount_bits=1,lazy_refcounts=on', 'compression_type=zstd']) {
+    const [a, b] = await qcow2Twins(t, false, options);
+    await sameRun(t, a, b, ['-f', 'qcow2', ...cmds(...writes)], options);
+    await assertSameImages(t, a, b, 'qcow2');
+    const check = await runProgram('qemu-img', ['check', b]);
+    t.is(check.code, 0, check.stdout + check.stderr);
+  }
+});
