@@ -165,6 +165,11 @@ Status Engine::TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset) {
     *tableOffset = it->second;
     return Status::Ok();
   }
+  // A commit may have put the table in the L1 since the caller looked (it publishes, then forgets it here).
+  if (const uint64_t published = mapper_->L1Raw(e.l1Index) & kOffsetMask) {
+    *tableOffset = published;
+    return Status::Ok();
+  }
   uint64_t cluster = 0;
   QCOW2_TRY(refcounts_->Allocate(1, &cluster));
   *tableOffset = cluster << geometry().clusterBits;
@@ -559,7 +564,9 @@ Status Engine::Discard(GuestOffset at, uint64_t len) {
   const uint64_t end = at.value + len;
   const uint64_t inner = (at.value + g.clusterSize - 1) & ~(g.clusterSize - 1);
   const uint64_t innerEnd = end == size() ? end : end & ~(g.clusterSize - 1);
-  if (innerEnd <= inner) return Status::Ok();
+  // Without a zero flag, dropping a cluster would show the backing image: version 2 keeps it, as QEMU does.
+  const bool hasBacking = backing_.engine || backing_.raw;
+  if (innerEnd <= inner || (config_.version < 3 && hasBacking)) return Status::Ok();
   std::shared_lock<std::shared_mutex> resizing(resizeMu_);
   return ModifyClusters(GuestOffset{inner}, innerEnd - inner, true, true);
 }
