@@ -146,22 +146,21 @@ export class RawImage implements Image {
   }
 
   /**
-   * Data and holes from SEEK_DATA/SEEK_HOLE: holes read as zero. Data that reaches the end of
-   * the file covers the rest of its last sector, as QEMU reports it.
+   * Data and holes from SEEK_DATA/SEEK_HOLE: holes, and the rest of the last sector past the end
+   * of the file, read as zero.
    */
   async *extents(options?: ExtentOptions): AsyncGenerator<Extent> {
     const file = this.#live();
     const { offset, end } = extentRange(options, this.#size);
     const fileSize = await settle(file.size());
-    const dataEnd = (hole: number) => Math.min(hole >= fileSize ? rawDiskSize(fileSize) : hole, end);
     for (let pos = offset; pos < end; ) {
       const data = pos < fileSize ? Math.min(await settle(file.seekData(pos)), end) : end;
       if (data > pos) {
         yield { offset: pos, length: data - pos, kind: 'zero', depth: 0 };
         pos = data;
-        if (pos >= end) break;
+        continue;
       }
-      const stop = dataEnd(await settle(file.seekHole(pos)));
+      const stop = Math.min(await settle(file.seekHole(pos)), end);
       yield { offset: pos, length: stop - pos, kind: 'data', depth: 0, hostOffset: pos, file: this.path };
       pos = stop;
     }
