@@ -205,6 +205,10 @@ test('open and close within a session; commands without an open file say so', as
   t.is(maskTimes(ours.stdout), maskTimes(theirs.stdout));
   t.is(neutralErr(ours.stderr), neutralErr(theirs.stderr));
   t.is(ours.code, theirs.code);
+  const reopen = cmds('reopen -r', 'write 0 1', 'reopen -w', 'write 0 1', 'reopen -r -w', 'reopen -c bad', 'reopen -c none', 'reopen x');
+  await sameRun(t, a, b, ['-f', 'raw', ...reopen, ...cmds('reopen -o x=y', 'read -P 0xcd 0 1', 'close', 'reopen')]);
+  await sameRun(t, a, b, ['-r', ...cmds('reopen', 'write 0 1', 'reopen -c writeback', 'reopen -w -c unsafe', 'write -P 3 0 1')]);
+  await assertSameImages(t, a, b, 'raw');
   const missing = path.join(path.dirname(a), 'missing.img');
   await sameRun(t, missing, missing, ['-f', 'raw', '-c', 'length']);
   await sameRun(t, a, a, ['-f', 'bogus', '-c', 'length']);

@@ -83,7 +83,8 @@ async function openForIo(request: IoOpenRequest) {
   let format: ImageFormat | undefined = request.format;
   try {
     const probedRaw = format === undefined && (format = await probeFormat(request.path)) === 'raw';
-    if (probedRaw) process.stderr.write(rawProbeWarning(request.path));
+    // qemu warns only where writes are restricted: images opened writable.
+    if (probedRaw && !request.again && !request.readOnly) process.stderr.write(rawProbeWarning(request.path));
     const image = await open(request.path, { format, readOnly: request.readOnly, cache: request.cache, followFileNames: true });
     return probedRaw ? new ProbedRawImage(image) : image;
   } catch (error) {

@@ -148,6 +148,16 @@ const COMMANDS: Command[] = [
     noFile: true,
     run: openCommand,
   },
+  {
+    name: 'reopen',
+    args: '[(-r|-w)] [-c cache] [-o options]',
+    oneline: 'reopens an image with new options',
+    help: 'Opens the image again, read-only (-r) or read-write (-w), with another host cache mode (-c).\n',
+    options: 'rwc:o:',
+    min: 0,
+    max: -1,
+    run: reopenCommand,
+  },
   { name: 'quit', alt: 'q', oneline: 'exit the program', min: 0, max: 0, noFile: true, run: async () => true },
   {
     name: 'read',
@@ -447,6 +457,7 @@ async function openCommand(s: IoSession, flags: Flags, operands: string[]): Prom
 export async function openInSession(s: IoSession, request: IoOpenRequest): Promise<boolean> {
   try {
     s.image = await s.opener(request);
+    s.opened = request;
     return true;
   } catch (error) {
     s.error(`can't open device ${request.path}: ${(error as Error).message}`);
@@ -462,6 +473,40 @@ async function sleepCommand(s: IoSession, _flags: Flags, operands: string[]): Pr
     return false;
   }
   await new Promise((resolve) => setTimeout(resolve, Number(text)));
+  return true;
+}
+
+/** `reopen [(-r|-w)] [-c cache]`: the same image opened again with other access or cache; the old one stays on failure. */
+async function reopenCommand(s: IoSession, flags: Flags, operands: string[]): Promise<boolean> {
+  if (operands.length > 0) throw new ShowUsage();
+  if (flags.has('r') && flags.has('w')) {
+    s.error('Only one -r/-w option may be given');
+    return false;
+  }
+  const cache = flags.get('c')?.at(-1);
+  if (cache !== undefined && !(CACHE_MODES as readonly string[]).includes(cache)) {
+    s.error(`Invalid cache option: ${cache}`);
+    return false;
+  }
+  const option = flags.get('o')?.at(-1);
+  if (option !== undefined) {
+    s.error(`Cannot change the option '${option.split('=')[0]}'`);
+    return false;
+  }
+  const old = s.image!;
+  const previous = s.opened!;
+  const readOnly = flags.has('r') ? true : flags.has('w') ? false : old.readOnly;
+  await s.drain();
+  await old.flush();
+  const request = { ...previous, readOnly, cache: (cache as CacheMode | undefined) ?? previous.cache, again: true };
+  try {
+    s.image = await s.opener(request);
+  } catch (error) {
+    s.error((error as Error).message);
+    return false;
+  }
+  s.opened = request;
+  await old.close();
   return true;
 }
 

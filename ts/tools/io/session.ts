@@ -20,6 +20,8 @@ export interface IoOpenRequest {
   format?: ImageFormat;
   readOnly: boolean;
   cache: CacheMode;
+  /** The image is opened again (reopen): warnings already given are not repeated. */
+  again?: boolean;
 }
 
 /** Opens images for a session; the CLI decides how (file names followed, cache defaults). */
@@ -28,6 +30,8 @@ export type IoOpener = (request: IoOpenRequest) => Promise<Image>;
 /** The state commands share. */
 export class IoSession {
   image: Image | undefined;
+  /** How the open image was opened, for reopen. */
+  opened: IoOpenRequest | undefined;
   /** Asynchronous requests (aio_read, aio_write) not yet finished. */
   readonly pending = new Set<Promise<void>>();
 
@@ -69,6 +73,7 @@ export class IoSession {
     await this.drain();
     const image = this.image;
     this.image = undefined;
+    this.opened = undefined;
     await image?.close();
   }
 }
