@@ -87,6 +87,7 @@ test('read benches on raw and qcow2 images print the same lines', async (t) => {
   const [a, b] = await rawTwins(t, '2M');
   await sameBench(t, a, b, ['-f', 'raw', '-c', '100', '-d', '8', '-s', '8k']);
   await sameBench(t, a, b, ['-c', '0']);
+  await sameBench(t, a, b, ['-f', 'raw', '-c', '20', '-d', '1', '-s', '1.5k', '-S', '0x10', '-o', '0x200', '-i', 'threads']);
   await sameBench(t, a, b, ['-f', 'raw', '-c', '5', '-s', '0', '-q', '-n', '-t', 'none', '-U']);
   const qcow2 = path.join(path.dirname(a), 'disk.qcow2');
   await qemuImg('create', '-f', 'qcow2', qcow2, '8M');
@@ -114,6 +115,8 @@ test('bad options are refused with qemu-img bench\'s messages', async (t) => {
     ['--flush-interval=3'],
     ['-w', '-d', '4', '--flush-interval=2', '--no-drain'],
     ['-t', 'bad'],
+    ['-i', 'bogus'],
+    ['-c', '1', '-o', '1.5'],
   ];
   for (const args of cases) await sameBench(t, a, b, ['-f', 'raw', ...args]);
   for (const args of [['-s', 'x'], ['-s', '3G'], ['-o', 'x'], []]) {

@@ -2,7 +2,7 @@
 import { Qcow2Error } from '../errors.js';
 import { CACHE_MODES, CacheMode } from '../native.js';
 import { bench, benchDefaults } from '../tools/bench.js';
-import { errorText } from '../tools/io/format.js';
+import { errorText, parseNumber } from '../tools/io/format.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
 import { DEFAULT_CACHE, expectOperands, openImage, optionValue, parseSizeOption } from './common.js';
 
@@ -34,9 +34,20 @@ function integerOption(text: string, min: number, max: number, message: string):
   return value;
 }
 
+/** A size in qemu's syntax (hex and unit suffixes too); otherwise the shared parser reads it or gives qemu-img's message. */
+function sizeOption(text: string, what: string): number {
+  try {
+    const value = parseNumber(text);
+    if (Number.isSafeInteger(value)) return value;
+  } catch {
+    // Not qemu's number syntax: the shared parser decides.
+  }
+  return parseSizeOption(text, what);
+}
+
 /** A size option no larger than INT_MAX, with qemu-img's messages. */
 function intSizeOption(text: string, what: string): number {
-  const value = parseSizeOption(text, what);
+  const value = sizeOption(text, what);
   if (value > INT_MAX) throw new UsageError(`Invalid ${what} specified. Must be between 0 and ${INT_MAX}.`);
   return value;
 }
@@ -52,7 +63,7 @@ export async function run(argv: string[]): Promise<number> {
   const depth = optionValue(args, 'd', (t) => integerOption(t, 1, INT_MAX, 'Invalid queue depth specified'));
   const size = optionValue(args, 's', (t) => intSizeOption(t, 'buffer size'));
   const step = optionValue(args, 'S', (t) => intSizeOption(t, 'step_size'));
-  const offset = optionValue(args, 'o', (t) => parseSizeOption(t, 'offset'));
+  const offset = optionValue(args, 'o', (t) => sizeOption(t, 'offset'));
   const pattern = optionValue(args, 'pattern', (t) => integerOption(t, 0, 255, 'Invalid pattern byte specified'));
   const flushInterval = optionValue(args, 'flush-interval', (t) => integerOption(t, 0, INT_MAX, 'Invalid flush interval specified'));
   const cacheText = lastOption(args, 't');
