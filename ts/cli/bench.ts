@@ -3,6 +3,7 @@ import { Qcow2Error } from '../errors.js';
 import { CACHE_MODES, CacheMode } from '../native.js';
 import { bench, benchDefaults } from '../tools/bench.js';
 import { errorText, parseNumber } from '../tools/io/format.js';
+import { ProbedRawImage, rawProbeWarning } from '../tools/io/probe-guard.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
 import { DEFAULT_CACHE, expectOperands, openImage, optionValue, parseSizeOption } from './common.js';
 
@@ -85,7 +86,11 @@ export async function run(argv: string[]): Promise<number> {
   if (formatText !== undefined && formatText !== 'raw' && formatText !== 'qcow2') {
     throw new Qcow2Error('ERR_QCOW2_INVALID_ARGUMENT', `Could not open '${file}': Unknown driver '${formatText}'`);
   }
-  const image = await openImage(file, { format: formatText as 'raw' | 'qcow2' | undefined, cache, readOnly: !write });
+  const opened = await openImage(file, { format: formatText as 'raw' | 'qcow2' | undefined, cache, readOnly: !write });
+  // Like qemu-img, a writable image whose format was guessed as raw is warned about and guarded.
+  const probedRaw = write && formatText === undefined && opened.format === 'raw';
+  if (probedRaw) process.stderr.write(rawProbeWarning(file));
+  const image = probedRaw ? new ProbedRawImage(opened) : opened;
   try {
     process.stdout.write(
       `Sending ${options.count} ${write ? 'write' : 'read'} requests, ${options.size} bytes each, ${options.depth} in parallel ` +

@@ -7,7 +7,7 @@ import { CACHE_MODES, CacheMode } from '../native.js';
 import { open, probeFormat } from '../open.js';
 import { checkFormatName, executeLine, openInSession } from '../tools/io/commands.js';
 import { errorText } from '../tools/io/format.js';
-import { ProbedRawImage } from '../tools/io/probe-guard.js';
+import { ProbedRawImage, rawProbeWarning } from '../tools/io/probe-guard.js';
 import { IO_DEFAULT_CACHE, IoOpenRequest, IoSession } from '../tools/io/session.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
 
@@ -56,15 +56,6 @@ See 'qcow2 io -c help' for information on available commands.
 const PREFIX = 'qcow2: ';
 
 const PROMPT = 'qemu-io> ';
-
-/** qemu-io's warning when the format of an image was guessed as raw. */
-function rawProbeWarning(path: string): string {
-  return (
-    `WARNING: Image format was not specified for '${path}' and probing guessed raw.\n` +
-    '         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n' +
-    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
-  );
-}
 
 /** qemu's wording for a file that could not be opened: "Could not open 'PATH': strerror". */
 function openFailure(cause: Qcow2Error, imagePath: string): string {

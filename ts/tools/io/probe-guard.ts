@@ -6,6 +6,15 @@ import type { Extent, ExtentOptions, Image, ReadStreamOptions, WriteZeroesOption
 import { allocAligned } from '../../native.js';
 import { QCOW2_MAGIC } from '../../open.js';
 
+/** qemu's warning when the format of an image opened for writing was guessed as raw. */
+export function rawProbeWarning(path: string): string {
+  return (
+    `WARNING: Image format was not specified for '${path}' and probing guessed raw.\n` +
+    '         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n' +
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+  );
+}
+
 /** The bytes format probing looks at. */
 const PROBED_BYTES = 512;
 
