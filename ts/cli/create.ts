@@ -19,6 +19,9 @@ const SPEC = {
   long: { help: { value: false, key: 'h' } },
 };
 
+/** qemu-img's hint after a malformed command line. */
+const HELP_HINT = "\nTry 'qcow2 --help' for more information";
+
 const USAGE = 'usage: qcow2 create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]\n';
 
 /** The largest size qemu-img takes on its command line (INT64_MAX). */
@@ -70,8 +73,8 @@ export async function run(argv: string[]): Promise<number> {
     process.stdout.write(optionHelp(format, file !== undefined));
     return 0;
   }
-  if (file === undefined) throw new UsageError('Expecting image file name');
-  if (extra.length > 0) throw new UsageError(`Unexpected argument: ${extra[0]}`);
+  if (file === undefined) throw new UsageError(`Expecting image file name${HELP_HINT}`);
+  if (extra.length > 0) throw new UsageError(`Unexpected argument: ${extra[0]}${HELP_HINT}`);
   const size = sizeText === undefined ? undefined : parseSizeOperand(sizeText);
   let values: OptionValues;
   try {

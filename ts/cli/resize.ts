@@ -16,6 +16,9 @@ const SPEC = {
   },
 };
 
+/** qemu-img's hint after a malformed command line. */
+const HELP_HINT = "\nTry 'qcow2 --help' for more information";
+
 const USAGE = 'usage: qcow2 resize [-q] [-f fmt] [--preallocation=prealloc] [--shrink] filename [+ | -]size\n';
 
 const SHRINK_WARNING =
@@ -41,11 +44,11 @@ export async function run(argv: string[]): Promise<number> {
     process.stdout.write(USAGE);
     return 0;
   }
-  if (argv.length < 2) throw new UsageError('Not enough arguments');
+  if (argv.length < 2) throw new UsageError(`Not enough arguments${HELP_HINT}`);
   // The size is taken off the end first, as qemu-img does, so that "-1G" is not read as an option.
   const sizeText = argv[argv.length - 1];
   const args = parseArgs(argv.slice(0, -1), SPEC);
-  if (args.positional.length !== 1) throw new UsageError('Expecting image file name and size');
+  if (args.positional.length !== 1) throw new UsageError(`Expecting image file name and size${HELP_HINT}`);
   const format = parseFormat(lastOption(args, 'f'));
   const preallocation = parsePreallocation(lastOption(args, 'preallocation'));
   const size = parseSizeArgument(sizeText);

@@ -6,7 +6,7 @@ import { ErrorCodes, Qcow2Error, asQcow2Error, check, settle } from '../errors.j
 import type { ImageFormat } from '../image.js';
 import { NativeFile, allocAligned, native } from '../native.js';
 import { open, probeFormat } from '../open.js';
-import type { Qcow2CreateOptions } from '../qcow2/create.js';
+import { Qcow2CreateOptions, createQcow2 } from '../qcow2/create.js';
 import { errnoText } from '../qcow2/metadata-file.js';
 
 /** How space is reserved when an image is made or grown: qemu's preallocation modes. */
@@ -206,7 +206,6 @@ export async function create(imagePath: string, options: CreateOptions = {}): Pr
   }
   const qcow2Options = qcow2CreateOptions(size, options);
   try {
-    const { createQcow2 } = await import('../qcow2/create.js');
     await createQcow2(imagePath, qcow2Options);
   } catch (error) {
     throw couldNotCreate(imagePath, error);
