@@ -132,7 +132,7 @@ async function fileFilledBuffer(s: IoSession, path: string, length: number): Pro
   return buffer;
 }
 
-/** A compressed write, where the image offers one (qcow2 once it writes compressed clusters). */
+/** A compressed write, where the image offers one (qcow2 images do; raw images do not). */
 type CompressedWriter = { writeCompressed(buffer: Uint8Array, offset: number): Promise<void> };
 
 function compressedWriter(image: unknown): CompressedWriter | undefined {
