@@ -307,6 +307,20 @@ test('qcow2 v2 image and an extended-L2 image: info shows their format-specific 
   for (const file of [v2, ext]) await sameRun(t, file, file, ['-r', '-f', 'qcow2', ...cmds('info', 'map', 'length')]);
 });
 
+test('a corrupt table met by map, alloc or read is reported and the session goes on', async (t) => {
+  const file = path.join(await tempDir(t), 'corrupt.qcow2');
+  await qemuImg('create', '-f', 'qcow2', file, '4M');
+  await qemuIo('-f', 'qcow2', '-c', 'write 0 64k', file);
+  const image = await readFile(file);
+  const l1 = Number(image.readBigUInt64BE(40));
+  image.writeBigUInt64BE((1n << 63n) | (1n << 40n), l1);
+  await writeFile(file, image);
+  const r = await qcow2Cli('io', '-r', '-f', 'qcow2', ...cmds('map', 'alloc 0', 'read 0 1', 'length'), file);
+  t.is(r.stdout, 'read failed: Input/output error\n4 MiB\n');
+  t.regex(r.stderr, /^qcow2: L1 entry 0 .*past the end of the image file.*\nqcow2: L1 entry 0 .*\n$/);
+  t.is(r.code, 1);
+});
+
 test('number syntax: suffixes, hex, fractions only with a unit', (t) => {
   t.is(parseNumber('512'), 512);
   t.is(parseNumber('010'), 10);

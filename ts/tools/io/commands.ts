@@ -316,7 +316,9 @@ async function runCommand(s: IoSession, command: Command, args: string[]): Promi
       s.out(`${error.message}\n`);
       return false;
     }
-    throw error;
+    // A failure no command expected (a corrupt table met by map, say): reported, and the session goes on.
+    s.error((error as Error).message);
+    return false;
   }
 }
 
