@@ -50,4 +50,25 @@ async function runFioJob(job, file, options = {}) {
   };
 }
 
-module.exports = { STANDARD_JOBS, fioArgs, runFioJob };
+/**
+ * Run several jobs at once (one fio process, each job its own file and pattern), e.g. reading an
+ * image while writing a new file, the shape of a convert. A job is { name, filename, rw, bs,
+ * iodepth, size?, ioSize? }. Resolves the command and, per job, { name, runtimeMs, mbps, iops }.
+ */
+async function runFioTogether(jobs) {
+  const args = ['fio', '--output-format=json', '--ioengine=libaio', '--direct=1'];
+  for (const job of jobs) {
+    args.push(`--name=${job.name}`, `--filename=${job.filename}`, `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.iodepth}`);
+    if (job.size !== undefined) args.push(`--size=${job.size}`);
+    if (job.ioSize !== undefined) args.push(`--io_size=${job.ioSize}`);
+  }
+  const output = await runChecked(args);
+  const json = JSON.parse(output.slice(output.indexOf('{')));
+  const results = json.jobs.map((j) => {
+    const side = j.write.io_bytes > 0 ? j.write : j.read;
+    return { name: j.jobname, runtimeMs: side.runtime, mbps: side.bw_bytes / 1e6, iops: side.iops };
+  });
+  return { command: args.join(' '), results };
+}
+
+module.exports = { STANDARD_JOBS, fioArgs, runFioJob, runFioTogether };

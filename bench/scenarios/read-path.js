@@ -16,7 +16,7 @@ const { spawnSync } = require('node:child_process');
 
 const { BENCH_DIR, benchDirUsage, benchPath, cleanBenchDir } = require('../lib/benchdir.js');
 const { compareCommands } = require('../lib/compare.js');
-const { runFioJob, STANDARD_JOBS } = require('../lib/fio.js');
+const { runFioJob, runFioTogether, STANDARD_JOBS } = require('../lib/fio.js');
 const { GiB, MiB, agedQcow2, compressedQcow2, fullQcow2 } = require('../lib/fixtures.js');
 const { dropCaches, runChecked, runMeasured } = require('../lib/proc.js');
 const { formatBytes, formatCount, formatKiB, formatMs, formatRatio, markdownTable, median, printTable } = require('../lib/stats.js');
@@ -249,6 +249,54 @@ async function fioFigures(size) {
   }
 }
 
+/**
+ * The disk's floor for each convert shape, measured with fio: reading the image while writing a
+ * new file, with the request sizes and order of the convert. Files written are removed.
+ */
+async function convertFloors(images) {
+  const floors = [];
+  const scratch = benchPath('fio', 'convert-target.dat');
+  const shapes = [];
+  if (images.full) {
+    shapes.push({
+      what: `read the ${formatBytes(images.full.size)} full image + write a new file (2 MiB, depth 8)`,
+      jobs: [
+        { name: 'read-image', filename: images.full.path, rw: 'read', bs: '2M', iodepth: 8, size: images.full.size },
+        { name: 'write-target', filename: scratch, rw: 'write', bs: '2M', iodepth: 8, size: images.full.size },
+      ],
+    });
+  }
+  if (images.aged) {
+    const dataBytes = Math.round(images.aged.size / 65536 * 0.1) * 65536;
+    shapes.push({
+      what: `64 KiB random reads of the aged image + 64 KiB writes with 576 KiB gaps into a sparse ${formatBytes(images.aged.size)} file (depth 8), ${formatBytes(dataBytes)} each`,
+      sparse: images.aged.size,
+      jobs: [
+        { name: 'read-image', filename: images.aged.path, rw: 'randread', bs: '64k', iodepth: 8, ioSize: dataBytes },
+        { name: 'write-target', filename: scratch, rw: 'write:576k', bs: '64k', iodepth: 8, size: images.aged.size, ioSize: dataBytes },
+      ],
+    });
+  }
+  for (const shape of shapes) {
+    try {
+      fs.rmSync(scratch, { force: true });
+      if (shape.sparse) {
+        fs.writeFileSync(scratch, '');
+        fs.truncateSync(scratch, shape.sparse);
+      }
+      if (dropCaches() === false) log('fio: could not drop the page cache');
+      log(`fio: ${shape.what} …`);
+      const { command, results } = await runFioTogether(shape.jobs);
+      floors.push({ what: shape.what, command, results, floorMs: Math.max(...results.map((r) => r.runtimeMs)) });
+    } catch (error) {
+      log(`fio: FAILED ${error.message}`);
+    } finally {
+      fs.rmSync(scratch, { force: true });
+    }
+  }
+  return floors;
+}
+
 /** Run `fn`, turning a failure (e.g. a fixture that would not build) into a failed row. */
 async function guarded(title, fn) {
   try {
@@ -284,6 +332,7 @@ async function main() {
   const want = (id) => options.only.includes(id);
   const rows = [];
   const memory = [];
+  const floorImages = {};
   log(`bench folder ${BENCH_DIR}; ${options.runs} runs per side; page cache ${options.dropCaches ? 'dropped before every run' : 'kept'}`);
   if (want('memory')) {
     // A small image first: the peak RSS of the big converts is judged against this one's.
@@ -292,13 +341,18 @@ async function main() {
     await guarded('convert aged baseline (memory)', async () => convertScenario('convert-aged-baseline', `convert -O raw, ${half}`, await agedQcow2(size.aged / 2, 0.1, log), Infinity, { ...options, runs: 1 }, memory, 'aged'));
   }
   if (want('convert-full')) {
-    rows.push(await guarded('convert -O raw, full qcow2', async () => convertScenario('convert-full', `convert -O raw, ${formatBytes(size.full)} fully allocated qcow2`, await fullQcow2(size.full, log), 0.75, options, memory, 'full')));
+    rows.push(await guarded('convert -O raw, full qcow2', async () => {
+      const image = await fullQcow2(size.full, log);
+      floorImages.full = { path: image, size: size.full };
+      return convertScenario('convert-full', `convert -O raw, ${formatBytes(size.full)} fully allocated qcow2`, image, 0.75, options, memory, 'full');
+    }));
   }
   if (want('convert-aged') || want('map-aged')) {
     const title = `${formatBytes(size.aged)} aged qcow2 (10 % of clusters)`;
     let image;
     try {
       image = await agedQcow2(size.aged, 0.1, log);
+      if (want('convert-aged')) floorImages.aged = { path: image, size: size.aged };
     } catch (error) {
       rows.push(row({ scenario: title, ours: `FAILED building: ${error.message}`, met: 'failed' }));
     }
@@ -316,33 +370,43 @@ async function main() {
   }
   if (want('memory')) rows.push(...memoryRows(memory));
   let fio = [];
+  let floors = [];
   if (want('fio')) {
     try {
       fio = await fioFigures(size.fio);
     } catch (error) {
       log(`fio: FAILED ${error.message}`);
     }
+    floors = await convertFloors(floorImages);
   }
-  report(rows, fio, options);
+  report(rows, fio, floors, options);
   const resultsFile = benchPath(`results-read-path-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
-  fs.writeFileSync(resultsFile, JSON.stringify({ machine: machine(), options, rows, fio }, null, 2) + '\n');
+  fs.writeFileSync(resultsFile, JSON.stringify({ machine: machine(), options, rows, fio, floors }, null, 2) + '\n');
   log(`results saved in ${resultsFile}; bench folder holds ${(benchDirUsage() / GiB).toFixed(1)} GiB`);
 }
 
 /** Print the table (and the fio figures) as text or Markdown. */
-function report(rows, fio, options) {
+function report(rows, fio, floors, options) {
   const headers = ['scenario', 'ours', 'qemu-img / reference', 'ratio', 'target', 'met?', 'load', 'note'];
   const cells = rows.map((r) => [r.scenario, r.ours, r.theirs, formatRatio(r.ratio), r.target, r.met, r.load, r.note]);
   const fioHeaders = ['fio (libaio, O_DIRECT, depth 16)', 'bandwidth', 'IOPS'];
   const fioCells = fio.map((f) => [f.name, `${f.mbps.toFixed(0)} MB/s`, formatCount(f.iops)]);
+  const floorHeaders = ['disk floor of a convert (fio, both jobs at once)', 'read', 'write', 'floor'];
+  const floorCells = floors.map((f) => {
+    const [read, write] = f.results;
+    return [f.what, `${formatMs(read.runtimeMs)} (${read.mbps.toFixed(0)} MB/s)`, `${formatMs(write.runtimeMs)} (${write.mbps.toFixed(0)} MB/s)`, formatMs(f.floorMs)];
+  });
   process.stdout.write(`${machine()}\n`);
   if (options.markdown) {
     process.stdout.write(markdownTable(headers, cells) + '\n\n');
-    if (fio.length) process.stdout.write(markdownTable(fioHeaders, fioCells) + '\n');
+    if (fio.length) process.stdout.write(markdownTable(fioHeaders, fioCells) + '\n\n');
+    if (floors.length) process.stdout.write(markdownTable(floorHeaders, floorCells) + '\n');
   } else {
     printTable(headers, cells);
     if (fio.length) printTable(fioHeaders, fioCells);
+    if (floors.length) printTable(floorHeaders, floorCells);
   }
+  for (const f of floors) process.stdout.write(`  ${f.command}\n`);
   const printed = new Set();
   for (const r of rows) {
     if (!r.commands || printed.has(r.commands.join())) continue;
