@@ -75,7 +75,7 @@ function oneLine(text) {
   return String(text).trim().split('\n')[0];
 }
 
-/** A row of the final table. `higherIsBetter` rows compare throughput, the others wall time. */
+/** A row of the final table, stamped with the load average at the time it was made. */
 function row(fields) {
   return { ours: '-', theirs: '-', ratio: NaN, target: '', met: 'n/a', note: '', load: load(), ...fields };
 }
@@ -164,7 +164,7 @@ function readloadIops(result) {
 /** Random (and qemu-img-bench-like sequential) 4 KiB reads at depth 16: ours, qemu-img bench, fio. */
 async function randreadScenario(image, options) {
   const count = options.readCount;
-  const readload = (pattern) => ['node', path.join(__dirname, '..', 'lib', 'readload.js'), image, '--depth', '16', '--size', '4096', '--count', String(count), '--pattern', pattern];
+  const readload = (pattern) => [process.execPath, path.join(__dirname, '..', 'lib', 'readload.js'), image, '--depth', '16', '--size', '4096', '--count', String(count), '--pattern', pattern];
   const benchArgs = ['bench', '-f', 'qcow2', '-t', 'none', '-d', '16', '-s', '4k', '-c', String(count), image];
   const qemuBench = ['qemu-img', ...benchArgs];
   const oursBench = ['qcow2', ...benchArgs];
@@ -190,6 +190,7 @@ async function randreadScenario(image, options) {
   const fio = await runFioJob({ name: 'randread-image', rw: 'randread', bs: '4k', iodepth: 16, readonly: true }, image, { runtime: 10 });
   const med = { random: median(figures.random), sequential: median(figures.sequential), qemu: median(figures.qemu), bench: median(figures.bench) };
   const iops = (key) => (errors[key] ? `FAILED (${errors[key].slice(0, 120)})` : `${formatCount(med[key])} IOPS`);
+  const commands = [`${readload('random').join(' ')}; qcow2 ${benchArgs.join(' ')}`, `${qemuBench.join(' ')}; ${fio.command}`];
   const ratioRow = (scenario, key, theirs, theirsText, min, note) => {
     const ratio = errors[key] ? NaN : med[key] / theirs;
     return row({
@@ -203,8 +204,7 @@ async function randreadScenario(image, options) {
       commands,
     });
   };
-  const commands = [`${readload('random').join(' ')}; qcow2 ${benchArgs.join(' ')}`, `${qemuBench.join(' ')}; ${fio.command}`];
-  const qemuText = errors.qemu ? `FAILED (${errors.qemu})` : `${formatCount(med.qemu)} IOPS`;
+  const qemuText = errors.qemu ? `FAILED (${errors.qemu.slice(0, 120)})` : `${formatCount(med.qemu)} IOPS`;
   return [
     ratioRow('4 KiB reads depth 16, library, random vs qemu-img bench', 'random', med.qemu, qemuText, 1.0, 'qemu-img bench reads sequentially (4 KiB steps); ratio of IOPS'),
     ratioRow('4 KiB reads depth 16, library, same sequential pattern as qemu-img bench', 'sequential', med.qemu, qemuText, 1.0, 'ratio of IOPS'),
