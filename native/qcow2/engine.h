@@ -41,18 +41,24 @@ struct EngineConfig {
   uint64_t incompatibleFeatures = 0;
 };
 
-/// Guest clusters held by writers: a request holds its whole range, so overlapping writes take turns.
+/// Guest clusters held by writers: a request holds its whole range. Writes into clusters they own
+/// share it; a request that changes the mapping holds it alone, so overlapping changes take turns.
 class ClusterLocks {
  public:
-  void Lock(uint64_t first, uint64_t last);
-  void Unlock(uint64_t first, uint64_t last);
-  /// True when a writer holds any cluster of [first, last] (never blocks).
+  void Lock(uint64_t first, uint64_t last, bool shared);
+  void Unlock(uint64_t first, uint64_t last, bool shared);
+  /// True when a request changing the mapping holds any cluster of [first, last] (never blocks).
   bool Busy(uint64_t first, uint64_t last);
 
  private:
+  struct Held {
+    uint64_t first, last;
+    bool shared;
+    bool operator==(const Held& o) const { return first == o.first && last == o.last && shared == o.shared; }
+  };
   std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<std::pair<uint64_t, uint64_t>> held_;
+  std::vector<Held> held_;
 };
 
 /// What unallocated clusters fall through to: another engine, a raw file, or nothing (zeros).
@@ -190,6 +196,8 @@ class Engine {
     bool dataFile;
   };
   Status PlanCluster(uint64_t cluster, ClusterPlan* plan);
+  /// The cluster at guest offset `guest`, mapped by `e`, reads as zeros (no copy-on-write source).
+  bool ReadsAsZeros(const Mapper::RawEntry& e, uint64_t guest) const;
   /// The L2 table for L1 entry `l1Index`: its offset, or a new table's (allocated under metaMu_).
   Status TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset);
   Status WriteData(const uint8_t* buf, uint64_t len, GuestOffset at, std::vector<ClusterPlan>& plans);

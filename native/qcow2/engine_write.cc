@@ -35,36 +35,38 @@ void StoreBE32(uint8_t* p, uint32_t v) {
   std::memcpy(p, &v, 4);
 }
 
-/// Holds a range of guest clusters for the lifetime of a request.
+/// Holds a range of guest clusters for the lifetime of a request (alone unless `shared`).
 class ClusterRange {
  public:
-  ClusterRange(ClusterLocks& locks, uint64_t first, uint64_t last) : locks_(locks), first_(first), last_(last) {
-    locks_.Lock(first_, last_);
+  ClusterRange(ClusterLocks& locks, uint64_t first, uint64_t last, bool shared = false)
+      : locks_(locks), first_(first), last_(last), shared_(shared) {
+    locks_.Lock(first_, last_, shared_);
   }
-  ~ClusterRange() { locks_.Unlock(first_, last_); }
+  ~ClusterRange() { locks_.Unlock(first_, last_, shared_); }
 
  private:
   ClusterLocks& locks_;
   uint64_t first_, last_;
+  bool shared_;
 };
 
 }  // namespace
 
-void ClusterLocks::Lock(uint64_t first, uint64_t last) {
+void ClusterLocks::Lock(uint64_t first, uint64_t last, bool shared) {
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait(lock, [&] {
-    for (const auto& [a, b] : held_) {
-      if (a <= last && first <= b) return false;
+    for (const Held& h : held_) {
+      if (h.first <= last && first <= h.last && !(shared && h.shared)) return false;
     }
     return true;
   });
-  held_.emplace_back(first, last);
+  held_.push_back({first, last, shared});
 }
 
-void ClusterLocks::Unlock(uint64_t first, uint64_t last) {
+void ClusterLocks::Unlock(uint64_t first, uint64_t last, bool shared) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = std::find(held_.begin(), held_.end(), std::make_pair(first, last));
+    auto it = std::find(held_.begin(), held_.end(), Held{first, last, shared});
     if (it != held_.end()) held_.erase(it);
   }
   cv_.notify_all();
@@ -72,8 +74,8 @@ void ClusterLocks::Unlock(uint64_t first, uint64_t last) {
 
 bool ClusterLocks::Busy(uint64_t first, uint64_t last) {
   std::lock_guard<std::mutex> lock(mu_);
-  for (const auto& [a, b] : held_) {
-    if (a <= last && first <= b) return true;
+  for (const Held& h : held_) {
+    if (h.first <= last && first <= h.last && !h.shared) return true;
   }
   return false;
 }
@@ -90,6 +92,8 @@ struct Engine::ClusterPlan {
   uint64_t host = 0;
   uint64_t table = 0;
   bool freeOld = false;
+  /// The new host cluster reads as zeros already, and so did the guest cluster: only the written bytes need writing.
+  bool zeroed = false;
 };
 
 Status Engine::Writable() const {
@@ -155,6 +159,15 @@ Status Engine::PlanCluster(uint64_t cluster, ClusterPlan* plan) {
   return Status::Ok();
 }
 
+bool Engine::ReadsAsZeros(const Mapper::RawEntry& e, uint64_t guest) const {
+  const Geometry& g = geometry();
+  const L2Entry& l2 = e.entry;
+  if (l2.compressed) return false;
+  const bool backed = (backing_.engine || backing_.raw) && guest < backing_.size;
+  if (g.extendedL2) return l2.allocMask == 0 && (l2.zeroMask == kAllAllocated || !backed);
+  return l2.zero || (!l2.hostAllocated && !backed);
+}
+
 Status Engine::TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset) {
   if (e.l2Offset != 0) {
     *tableOffset = e.l2Offset;
@@ -184,8 +197,18 @@ Status Engine::Write(const uint8_t* buf, uint64_t len, GuestOffset at) {
   std::shared_lock<std::shared_mutex> resizing(resizeMu_);
   const Geometry& g = geometry();
   const uint64_t first = at.value >> g.clusterBits, last = (at.value + len - 1) >> g.clusterBits;
-  ClusterRange held(locks_, first, last);
   std::vector<ClusterPlan> plans(last - first + 1);
+  {
+    // Writes into clusters they own run side by side; only mapping changes need the clusters alone.
+    ClusterRange shared(locks_, first, last, true);
+    bool inPlace = true;
+    for (uint64_t c = first; c <= last && inPlace; c++) {
+      QCOW2_TRY(Fail(PlanCluster(c, &plans[c - first])));
+      inPlace = plans[c - first].action == ClusterPlan::InPlace;
+    }
+    if (inPlace) return WriteData(buf, len, at, plans);
+  }
+  ClusterRange held(locks_, first, last);
   for (uint64_t c = first; c <= last; c++) QCOW2_TRY(Fail(PlanCluster(c, &plans[c - first])));
   uint64_t allocations = 0;
   bool metadata = false;
@@ -196,11 +219,14 @@ Status Engine::Write(const uint8_t* buf, uint64_t len, GuestOffset at) {
   if (metadata) {
     std::lock_guard<std::mutex> lock(metaMu_);
     uint64_t next = 0;
-    if (allocations > 0) QCOW2_TRY(Fail(refcounts_->Allocate(allocations, &next)));
+    bool fresh = false;
+    if (allocations > 0) QCOW2_TRY(Fail(refcounts_->Allocate(allocations, &next, &fresh)));
     for (ClusterPlan& p : plans) {
       if (p.action == ClusterPlan::InPlace) continue;
       QCOW2_TRY(Fail(TableFor(p.entry, &p.table)));
-      if (p.action == ClusterPlan::Allocate) p.host = (next++) << g.clusterBits;
+      if (p.action != ClusterPlan::Allocate) continue;
+      p.host = (next++) << g.clusterBits;
+      p.zeroed = fresh && ReadsAsZeros(p.entry, (first + (&p - plans.data())) << g.clusterBits);
     }
     if (allocations > 0) mapper_->NoteFileSize(next << g.clusterBits);
   }
@@ -241,7 +267,7 @@ Status Engine::WriteData(const uint8_t* buf, uint64_t len, GuestOffset at, std::
     const uint64_t from = std::max(start, at.value), to = std::min(start + g.clusterSize, end);
     uint64_t host = p.host + (from - start);
     struct iovec piece = {const_cast<uint8_t*>(buf + (from - at.value)), to - from};
-    if (p.action != ClusterPlan::InPlace && (from != start || to != start + g.clusterSize)) {
+    if (p.action != ClusterPlan::InPlace && !p.zeroed && (from != start || to != start + g.clusterSize)) {
       // A partial write to a cluster of its own: the rest of the cluster keeps what the guest saw.
       AlignedBuffer& cluster = filled.emplace_back(g.clusterSize);
       const uint64_t visible = std::min(g.clusterSize, size() - start);

@@ -66,6 +66,7 @@ Status Refcounts::Load(std::shared_ptr<File> image, uint32_t clusterBits, uint32
   r->tableOffset_ = tableOffset;
   r->tableClusters_ = tableClusters;
   r->fileSize_ = fileSize;
+  r->highWater_ = (fileSize + r->clusterSize_ - 1) >> clusterBits;
   r->image_ = std::move(image);
   *out = std::move(r);
   return Status::Ok();
@@ -97,8 +98,9 @@ Status Refcounts::MakeBlock(uint64_t index, Block** out) {
   const uint64_t self = index * perBlock_;
   Block& block = blocks_[index];
   block.bytes.assign(clusterSize_, 0);
-  block.dirty = true;
   SetRefcount(block.bytes.data(), bits_, 0, 1);
+  block.Touch(0, clusterSize_);
+  highWater_ = std::max(highWater_, self + 1);
   table_[index] = self << clusterBits_;
   newEntries_.push_back({index, self << clusterBits_});
   fileSize_ = std::max(fileSize_, (self + 1) << clusterBits_);
@@ -133,13 +135,15 @@ Status Refcounts::Add(uint64_t cluster, int64_t delta) {
                                        std::to_string(maxValue_));
   }
   const uint64_t value = now + static_cast<uint64_t>(delta);
-  SetRefcount(block->bytes.data(), bits_, cluster % perBlock_, value);
-  block->dirty = true;
+  const uint64_t entry = cluster % perBlock_;
+  SetRefcount(block->bytes.data(), bits_, entry, value);
+  const uint64_t byte = entry * bits_ / 8;
+  block->Touch(byte, byte + std::max<uint64_t>(bits_ / 8, 1));
   if (value == 0) cursor_ = std::min(cursor_, cluster);
   return Status::Ok();
 }
 
-Status Refcounts::Allocate(uint64_t count, uint64_t* first) {
+Status Refcounts::Allocate(uint64_t count, uint64_t* first, bool* fresh) {
   for (;;) {
     uint64_t start = cursor_, firstFree = UINT64_MAX;
     bool madeBlock = false;
@@ -162,6 +166,8 @@ Status Refcounts::Allocate(uint64_t count, uint64_t* first) {
     if (madeBlock) continue;
     for (uint64_t c = start; c < start + count; c++) QCOW2_TRY(Add(c, 1));
     cursor_ = firstFree < start ? firstFree : start + count;
+    if (fresh) *fresh = start >= highWater_;
+    highWater_ = std::max(highWater_, start + count);
     fileSize_ = std::max(fileSize_, (start + count) << clusterBits_);
     *first = start;
     return Status::Ok();
@@ -188,10 +194,16 @@ Status Refcounts::GrowTable(uint64_t minEntries) {
 }
 
 void Refcounts::TakeDirty(std::vector<RefcountBlockWrite>* blocks, std::vector<RefcountTableWrite>* entries) {
+  // Only the pages that changed are written: a commit of a few allocations writes one small piece.
+  const uint64_t page = std::min<uint64_t>(clusterSize_, 4096);
   for (auto& [index, block] : blocks_) {
-    if (!block.dirty) continue;
-    blocks->push_back({table_[index] & kOffsetMask, block.bytes});
-    block.dirty = false;
+    if (!block.dirty()) continue;
+    const uint64_t from = block.dirtyFrom / page * page;
+    const uint64_t to = std::min<uint64_t>((block.dirtyTo + page - 1) / page * page, clusterSize_);
+    blocks->push_back({(table_[index] & kOffsetMask) + from,
+                       std::vector<uint8_t>(block.bytes.begin() + from, block.bytes.begin() + to)});
+    block.dirtyFrom = UINT64_MAX;
+    block.dirtyTo = 0;
   }
   if (!tableMoved_) entries->insert(entries->end(), newEntries_.begin(), newEntries_.end());
   newEntries_.clear();

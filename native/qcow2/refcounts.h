@@ -2,6 +2,7 @@
 // encoded for every width the spec allows (1 to 64 bits), and the cluster allocator built on
 // them. Not thread-safe: the engine calls it under its metadata mutex only.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -12,7 +13,7 @@
 
 namespace qcow2 {
 
-/// A refcount block as the next commit writes it: a copy of its bytes and where they go.
+/// The changed part of a refcount block as the next commit writes it: a copy of its bytes and where they go.
 struct RefcountBlockWrite {
   uint64_t offset;
   std::vector<uint8_t> bytes;
@@ -42,7 +43,8 @@ class Refcounts {
   /// Find `count` contiguous free clusters (no blocks missing, refcounts 0), set each to 1 and
   /// return the first. Refcount blocks and a larger table are made as needed (the table grows
   /// through `growTable`, which the engine runs with its own ordering and barriers).
-  Status Allocate(uint64_t count, uint64_t* first);
+  /// `*fresh` says the clusters lie past everything the file ever held: they read as zeros.
+  Status Allocate(uint64_t count, uint64_t* first, bool* fresh = nullptr);
   /// Take the dirty blocks and new table entries for the next commit, marking them clean.
   void TakeDirty(std::vector<RefcountBlockWrite>* blocks, std::vector<RefcountTableWrite>* entries);
   /// A table grown in memory that must be written and flushed before the header points at it.
@@ -53,9 +55,16 @@ class Refcounts {
 
  private:
   Refcounts() = default;
+  /// A loaded block; [dirtyFrom, dirtyTo) are the bytes changed since the last commit took it.
   struct Block {
     std::vector<uint8_t> bytes;
-    bool dirty = false;
+    uint64_t dirtyFrom = UINT64_MAX;
+    uint64_t dirtyTo = 0;
+    bool dirty() const { return dirtyFrom < dirtyTo; }
+    void Touch(uint64_t from, uint64_t to) {
+      dirtyFrom = std::min(dirtyFrom, from);
+      dirtyTo = std::max(dirtyTo, to);
+    }
   };
   /// The block holding `cluster`'s refcount; nullptr when the table has no block for it.
   Status BlockFor(uint64_t cluster, bool create, Block** out);
@@ -80,6 +89,8 @@ class Refcounts {
   uint64_t fileSize_ = 0;
   /// Where the search for free clusters starts: nothing below it is known to be free.
   uint64_t cursor_ = 0;
+  /// Clusters from here on were never written: past the file's end at open and never allocated since.
+  uint64_t highWater_ = 0;
 };
 
 }  // namespace qcow2
