@@ -115,6 +115,8 @@ interface Scenario {
   backing?: boolean;
   /** Start both twins from an image whose data is stored compressed. */
   compressed?: boolean;
+  /** Give both twins data and an internal snapshot of it before the sequence. */
+  snapshot?: boolean;
   ops: number;
 }
 
@@ -132,6 +134,8 @@ const SCENARIOS: Scenario[] = [
   { name: '512-byte clusters', size: 2 * MiB, options: { clusterSize: 512 }, ops: 60 },
   { name: '2 MiB clusters', size: 16 * MiB, options: { clusterSize: 2 * MiB }, backing: true, ops: 30 },
   { name: 'external data file', size: 8 * MiB, options: { dataFile: 'DATA' }, ops: 40 },
+  { name: 'with an internal snapshot (shared L2 tables and clusters)', size: 8 * MiB, options: {}, snapshot: true, ops: 60 },
+  { name: 'extended L2 with an internal snapshot', size: 8 * MiB, options: { extendedL2: true }, snapshot: true, ops: 40 },
 ];
 
 /** A qcow2 image of `size` bytes full of seeded data, for backing files and compressed twins. */
@@ -167,6 +171,12 @@ for (const [index, s] of SCENARIOS.entries()) {
       await qemuImg('create', '-q', '-f', 'qcow2', ...qemuCreateArgs(theirsOptions), theirs, String(s.size));
       await createQcow2(ours, { size: s.size, ...oursOptions });
     }
+    if (s.snapshot) {
+      for (const file of [ours, theirs]) {
+        await qemuIo('-f', 'qcow2', '-c', `write -P 3 0 ${s.size / 2}`, '-c', `write -c -P 4 ${s.size / 2} ${s.size / 4}`, file);
+        await qemuImg('snapshot', '-c', 'before', file);
+      }
+    }
     await assertClean(t, ours);
     const ops = randomOps(1000 + index, s.ops, s.size, clusterSize);
     const image = await openQcow2(ours, { followFileNames: true });
@@ -178,6 +188,14 @@ for (const [index, s] of SCENARIOS.entries()) {
     await applyQemu(theirs, ops);
     await assertSame(t, ours, theirs);
     await assertClean(t, ours);
+    if (s.snapshot) {
+      // The snapshot still holds what it held: the shared clusters were copied, not overwritten.
+      for (const file of [ours, theirs]) {
+        await qemuImg('convert', '-f', 'qcow2', '-O', 'raw', '-l', 'snapshot.name=before', file, `${file}.snap`);
+      }
+      const r = await runProgram('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', `${ours}.snap`, `${theirs}.snap`]);
+      t.is(r.code, 0, `snapshot: ${r.stdout}`);
+    }
   });
 }
 

@@ -199,14 +199,18 @@ class Engine {
   /// The cluster at guest offset `guest`, mapped by `e`, reads as zeros (no copy-on-write source).
   bool ReadsAsZeros(const Mapper::RawEntry& e, uint64_t guest) const;
   /// The L2 table for L1 entry `l1Index`: its offset, or a new table's (allocated under metaMu_).
-  Status TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset);
+  /// A table shared with a snapshot is copied first; the reference it loses goes to `frees`.
+  Status TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset, std::vector<HostFree>* frees);
+  /// The cluster `e` maps is this image's alone to write in place (COPIED, in a table of its own).
+  bool Owned(const Mapper::RawEntry& e) const;
   Status WriteData(const uint8_t* buf, uint64_t len, GuestOffset at, std::vector<ClusterPlan>& plans);
   /// Queue mapping changes and frees, then wait until a commit has written them.
   Status Publish(std::vector<L2Update> updates, std::vector<HostFree> frees);
   Status CommitUpTo(uint64_t ticket);
   Status RunCommit(uint64_t* done);
   Status WriteRefcountChanges();
-  Status WriteL2Updates(const std::vector<L2Update>& updates, const std::map<uint64_t, uint64_t>& tables);
+  Status WriteL2Updates(const std::vector<L2Update>& updates, const std::map<uint64_t, uint64_t>& tables,
+                        const std::map<uint64_t, std::vector<uint8_t>>& copies);
   Status ApplyFrees(const std::vector<HostFree>& frees);
   /// Give the clusters whose last reference dropped back to the allocator once no read may still use them.
   Status ReleaseFreed();
@@ -247,6 +251,8 @@ class Engine {
   std::vector<HostFree> pendingFrees_;
   /// New L2 tables not yet in the L1 table, by L1 index.
   std::map<uint64_t, uint64_t> newTables_;
+  /// The starting content of new tables that copy a table shared with a snapshot, by L1 index.
+  std::map<uint64_t, std::vector<uint8_t>> tableCopies_;
   /// Clusters whose last reference is gone, waiting until no read can still be using them.
   std::vector<uint64_t> freed_;
   uint64_t ticket_ = 0;

@@ -138,12 +138,8 @@ Status Engine::PlanCluster(uint64_t cluster, ClusterPlan* plan) {
   const Geometry& g = geometry();
   QCOW2_TRY(mapper_->EntryAt(GuestOffset{cluster << g.clusterBits}, &plan->entry));
   const Mapper::RawEntry& e = plan->entry;
-  if (e.l2Offset != 0 && !(e.l1Raw & kCopiedFlag)) {
-    return Status::Error("ERR_QCOW2_UNSUPPORTED", "writing into an L2 table shared with a snapshot (L1 entry " +
-                                                      std::to_string(e.l1Index) + ") is not supported");
-  }
   const L2Entry& l2 = e.entry;
-  const bool owned = !l2.compressed && l2.hostAllocated && (config_.externalDataFile || (e.raw & kCopiedFlag));
+  const bool owned = Owned(e);
   const bool whole = g.extendedL2 ? l2.allocMask == kAllAllocated : !l2.zero;
   if (owned) {
     plan->host = l2.host;
@@ -159,6 +155,13 @@ Status Engine::PlanCluster(uint64_t cluster, ClusterPlan* plan) {
   return Status::Ok();
 }
 
+bool Engine::Owned(const Mapper::RawEntry& e) const {
+  const L2Entry& l2 = e.entry;
+  // An L2 table shared with a snapshot (L1 entry without COPIED) owns nothing: it is copied first.
+  const bool tableOwned = e.l2Offset == 0 || (e.l1Raw & kCopiedFlag);
+  return tableOwned && !l2.compressed && l2.hostAllocated && (config_.externalDataFile || (e.raw & kCopiedFlag));
+}
+
 bool Engine::ReadsAsZeros(const Mapper::RawEntry& e, uint64_t guest) const {
   const Geometry& g = geometry();
   const L2Entry& l2 = e.entry;
@@ -168,8 +171,9 @@ bool Engine::ReadsAsZeros(const Mapper::RawEntry& e, uint64_t guest) const {
   return l2.zero || (!l2.hostAllocated && !backed);
 }
 
-Status Engine::TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset) {
-  if (e.l2Offset != 0) {
+Status Engine::TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset, std::vector<HostFree>* frees) {
+  const bool shared = e.l2Offset != 0 && !(e.l1Raw & kCopiedFlag);
+  if (e.l2Offset != 0 && !shared) {
     *tableOffset = e.l2Offset;
     return Status::Ok();
   }
@@ -179,15 +183,29 @@ Status Engine::TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset) {
     return Status::Ok();
   }
   // A commit may have put the table in the L1 since the caller looked (it publishes, then forgets it here).
-  if (const uint64_t published = mapper_->L1Raw(e.l1Index) & kOffsetMask) {
-    *tableOffset = published;
+  const uint64_t now = mapper_->L1Raw(e.l1Index);
+  if ((now & kOffsetMask) != 0 && (now & kCopiedFlag)) {
+    *tableOffset = now & kOffsetMask;
     return Status::Ok();
+  }
+  const uint64_t cs = geometry().clusterSize;
+  std::vector<uint8_t> copy;
+  if (shared) {
+    // The active L1 takes a copy of a table a snapshot shares: the entries (and the references the
+    // two L1 tables counted through the one table) stay as they are; the old table loses one reference.
+    AlignedBuffer old(cs);
+    QCOW2_TRY(image_->Read(old.data(), cs, e.l2Offset));
+    copy.assign(old.data(), old.data() + cs);
   }
   uint64_t cluster = 0;
   QCOW2_TRY(refcounts_->Allocate(1, &cluster));
   *tableOffset = cluster << geometry().clusterBits;
   newTables_[e.l1Index] = *tableOffset;
-  mapper_->NoteFileSize(*tableOffset + geometry().clusterSize);
+  if (shared) {
+    tableCopies_[e.l1Index] = std::move(copy);
+    frees->push_back({e.l2Offset, cs, false});
+  }
+  mapper_->NoteFileSize(*tableOffset + cs);
   return Status::Ok();
 }
 
@@ -216,6 +234,7 @@ Status Engine::Write(const uint8_t* buf, uint64_t len, GuestOffset at) {
     allocations += p.action == ClusterPlan::Allocate;
     metadata = metadata || p.action != ClusterPlan::InPlace;
   }
+  std::vector<HostFree> frees;
   if (metadata) {
     std::lock_guard<std::mutex> lock(metaMu_);
     uint64_t next = 0;
@@ -223,7 +242,7 @@ Status Engine::Write(const uint8_t* buf, uint64_t len, GuestOffset at) {
     if (allocations > 0) QCOW2_TRY(Fail(refcounts_->Allocate(allocations, &next, &fresh)));
     for (ClusterPlan& p : plans) {
       if (p.action == ClusterPlan::InPlace) continue;
-      QCOW2_TRY(Fail(TableFor(p.entry, &p.table)));
+      QCOW2_TRY(Fail(TableFor(p.entry, &p.table, &frees)));
       if (p.action != ClusterPlan::Allocate) continue;
       p.host = (next++) << g.clusterBits;
       p.zeroed = fresh && ReadsAsZeros(p.entry, (first + (&p - plans.data())) << g.clusterBits);
@@ -233,7 +252,6 @@ Status Engine::Write(const uint8_t* buf, uint64_t len, GuestOffset at) {
   QCOW2_TRY(WriteData(buf, len, at, plans));
   if (!metadata) return Status::Ok();
   std::vector<L2Update> updates;
-  std::vector<HostFree> frees;
   for (const ClusterPlan& p : plans) {
     if (p.action == ClusterPlan::InPlace) continue;
     const uint64_t l2Index = g.L2Index(GuestOffset{(first + (&p - plans.data())) << g.clusterBits});
@@ -322,6 +340,7 @@ Status Engine::RunCommit(uint64_t* done) {
   std::vector<L2Update> updates;
   std::vector<HostFree> frees;
   std::map<uint64_t, uint64_t> tables;
+  std::map<uint64_t, std::vector<uint8_t>> copies;
   {
     std::lock_guard<std::mutex> lock(metaMu_);
     updates.swap(pending_);
@@ -329,14 +348,16 @@ Status Engine::RunCommit(uint64_t* done) {
     *done = ticket_;
     for (const L2Update& u : updates) {
       auto it = newTables_.find(u.l1Index);
-      if (it != newTables_.end()) tables.insert(*it);
+      if (it == newTables_.end() || !tables.insert(*it).second) continue;
+      auto copy = tableCopies_.find(u.l1Index);
+      if (copy != tableCopies_.end()) copies.emplace(u.l1Index, copy->second);
     }
   }
   QCOW2_TRY(WriteRefcountChanges());
   // Data and refcounts reach the disk before any mapping points at them.
   QCOW2_TRY(image_->Flush());
   if (config_.externalDataFile) QCOW2_TRY(dataFile_->Flush());
-  QCOW2_TRY(WriteL2Updates(updates, tables));
+  QCOW2_TRY(WriteL2Updates(updates, tables, copies));
   if (!tables.empty() || !frees.empty()) {
     // New tables are on disk before the L1 points at them; dropped mappings before their clusters are reused.
     QCOW2_TRY(image_->Flush());
@@ -348,8 +369,15 @@ Status Engine::RunCommit(uint64_t* done) {
     mapper_->SetL1(l1Index, offset | kCopiedFlag);
   }
   if (!tables.empty()) {
-    std::lock_guard<std::mutex> lock(metaMu_);
-    for (const auto& [l1Index, offset] : tables) newTables_.erase(l1Index);
+    {
+      std::lock_guard<std::mutex> lock(metaMu_);
+      for (const auto& [l1Index, offset] : tables) {
+        newTables_.erase(l1Index);
+        tableCopies_.erase(l1Index);
+      }
+    }
+    // The L1 no longer points at a table it dropped before that table's clusters may go.
+    if (!frees.empty()) QCOW2_TRY(image_->Flush());
   }
   QCOW2_TRY(ApplyFrees(frees));
   return ReleaseFreed();
@@ -395,7 +423,8 @@ Status Engine::WriteRefcountChanges() {
   return Status::Ok();
 }
 
-Status Engine::WriteL2Updates(const std::vector<L2Update>& updates, const std::map<uint64_t, uint64_t>& tables) {
+Status Engine::WriteL2Updates(const std::vector<L2Update>& updates, const std::map<uint64_t, uint64_t>& tables,
+                              const std::map<uint64_t, std::vector<uint8_t>>& copies) {
   if (updates.empty()) return Status::Ok();
   const Geometry& g = geometry();
   L2Cache& cache = mapper_->cache();
@@ -404,7 +433,14 @@ Status Engine::WriteL2Updates(const std::vector<L2Update>& updates, const std::m
   // Slices keyed by host offset; a new table is written whole.
   std::map<uint64_t, std::vector<uint8_t>> slices;
   for (const auto& [l1Index, offset] : tables) {
-    for (uint64_t at = 0; at < g.clusterSize; at += sliceBytes) slices[offset + at].assign(sliceBytes, 0);
+    auto copy = copies.find(l1Index);
+    for (uint64_t at = 0; at < g.clusterSize; at += sliceBytes) {
+      if (copy != copies.end()) {
+        slices[offset + at].assign(copy->second.begin() + at, copy->second.begin() + at + sliceBytes);
+      } else {
+        slices[offset + at].assign(sliceBytes, 0);
+      }
+    }
   }
   for (const L2Update& u : updates) {
     auto table = tables.find(u.l1Index);
@@ -499,8 +535,7 @@ Status Engine::ZeroEntry(const Mapper::RawEntry& e, bool unmap, bool discard, L2
   const Geometry& g = geometry();
   const L2Entry& l2 = e.entry;
   const bool hasBacking = backing_.engine || backing_.raw;
-  const bool owned = !l2.compressed && l2.hostAllocated && (config_.externalDataFile || (e.raw & kCopiedFlag));
-  const bool keep = owned && !unmap && !discard;
+  const bool keep = Owned(e) && !unmap && !discard;
   const bool hasData = l2.compressed || l2.hostAllocated;
   const uint64_t keptHost = keep ? (l2.host | kCopiedFlag) : 0;
   // Version 2 has no zero flag: only unallocated clusters without a backing image read as zeros.
@@ -534,19 +569,15 @@ Status Engine::ModifyClusters(GuestOffset at, uint64_t len, bool unmap, bool dis
   for (uint64_t c = first; c <= last; c++) {
     Mapper::RawEntry e;
     QCOW2_TRY(Fail(mapper_->EntryAt(GuestOffset{c << g.clusterBits}, &e)));
-    if (e.l2Offset != 0 && !(e.l1Raw & kCopiedFlag)) {
-      return Status::Error("ERR_QCOW2_UNSUPPORTED", "changing an L2 table shared with a snapshot (L1 entry " +
-                                                        std::to_string(e.l1Index) + ") is not supported");
-    }
     L2Update update{e.l1Index, g.L2Index(GuestOffset{c << g.clusterBits}), 0, 0};
     HostFree freed{};
     bool change = false;
     QCOW2_TRY(ZeroEntry(e, unmap, discard, &update, &freed, &change));
     if (!change) continue;
-    if (e.l2Offset == 0) {
+    if (e.l2Offset == 0 || !(e.l1Raw & kCopiedFlag)) {
       std::lock_guard<std::mutex> lock(metaMu_);
       uint64_t table = 0;
-      QCOW2_TRY(Fail(TableFor(e, &table)));
+      QCOW2_TRY(Fail(TableFor(e, &table, &frees)));
     }
     updates.push_back(update);
     if (freed.bytes > 0) frees.push_back(freed);
@@ -636,9 +667,10 @@ Status Engine::WriteCompressedCluster(const uint8_t* data, uint64_t bytes, Guest
   ClusterPlan plan;
   QCOW2_TRY(Fail(PlanCluster(c, &plan)));
   uint64_t host = 0;
+  std::vector<HostFree> frees;
   {
     std::lock_guard<std::mutex> lock(metaMu_);
-    QCOW2_TRY(Fail(TableFor(plan.entry, &plan.table)));
+    QCOW2_TRY(Fail(TableFor(plan.entry, &plan.table, &frees)));
     if (compressedNext_ + bytes <= compressedEnd_) {
       // Packed behind the previous compressed cluster: one more reference to the host cluster.
       host = compressedNext_;
@@ -655,7 +687,6 @@ Status Engine::WriteCompressedCluster(const uint8_t* data, uint64_t bytes, Guest
   QCOW2_TRY(image_->Write(data, bytes, host));
   const uint64_t sectors = (host + bytes - 1) / kSectorSize - host / kSectorSize;
   const uint64_t raw = kCompressedFlag | (sectors << g.CompressedOffsetBits()) | host;
-  std::vector<HostFree> frees;
   const L2Entry& old = plan.entry.entry;
   if (old.compressed || old.hostAllocated) frees.push_back({old.host, old.compressed ? old.compressedBytes : g.clusterSize, false});
   return Publish({{plan.entry.l1Index, g.L2Index(at), raw, 0}}, std::move(frees));
