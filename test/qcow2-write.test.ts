@@ -334,3 +334,31 @@ test('a writable open clears unknown autoclear bits', async (t) => {
   const { readFile } = await import('node:fs/promises');
   t.is((await readFile(file)).readBigUInt64BE(88), 0n);
 });
+
+test('a dirty image (lazy refcounts, no clean close) opens read-only as it is, and writable with rebuilt refcounts', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'lazy.qcow2');
+  await createQcow2(file, { size: 16 * MiB, lazyRefcounts: true });
+  await qemuIo('-f', 'qcow2', '-c', 'write -P 1 0 1M', '-c', 'write -c -P 2 2M 128k', file);
+  await qemuImg('snapshot', '-c', 'kept', file);
+  // qemu-io's abort leaves the dirty bit set and the refcounts of these writes unwritten.
+  const aborted = runProgram('qemu-io', ['-f', 'qcow2', '-c', 'write -P 3 64k 64k', '-c', 'write -P 4 8M 64k', '-c', 'abort', file]);
+  await t.throwsAsync(aborted, { message: /Command failed/ });
+  const info = JSON.parse(await qemuImg('info', '--output=json', file)) as { 'dirty-flag': boolean };
+  t.true(info['dirty-flag']);
+  const ro = await openQcow2(file, { readOnly: true });
+  const seen = Buffer.alloc(65536);
+  await ro.read(seen, 8 * MiB);
+  t.true(seen.equals(Buffer.alloc(65536, 4)));
+  await ro.close();
+  const rw = await openQcow2(file);
+  try {
+    await rw.write(Buffer.alloc(4096, 9), 5 * MiB);
+  } finally {
+    await rw.close();
+  }
+  await assertClean(t, file);
+  const after = JSON.parse(await qemuImg('info', '--output=json', file)) as { 'dirty-flag': boolean };
+  t.false(after['dirty-flag']);
+  await qemuIo('-f', 'qcow2', '-c', 'read -P 3 64k 64k', '-c', 'read -P 4 8M 64k', '-c', 'read -P 9 5M 4k', '-c', 'read -P 2 2M 128k', file);
+});

@@ -169,6 +169,22 @@ export interface Qcow2EngineConstructor {
   ): Promise<Qcow2Engine>;
   /** Lay out the refcount table and blocks, L1 (and preallocated L2 and data) in an empty image file; the header is the caller's. */
   format(file: NativeFile, params: Qcow2FormatParams, dataFile?: NativeFile | null): Promise<Qcow2FormatResult>;
+  /** Count every reference from the given L1 tables (and the header and snapshot table), write a new refcount structure past the end, point the header at it and clear the dirty bit. */
+  rebuildRefcounts(file: NativeFile, params: Qcow2RebuildParams): Promise<{ refcountTableOffset: number; refcountTableClusters: number }>;
+}
+
+/** What Qcow2Engine.rebuildRefcounts() walks. */
+export interface Qcow2RebuildParams {
+  clusterBits: number;
+  refcountOrder: number;
+  extendedL2?: boolean;
+  externalDataFile?: boolean;
+  /** The active L1 table, then every snapshot's. */
+  l1Tables: { offset: number; entries: number }[];
+  snapshotsOffset?: number;
+  snapshotsBytes?: number;
+  /** The incompatible feature bits as stored (the dirty bit is cleared from them). */
+  incompatibleFeatures?: number;
 }
 
 /** Everything the addon exports. */

@@ -6,6 +6,7 @@
 #include "js.h"
 #include "qcow2/direct_reads.h"
 #include "qcow2/engine.h"
+#include "qcow2/rebuild.h"
 
 namespace qcow2 {
 namespace {
@@ -31,6 +32,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         InstanceMethod<&EngineWrap::Flush>("flush"),
         InstanceMethod<&EngineWrap::Resize>("resize"),
         StaticMethod<&EngineWrap::Format>("format"),
+        StaticMethod<&EngineWrap::RebuildRefcounts>("rebuildRefcounts"),
         InstanceMethod<&EngineWrap::Close>("close"),
         InstanceAccessor<&EngineWrap::Info>("info"),
     });
@@ -64,6 +66,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   Napi::Value Flush(const Napi::CallbackInfo& info);
   Napi::Value Resize(const Napi::CallbackInfo& info);
   static Napi::Value Format(const Napi::CallbackInfo& info);
+  static Napi::Value RebuildRefcounts(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value Info(const Napi::CallbackInfo& info);
 
@@ -285,6 +288,39 @@ Napi::Value EngineWrap::Format(const Napi::CallbackInfo& info) {
         Napi::Object out = Napi::Object::New(env);
         out.Set("l1TableOffset", static_cast<double>(result->l1Offset));
         out.Set("l1Size", static_cast<double>(result->l1Size));
+        out.Set("refcountTableOffset", static_cast<double>(result->refcountTableOffset));
+        out.Set("refcountTableClusters", static_cast<double>(result->refcountTableClusters));
+        return out;
+      });
+}
+
+Napi::Value EngineWrap::RebuildRefcounts(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto image = FileWrap::FileOf(info[0]);
+  if (!image) throw Napi::TypeError::New(env, "file must be an open NativeFile");
+  Napi::Object o = Args(info).Object(1, "params");
+  RebuildRequest request;
+  request.clusterBits = SmallInteger(o, "clusterBits", 21);
+  if (request.clusterBits < 9) throw Napi::RangeError::New(env, "option clusterBits must be at least 9, got " + std::to_string(request.clusterBits));
+  request.refcountOrder = SmallInteger(o, "refcountOrder", 6);
+  request.extendedL2 = OptionBool(o, "extendedL2", false);
+  request.externalDataFile = OptionBool(o, "externalDataFile", false);
+  request.snapshotsOffset = OptionOffset(o, "snapshotsOffset", 0);
+  request.snapshotsBytes = OptionOffset(o, "snapshotsBytes", 0);
+  request.incompatibleFeatures = OptionOffset(o, "incompatibleFeatures", 0);
+  Napi::Value tables = o.Get("l1Tables");
+  if (!tables.IsArray()) throw Napi::TypeError::New(env, "option l1Tables must be an array of { offset, entries }");
+  Napi::Array list = tables.As<Napi::Array>();
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    Napi::Value item = list.Get(i);
+    if (!item.IsObject()) throw Napi::TypeError::New(env, "option l1Tables must be an array of { offset, entries }");
+    request.l1Tables.push_back({RequiredOffset(item.As<Napi::Object>(), "offset"), RequiredOffset(item.As<Napi::Object>(), "entries")});
+  }
+  auto result = std::make_shared<RebuildResult>();
+  return RunAsync(
+      env, [=] { return qcow2::RebuildRefcounts(*image, request, result.get()); },
+      [result](Napi::Env env) -> Napi::Value {
+        Napi::Object out = Napi::Object::New(env);
         out.Set("refcountTableOffset", static_cast<double>(result->refcountTableOffset));
         out.Set("refcountTableClusters", static_cast<double>(result->refcountTableClusters));
         return out;

@@ -8,6 +8,8 @@ import { CacheMode, NativeFile, Qcow2EngineBacking, Qcow2EngineParams, native } 
 import { DEFAULT_MAX_CHAIN_DEPTH, OpenOptions, checkOpenOptions, probeFormat } from '../open.js';
 import { RawImage } from '../raw.js';
 import { Qcow2Header, clearUnknownAutoclear, readHeader } from './header.js';
+import { openMetadataFile } from './metadata-file.js';
+import { readSnapshots } from './snapshots.js';
 import { Qcow2Image } from './image.js';
 
 /** Where an image sits in the chain being opened. */
@@ -100,12 +102,6 @@ function checkOpenable(imagePath: string, header: Qcow2Header, readOnly: boolean
     );
   }
   if (readOnly) return;
-  if (header.dirty) {
-    throw new Qcow2Error(
-      ErrorCodes.UNSUPPORTED,
-      `image '${imagePath}' was not closed cleanly (dirty bit set) and its refcounts cannot be repaired yet; open it read-only`,
-    );
-  }
   if (header.corrupt) {
     throw new Qcow2Error(ErrorCodes.CORRUPT, `image '${imagePath}' is marked corrupt; it can only be opened read-only`);
   }
@@ -134,6 +130,36 @@ function engineParams(header: Qcow2Header, options: Qcow2OpenOptions, writable: 
         }
       : {}),
   };
+}
+
+/**
+ * An image left dirty (lazy refcounts, no clean close) gets its refcounts counted again from every
+ * L1 table before anything is written; the engine clears the dirty bit once they are on disk.
+ */
+async function rebuildRefcounts(imagePath: string, file: NativeFile, header: Qcow2Header): Promise<Qcow2Header> {
+  const metadata = await openMetadataFile(imagePath);
+  let snapshots;
+  try {
+    snapshots = await readSnapshots(metadata, header);
+  } finally {
+    await metadata.handle.close();
+  }
+  await settle(
+    native.Qcow2Engine.rebuildRefcounts(file, {
+      clusterBits: header.clusterBits,
+      refcountOrder: header.refcountOrder,
+      extendedL2: header.extendedL2,
+      externalDataFile: header.externalDataFile,
+      l1Tables: [
+        { offset: header.l1TableOffset, entries: header.l1Size },
+        ...snapshots.entries.map((e) => ({ offset: e.l1TableOffset, entries: e.l1Size })),
+      ],
+      snapshotsOffset: header.snapshotsOffset,
+      snapshotsBytes: header.nbSnapshots > 0 ? snapshots.byteLength : 0,
+      incompatibleFeatures: Number(header.incompatibleFeatures),
+    }),
+  );
+  return (await readHeader(imagePath)).header;
 }
 
 /** Byte offset of the autoclear feature bits in a version 3 header. */
@@ -166,6 +192,7 @@ async function openMember(imagePath: string, options: Qcow2OpenOptions, state: C
   const opened: { close(): Promise<void> }[] = [];
   try {
     const file = await openFile(imagePath, readOnly, cache, opened);
+    if (!readOnly && header.dirty) header = await rebuildRefcounts(imagePath, file, header);
     if (!readOnly) header = await clearAutoclear(file, header);
     let dataFile: { file: NativeFile; path: string } | undefined;
     if (header.externalDataFile && header.dataFile !== undefined) {
