@@ -5,11 +5,13 @@
 import { ErrorCodes, Qcow2Error, asQcow2Error, check } from '../errors.js';
 import type { Image } from '../image.js';
 import { CacheMode, allocAligned } from '../native.js';
+import { readHeader } from '../qcow2/header.js';
 import { Qcow2Image } from '../qcow2/image.js';
+import { errnoText } from '../qcow2/metadata-file.js';
 import { openQcow2 } from '../qcow2/open.js';
 import type { ConvertOptions } from './convert.js';
 import { COPY_CHUNK, dataAndZeroRuns } from './convert.js';
-import { CreateOptions, create } from './create.js';
+import { CreateOptions, backingPathOf, create } from './create.js';
 
 /** How the qcow2 target is made: creation options (qemu-img -o, -B, -F) and compression (-c). */
 export interface Qcow2TargetOptions {
@@ -120,8 +122,24 @@ async function openTarget(target: string, cache: CacheMode = 'unsafe'): Promise<
     return await openQcow2(target, { readOnly: false, followFileNames: true, cache, backingCache: 'writeback' });
   } catch (error) {
     const cause = asQcow2Error(error);
-    throw new Qcow2Error(cause.code, `Could not open '${target}': ${cause.message}`, { cause });
+    const reason = isErrno(cause.code) ? await openFailureReason(target, cause) : cause.message;
+    throw new Qcow2Error(cause.code, `Could not open '${target}': ${reason}`, { cause });
   }
+}
+
+function isErrno(code: string): boolean {
+  return /^E[A-Z0-9]+$/.test(code);
+}
+
+/** A system error opening the target, told as qemu-img tells it: the backing file, or the target itself, could not be opened. */
+async function openFailureReason(target: string, cause: Qcow2Error): Promise<string> {
+  const text = errnoText(cause).text;
+  const backing = await readHeader(target).then(
+    ({ header }) => header.backingFile,
+    () => undefined,
+  );
+  if (backing === undefined) return `Could not open '${target}': ${text}`;
+  return `Could not open backing file: Could not open '${backingPathOf(target, backing)}': ${text}`;
 }
 
 function segmentsOf(inputs: Image[]): Segment[] {

@@ -51,7 +51,7 @@ export async function resizeImage(image: Image, size: number | SizeChange, optio
   if (target < current && !options.shrink) {
     throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, 'Use the --shrink option to perform a shrink operation.');
   }
-  if (target < current && preallocation !== 'off') {
+  if (target <= current && preallocation !== 'off') {
     throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, 'Preallocation can only be used for growing images');
   }
   if (image instanceof RawImage) {
