@@ -190,6 +190,7 @@ Status Engine::Live() const {
 
 Status Engine::Close() {
   Status status = config_.writable && !closed_.load() && !failed_.load() ? Flush() : Status::Ok();
+  if (status.ok() && config_.writable) status = TrimFile();
   closed_.store(true, std::memory_order_release);
   mapper_->cache().Clear();
   return status;

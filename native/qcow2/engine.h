@@ -4,6 +4,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <map>
+#include <set>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -204,13 +205,13 @@ class Engine {
   /// The cluster `e` maps is this image's alone to write in place (COPIED, in a table of its own).
   bool Owned(const Mapper::RawEntry& e) const;
   Status WriteData(const uint8_t* buf, uint64_t len, GuestOffset at, std::vector<ClusterPlan>& plans);
-  /// Queue mapping changes and frees, then wait until a commit has written them.
+  /// Apply mapping changes in memory and queue frees; commit when enough waits to be written back.
   Status Publish(std::vector<L2Update> updates, std::vector<HostFree> frees);
   Status CommitUpTo(uint64_t ticket);
   Status RunCommit(uint64_t* done);
   Status WriteRefcountChanges();
-  Status WriteL2Updates(const std::vector<L2Update>& updates, const std::map<uint64_t, uint64_t>& tables,
-                        const std::map<uint64_t, std::vector<uint8_t>>& copies);
+  /// Change the cached L2 slices (pinned until a commit writes them back); under metaMu_.
+  Status ApplyUpdates(const std::vector<L2Update>& updates);
   Status ApplyFrees(const std::vector<HostFree>& frees);
   /// Give the clusters whose last reference dropped back to the allocator once no read may still use them.
   Status ReleaseFreed();
@@ -220,6 +221,10 @@ class Engine {
   Status ZeroEntry(const Mapper::RawEntry& e, bool unmap, bool discard, L2Update* update, HostFree* freed, bool* change);
   Status ModifyClusters(GuestOffset at, uint64_t len, bool unmap, bool discard);
   Status GrowL1(uint64_t entries);
+  /// Extend the image file well past `end` (sparse), so that allocating writes do not each extend it.
+  Status GrowFileAhead(uint64_t end);
+  /// Give back what GrowFileAhead() reserved past the last cluster in use.
+  Status TrimFile();
   /// Store `bytes` of compressed data for the cluster at `at`, packed behind the last compressed cluster.
   Status WriteCompressedCluster(const uint8_t* data, uint64_t bytes, GuestOffset at);
   Status ReadBacking(uint8_t* buf, uint64_t len, GuestOffset at);
@@ -247,12 +252,11 @@ class Engine {
   /// Guards the allocator, the queues of changes and the tables being made; never held across data I/O.
   std::mutex metaMu_;
   std::unique_ptr<Refcounts> refcounts_;
-  std::vector<L2Update> pending_;
   std::vector<HostFree> pendingFrees_;
-  /// New L2 tables not yet in the L1 table, by L1 index.
+  /// New L2 tables whose L1 entries are in memory but not yet on disk, by L1 index.
   std::map<uint64_t, uint64_t> newTables_;
-  /// The starting content of new tables that copy a table shared with a snapshot, by L1 index.
-  std::map<uint64_t, std::vector<uint8_t>> tableCopies_;
+  /// Host offsets of L2 slices changed in memory since the last commit.
+  std::set<uint64_t> dirtySlices_;
   /// Clusters whose last reference is gone, waiting until no read can still be using them.
   std::vector<uint64_t> freed_;
   uint64_t ticket_ = 0;
@@ -272,6 +276,8 @@ class Engine {
   /// Where the next compressed cluster goes: the free bytes at the end of the last host cluster used.
   uint64_t compressedNext_ = 0;
   uint64_t compressedEnd_ = 0;
+  /// The size GrowFileAhead() gave the file; 0 when it never grew it.
+  uint64_t grownTo_ = 0;
 };
 
 /// Append `run` to `out`, merging it into the last run when it continues it exactly.

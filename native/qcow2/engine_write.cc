@@ -24,6 +24,11 @@ constexpr uint64_t kHeaderL1 = 36;
 constexpr uint64_t kHeaderRefcountTable = 48;
 constexpr uint64_t kHeaderIncompatible = 72;
 constexpr uint64_t kCorruptBit = 2;
+/// Changed L2 slices and pending frees held in memory before a commit writes them back.
+constexpr size_t kMaxDirtySlices = 1024;
+constexpr size_t kMaxPendingFrees = 4096;
+/// The image file grows ahead of allocations by at least this much.
+constexpr uint64_t kGrowStep = 64ull << 20;
 
 void StoreBE64(uint8_t* p, uint64_t v) {
   v = __builtin_bswap64(v);
@@ -177,12 +182,7 @@ Status Engine::TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset, std::v
     *tableOffset = e.l2Offset;
     return Status::Ok();
   }
-  auto it = newTables_.find(e.l1Index);
-  if (it != newTables_.end()) {
-    *tableOffset = it->second;
-    return Status::Ok();
-  }
-  // A commit may have put the table in the L1 since the caller looked (it publishes, then forgets it here).
+  // Another request may have made (or copied) the table since the caller looked.
   const uint64_t now = mapper_->L1Raw(e.l1Index);
   if ((now & kOffsetMask) != 0 && (now & kCopiedFlag)) {
     *tableOffset = now & kOffsetMask;
@@ -197,15 +197,20 @@ Status Engine::TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset, std::v
     QCOW2_TRY(image_->Read(old.data(), cs, e.l2Offset));
     copy.assign(old.data(), old.data() + cs);
   }
+  if (!shared) copy.assign(cs, 0);
   uint64_t cluster = 0;
   QCOW2_TRY(refcounts_->Allocate(1, &cluster));
   *tableOffset = cluster << geometry().clusterBits;
-  newTables_[e.l1Index] = *tableOffset;
-  if (shared) {
-    tableCopies_[e.l1Index] = std::move(copy);
-    frees->push_back({e.l2Offset, cs, false});
-  }
+  if (shared) frees->push_back({e.l2Offset, cs, false});
   mapper_->NoteFileSize(*tableOffset + cs);
+  // The table lives in the cache until a commit writes it, then the L1 entry: readers see it at once.
+  L2Cache& cache = mapper_->cache();
+  for (uint64_t at = 0; at < cs; at += cache.sliceBytes()) {
+    cache.Pin(*tableOffset + at, std::make_shared<const L2Slice>(copy.data() + at, cache.sliceBytes()));
+    dirtySlices_.insert(*tableOffset + at);
+  }
+  newTables_[e.l1Index] = *tableOffset;
+  mapper_->SetL1(e.l1Index, *tableOffset | kCopiedFlag);
   return Status::Ok();
 }
 
@@ -247,7 +252,10 @@ Status Engine::Write(const uint8_t* buf, uint64_t len, GuestOffset at) {
       p.host = (next++) << g.clusterBits;
       p.zeroed = fresh && ReadsAsZeros(p.entry, (first + (&p - plans.data())) << g.clusterBits);
     }
-    if (allocations > 0) mapper_->NoteFileSize(next << g.clusterBits);
+    if (allocations > 0) {
+      mapper_->NoteFileSize(next << g.clusterBits);
+      QCOW2_TRY(Fail(GrowFileAhead(next << g.clusterBits)));
+    }
   }
   QCOW2_TRY(WriteData(buf, len, at, plans));
   if (!metadata) return Status::Ok();
@@ -307,11 +315,34 @@ Status Engine::Publish(std::vector<L2Update> updates, std::vector<HostFree> free
   uint64_t ticket;
   {
     std::lock_guard<std::mutex> lock(metaMu_);
-    pending_.insert(pending_.end(), updates.begin(), updates.end());
+    QCOW2_TRY(Fail(ApplyUpdates(updates)));
     pendingFrees_.insert(pendingFrees_.end(), frees.begin(), frees.end());
+    // Metadata is written back like a cache: on flush, or once enough of it waits.
+    if (dirtySlices_.size() < kMaxDirtySlices && pendingFrees_.size() < kMaxPendingFrees) return Status::Ok();
     ticket = ++ticket_;
   }
   return CommitUpTo(ticket);
+}
+
+Status Engine::ApplyUpdates(const std::vector<L2Update>& updates) {
+  const Geometry& g = geometry();
+  L2Cache& cache = mapper_->cache();
+  const uint64_t sliceBytes = cache.sliceBytes();
+  const uint64_t perSlice = sliceBytes / g.entryBytes;
+  for (const L2Update& u : updates) {
+    const uint64_t tableOffset = mapper_->L1Raw(u.l1Index) & kOffsetMask;
+    if (tableOffset == 0) return Status::Error(kCorrupt, "L1 entry " + std::to_string(u.l1Index) + " lost its L2 table");
+    const uint64_t sliceOffset = tableOffset + (u.l2Index / perSlice) * sliceBytes;
+    std::shared_ptr<const L2Slice> slice;
+    QCOW2_TRY(cache.Get(sliceOffset, &slice));
+    std::vector<uint8_t> bytes(slice->data(), slice->data() + sliceBytes);
+    uint8_t* entry = bytes.data() + (u.l2Index % perSlice) * g.entryBytes;
+    StoreBE64(entry, u.raw);
+    if (g.extendedL2) StoreBE64(entry + 8, u.bitmap);
+    cache.Pin(sliceOffset, std::make_shared<const L2Slice>(bytes.data(), sliceBytes));
+    dirtySlices_.insert(sliceOffset);
+  }
+  return Status::Ok();
 }
 
 Status Engine::CommitUpTo(uint64_t ticket) {
@@ -337,27 +368,28 @@ Status Engine::CommitUpTo(uint64_t ticket) {
 }
 
 Status Engine::RunCommit(uint64_t* done) {
-  std::vector<L2Update> updates;
   std::vector<HostFree> frees;
   std::map<uint64_t, uint64_t> tables;
-  std::map<uint64_t, std::vector<uint8_t>> copies;
+  std::vector<std::pair<uint64_t, std::shared_ptr<const L2Slice>>> slices;
+  L2Cache& cache = mapper_->cache();
   {
+    // One consistent cut: every mapping change in it had its allocation counted before.
     std::lock_guard<std::mutex> lock(metaMu_);
-    updates.swap(pending_);
     frees.swap(pendingFrees_);
+    tables.swap(newTables_);
     *done = ticket_;
-    for (const L2Update& u : updates) {
-      auto it = newTables_.find(u.l1Index);
-      if (it == newTables_.end() || !tables.insert(*it).second) continue;
-      auto copy = tableCopies_.find(u.l1Index);
-      if (copy != tableCopies_.end()) copies.emplace(u.l1Index, copy->second);
+    for (uint64_t offset : dirtySlices_) {
+      std::shared_ptr<const L2Slice> slice;
+      if (!cache.Peek(offset, &slice)) return Status::Error(kCorrupt, "a changed L2 slice at " + std::to_string(offset) + " left the cache");
+      slices.emplace_back(offset, std::move(slice));
     }
+    dirtySlices_.clear();
   }
   QCOW2_TRY(WriteRefcountChanges());
   // Data and refcounts reach the disk before any mapping points at them.
   QCOW2_TRY(image_->Flush());
   if (config_.externalDataFile) QCOW2_TRY(dataFile_->Flush());
-  QCOW2_TRY(WriteL2Updates(updates, tables, copies));
+  for (const auto& [offset, slice] : slices) QCOW2_TRY(image_->Write(slice->data(), cache.sliceBytes(), offset));
   if (!tables.empty() || !frees.empty()) {
     // New tables are on disk before the L1 points at them; dropped mappings before their clusters are reused.
     QCOW2_TRY(image_->Flush());
@@ -366,19 +398,10 @@ Status Engine::RunCommit(uint64_t* done) {
     uint8_t entry[8];
     StoreBE64(entry, offset | kCopiedFlag);
     QCOW2_TRY(image_->Write(entry, 8, config_.l1TableOffset + 8 * l1Index));
-    mapper_->SetL1(l1Index, offset | kCopiedFlag);
   }
-  if (!tables.empty()) {
-    {
-      std::lock_guard<std::mutex> lock(metaMu_);
-      for (const auto& [l1Index, offset] : tables) {
-        newTables_.erase(l1Index);
-        tableCopies_.erase(l1Index);
-      }
-    }
-    // The L1 no longer points at a table it dropped before that table's clusters may go.
-    if (!frees.empty()) QCOW2_TRY(image_->Flush());
-  }
+  // The L1 no longer points at a table it dropped before that table's clusters may go.
+  if (!tables.empty() && !frees.empty()) QCOW2_TRY(image_->Flush());
+  for (const auto& [offset, slice] : slices) cache.Unpin(offset, slice);
   QCOW2_TRY(ApplyFrees(frees));
   return ReleaseFreed();
 }
@@ -409,7 +432,7 @@ Status Engine::WriteRefcountChanges() {
     config_.refcountTableOffset = offset;
     config_.refcountTableClusters = clusters;
     std::lock_guard<std::mutex> lock(metaMu_);
-    pendingFrees_.push_back({old.first << geometry().clusterBits, old.second << geometry().clusterBits, false});
+    if (old.second > 0) pendingFrees_.push_back({old.first << geometry().clusterBits, old.second << geometry().clusterBits, false});
     return Status::Ok();
   }
   if (entries.empty()) return Status::Ok();
@@ -419,47 +442,6 @@ Status Engine::WriteRefcountChanges() {
     uint8_t entry[8];
     StoreBE64(entry, e.blockOffset);
     QCOW2_TRY(image_->Write(entry, 8, config_.refcountTableOffset + 8 * e.index));
-  }
-  return Status::Ok();
-}
-
-Status Engine::WriteL2Updates(const std::vector<L2Update>& updates, const std::map<uint64_t, uint64_t>& tables,
-                              const std::map<uint64_t, std::vector<uint8_t>>& copies) {
-  if (updates.empty()) return Status::Ok();
-  const Geometry& g = geometry();
-  L2Cache& cache = mapper_->cache();
-  const uint64_t sliceBytes = cache.sliceBytes();
-  const uint64_t perSlice = sliceBytes / g.entryBytes;
-  // Slices keyed by host offset; a new table is written whole.
-  std::map<uint64_t, std::vector<uint8_t>> slices;
-  for (const auto& [l1Index, offset] : tables) {
-    auto copy = copies.find(l1Index);
-    for (uint64_t at = 0; at < g.clusterSize; at += sliceBytes) {
-      if (copy != copies.end()) {
-        slices[offset + at].assign(copy->second.begin() + at, copy->second.begin() + at + sliceBytes);
-      } else {
-        slices[offset + at].assign(sliceBytes, 0);
-      }
-    }
-  }
-  for (const L2Update& u : updates) {
-    auto table = tables.find(u.l1Index);
-    uint64_t tableOffset = table != tables.end() ? table->second : mapper_->L1Raw(u.l1Index) & kOffsetMask;
-    if (tableOffset == 0) return Status::Error(kCorrupt, "L1 entry " + std::to_string(u.l1Index) + " lost its L2 table");
-    const uint64_t sliceOffset = tableOffset + (u.l2Index / perSlice) * sliceBytes;
-    auto it = slices.find(sliceOffset);
-    if (it == slices.end()) {
-      std::shared_ptr<const L2Slice> slice;
-      QCOW2_TRY(cache.Get(sliceOffset, &slice));
-      it = slices.emplace(sliceOffset, std::vector<uint8_t>(slice->data(), slice->data() + sliceBytes)).first;
-    }
-    uint8_t* entry = it->second.data() + (u.l2Index % perSlice) * g.entryBytes;
-    StoreBE64(entry, u.raw);
-    if (g.extendedL2) StoreBE64(entry + 8, u.bitmap);
-  }
-  for (const auto& [offset, bytes] : slices) {
-    QCOW2_TRY(image_->Write(bytes.data(), bytes.size(), offset));
-    cache.Replace(offset, std::make_shared<const L2Slice>(bytes.data(), bytes.size()));
   }
   return Status::Ok();
 }
@@ -516,6 +498,27 @@ Status Engine::ReleaseFreed() {
   return Status::Ok();
 }
 
+Status Engine::GrowFileAhead(uint64_t end) {
+  if (end <= grownTo_) return Status::Ok();
+  // Writes inside the file's size do not change it: the file system then need not serialise them.
+  const uint64_t target = end + std::max<uint64_t>(kGrowStep, end / 8);
+  QCOW2_TRY(image_->Truncate(target));
+  grownTo_ = target;
+  return Status::Ok();
+}
+
+Status Engine::TrimFile() {
+  uint64_t end;
+  {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    if (grownTo_ == 0) return Status::Ok();
+    end = std::max(refcounts_->highWater() << geometry().clusterBits, imageFileSize_);
+    if (end >= grownTo_) return Status::Ok();
+    grownTo_ = 0;
+  }
+  return image_->Truncate(end);
+}
+
 Status Engine::Flush() {
   QCOW2_TRY(Writable());
   uint64_t ticket;
@@ -524,7 +527,8 @@ Status Engine::Flush() {
     ticket = ++ticket_;
   }
   QCOW2_TRY(CommitUpTo(ticket));
-  // The commit wrote the refcounts of earlier frees; make them durable too.
+  // The commit ends by dropping references (after the mappings that held them are on disk): write those too.
+  QCOW2_TRY(Fail(WriteRefcountChanges()));
   QCOW2_TRY(image_->Flush());
   if (config_.externalDataFile) QCOW2_TRY(dataFile_->Flush());
   return Status::Ok();
@@ -680,6 +684,8 @@ Status Engine::WriteCompressedCluster(const uint8_t* data, uint64_t bytes, Guest
       QCOW2_TRY(Fail(refcounts_->Allocate(1, &first)));
       host = first << g.clusterBits;
       compressedEnd_ = host + g.clusterSize;
+      // Inside the file's size, the unaligned write of packed data never has to extend (and trim) the file.
+      QCOW2_TRY(Fail(GrowFileAhead(compressedEnd_)));
     }
     compressedNext_ = host + bytes;
     mapper_->NoteFileSize(host + g.clusterSize);

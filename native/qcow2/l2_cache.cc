@@ -12,6 +12,14 @@ L2Cache::L2Cache(std::shared_ptr<File> file, size_t sliceBytes, size_t capacityB
 
 bool L2Cache::Lookup(uint64_t offset, std::shared_ptr<const L2Slice>* out, bool countMiss) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (!pinned_.empty()) {
+    auto pin = pinned_.find(offset);
+    if (pin != pinned_.end()) {
+      hits_++;
+      *out = pin->second;
+      return true;
+    }
+  }
   auto it = index_.find(offset);
   if (it == index_.end()) {
     if (countMiss) misses_++;
@@ -64,8 +72,24 @@ void L2Cache::Replace(uint64_t offset, std::shared_ptr<const L2Slice> slice) {
   Insert(offset, slice);
 }
 
+void L2Cache::Pin(uint64_t offset, std::shared_ptr<const L2Slice> slice) {
+  std::lock_guard<std::mutex> lock(mu_);
+  pinned_[offset] = std::move(slice);
+}
+
+void L2Cache::Unpin(uint64_t offset, const std::shared_ptr<const L2Slice>& slice) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto pin = pinned_.find(offset);
+    if (pin == pinned_.end() || pin->second != slice) return;
+    pinned_.erase(pin);
+  }
+  Replace(offset, slice);
+}
+
 void L2Cache::Clear() {
   std::lock_guard<std::mutex> lock(mu_);
+  pinned_.clear();
   index_.clear();
   lru_.clear();
 }

@@ -49,6 +49,10 @@ class L2Cache {
   L2CacheStats Stats();
   /// Put `slice` (an updated copy, already written to disk) in place of the slice at `offset`.
   void Replace(uint64_t offset, std::shared_ptr<const L2Slice> slice);
+  /// Hold `slice`, newer than the disk, in place of the slice at `offset`: never evicted until unpinned.
+  void Pin(uint64_t offset, std::shared_ptr<const L2Slice> slice);
+  /// `slice` (pinned at `offset`) is on disk now: it may be evicted, unless a newer one was pinned meanwhile.
+  void Unpin(uint64_t offset, const std::shared_ptr<const L2Slice>& slice);
   /// Drop every cached slice (requests holding one keep it until they finish).
   void Clear();
 
@@ -66,6 +70,8 @@ class L2Cache {
   std::mutex mu_;
   Lru lru_;  // most recently used first
   std::unordered_map<uint64_t, Lru::iterator> index_;
+  /// Slices changed in memory and not yet written back, looked up before the LRU.
+  std::unordered_map<uint64_t, std::shared_ptr<const L2Slice>> pinned_;
   uint64_t hits_ = 0, misses_ = 0;
 };
 

@@ -210,6 +210,11 @@ void Refcounts::TakeDirty(std::vector<RefcountBlockWrite>* blocks, std::vector<R
 }
 
 Status Refcounts::WriteTable(uint64_t* offset, uint64_t* clusters, std::pair<uint64_t, uint64_t>* old) {
+  *old = {0, 0};
+  *offset = tableOffset_;
+  *clusters = tableClusters_;
+  // Another commit wrote it first.
+  if (!tableMoved_) return Status::Ok();
   const uint64_t bytes = tableClusters_ << clusterBits_;
   AlignedBuffer buffer(bytes);
   for (uint64_t i = 0; i < table_.size(); i++) {
