@@ -362,3 +362,28 @@ test('a dirty image (lazy refcounts, no clean close) opens read-only as it is, a
   t.false(after['dirty-flag']);
   await qemuIo('-f', 'qcow2', '-c', 'read -P 3 64k 64k', '-c', 'read -P 4 8M 64k', '-c', 'read -P 9 5M 4k', '-c', 'read -P 2 2M 128k', file);
 });
+
+test('metadata corruption met by a write marks the image corrupt and stops writes', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'bad.qcow2');
+  await createQcow2(file, { size: MiB });
+  await qemuIo('-f', 'qcow2', '-c', 'write -P 1 0 64k', file);
+  // The L2 table is the cluster after the L1 table (cluster 4); give its first entry reserved bits.
+  const { open: openFile, readFile } = await import('node:fs/promises');
+  const handle = await openFile(file, 'r+');
+  const entry = Buffer.alloc(8);
+  await handle.read(entry, 0, 8, 4 * 65536);
+  entry[7] |= 0x02;
+  await handle.write(entry, 0, 8, 4 * 65536);
+  await handle.close();
+  const image = await openQcow2(file);
+  try {
+    t.is((await t.throwsAsync<Qcow2Error>(image.write(Buffer.alloc(512), 0)))?.code, ErrorCodes.CORRUPT);
+    // Writes elsewhere are refused too once the image is known corrupt.
+    t.is((await t.throwsAsync<Qcow2Error>(image.write(Buffer.alloc(512), 512 * 1024)))?.code, ErrorCodes.CORRUPT);
+  } finally {
+    await image.close();
+  }
+  t.is((await readFile(file)).readBigUInt64BE(72) & 2n, 2n);
+  await t.throwsAsync(openQcow2(file), { code: ErrorCodes.CORRUPT });
+});
