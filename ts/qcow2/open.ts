@@ -46,9 +46,13 @@ function checkCacheOptions(options: Qcow2OpenOptions): void {
   }
 }
 
-/** A file name from the image, resolved against the image's directory like qemu-img does. */
+/**
+ * A file name from the image, resolved against the image's directory like qemu-img does. qemu
+ * reads the name as a C string, so it ends at its first NUL byte (Node refuses paths holding one).
+ */
 function resolveName(imagePath: string, name: string): string {
-  return path.isAbsolute(name) ? name : path.join(path.dirname(imagePath), name);
+  const cName = name.split('\0', 1)[0];
+  return path.isAbsolute(cName) ? cName : path.join(path.dirname(imagePath), cName);
 }
 
 /** Refuse a named file that is neither a regular file nor a block device: opening a FIFO would hang. */

@@ -1,0 +1,213 @@
+/**
+ * The child process of the read-side fuzz tests: runs every read operation of the library on one
+ * (possibly hostile) image per request and reports how each ended. It runs apart from ava so that
+ * a native crash or a hang is seen by the parent, which knows the case, instead of killing the
+ * test worker. Protocol (IPC): FuzzRequest in; FuzzProgress while working, then FuzzReport.
+ */
+import { readFile } from 'node:fs/promises';
+import { constants } from 'node:os';
+
+import {
+  ErrorCodes,
+  Extent,
+  Image,
+  Qcow2Error,
+  allocAligned,
+  compareImages,
+  convert,
+  info,
+  infoChain,
+  mapImage,
+  open,
+} from '../../ts/index.js';
+
+/** What to do with one image. */
+export interface FuzzRequest {
+  id: number;
+  image: string;
+  /** Follow the backing and data file names the image records. */
+  follow: boolean;
+  /** Where convert writes its raw output. */
+  out: string;
+  /** Guest bytes read, mapped and converted at most: a mutated size may be huge. */
+  guestLimit: number;
+}
+
+/** Sent when a step starts, so that a crash or hang can be pinned on it. */
+export interface FuzzProgress {
+  id: number;
+  step: string;
+}
+
+/** How one step ended: `code` when it failed with a proper error. */
+export interface StepOutcome {
+  step: string;
+  code?: string;
+}
+
+/** The result of one request: the steps, and every broken promise of the library found on the way. */
+export interface FuzzReport {
+  id: number;
+  done: true;
+  outcomes: StepOutcome[];
+  /** Errors without a code, non-Qcow2Error throws, unhandled rejections, inconsistent results. */
+  problems: string[];
+}
+
+const CHUNK = 1 << 20;
+
+const OWN_CODES = new Set<string>(Object.values(ErrorCodes));
+
+/** The codes a failure may carry (errors.ts): one of the package's own, or an errno name. */
+function isValidCode(code: unknown): boolean {
+  return typeof code === 'string' && (OWN_CODES.has(code) || code in constants.errno);
+}
+
+function send(message: FuzzProgress | FuzzReport | { problem: string }): void {
+  process.send!(message);
+}
+
+function describeThrown(error: unknown): string {
+  if (error instanceof Error) {
+    const code = (error as { code?: unknown }).code;
+    return `${error.constructor.name} (code ${JSON.stringify(code)}): ${error.message}\n${error.stack ?? ''}`;
+  }
+  return `a non-Error value: ${String(error)}`;
+}
+
+/** Runs the steps of one request, collecting outcomes and problems. */
+class CaseRun {
+  readonly outcomes: StepOutcome[] = [];
+  readonly problems: string[] = [];
+
+  constructor(readonly request: FuzzRequest) {}
+
+  /** Run `step`; a failure must be a Qcow2Error with a non-empty code. Returns whether it succeeded. */
+  async attempt(step: string, work: () => Promise<void>): Promise<boolean> {
+    send({ id: this.request.id, step });
+    try {
+      await work();
+      this.outcomes.push({ step });
+      return true;
+    } catch (error) {
+      const good = error instanceof Qcow2Error && isValidCode(error.code);
+      if (!good) this.problems.push(`${step} threw something other than a Qcow2Error with a package code or an errno name: ${describeThrown(error)}`);
+      this.outcomes.push({ step, code: good ? error.code : 'BAD' });
+      return false;
+    }
+  }
+
+  async run(): Promise<void> {
+    const { image: file, follow } = this.request;
+    await this.attempt('info', async () => void (await info(file)));
+    if (follow) await this.attempt('infoChain', async () => void (await infoChain(file)));
+    let image: Image | undefined;
+    await this.attempt('open', async () => {
+      image = await open(file, { readOnly: true, followFileNames: follow });
+    });
+    let data: Buffer | undefined;
+    if (image) data = await this.readOpened(image);
+    const size = image?.size;
+    if (size === undefined || size <= this.request.guestLimit) await this.convertAndCompare(data);
+  }
+
+  /** Read, map and iterate the open image; returns the bytes read when the read succeeded. */
+  async readOpened(image: Image): Promise<Buffer | undefined> {
+    const limit = Math.min(image.size, this.request.guestLimit);
+    let data: Buffer | undefined;
+    await this.attempt('read', async () => {
+      data = await readAll(image, limit);
+    });
+    await this.attempt('read unaligned', async () => {
+      if (limit < 2) return;
+      const length = Math.min(limit - 1, 3 * 512 + 7);
+      await image.read(Buffer.alloc(length), 1);
+    });
+    await this.attempt('extents', async () => {
+      const extents: Extent[] = [];
+      for await (const extent of image.extents({ offset: 0, length: limit })) extents.push(extent);
+      this.checkExtents(extents, limit, data);
+    });
+    await this.attempt('map', async () => {
+      let next = 0;
+      for await (const batch of mapImage(image, { maxLength: limit })) {
+        for (const entry of batch) {
+          if (entry.start !== next || entry.length <= 0) this.problems.push(`map: entry ${JSON.stringify(entry)} does not continue at ${next}`);
+          next = entry.start + entry.length;
+        }
+      }
+      if (next !== limit) this.problems.push(`map: entries end at ${next}, not at ${limit}`);
+    });
+    await this.attempt('close', () => image.close());
+    return data;
+  }
+
+  /** Extents must tile [0, limit) in order; zero runs must read as zeros. */
+  checkExtents(extents: Extent[], limit: number, data: Buffer | undefined): void {
+    let next = 0;
+    for (const e of extents) {
+      if (e.offset !== next || !(e.length > 0)) {
+        this.problems.push(`extents: ${JSON.stringify(e)} does not continue at ${next}`);
+        return;
+      }
+      next = e.offset + e.length;
+      if (data && e.kind === 'zero' && data.subarray(e.offset, next).some((b) => b !== 0)) {
+        this.problems.push(`extents: zero run ${JSON.stringify(e)} does not read as zeros`);
+      }
+    }
+    if (next !== limit) this.problems.push(`extents end at ${next}, not at the end of the range ${limit}`);
+  }
+
+  /** convert -O raw; when the read succeeded too, the output must hold exactly the bytes read, and compare must agree. */
+  async convertAndCompare(data: Buffer | undefined): Promise<void> {
+    const { image: file, follow, out } = this.request;
+    const converted = await this.attempt('convert', () => convert(file, out, { outputFormat: 'raw', followFileNames: follow }));
+    if (!converted || !data) return;
+    const output = await readFile(out);
+    if (!output.subarray(0, data.length).equals(data)) this.problems.push('convert: the raw output differs from the bytes read');
+    await this.attempt('compare', async () => {
+      const [a, b] = [await open(file, { readOnly: true, followFileNames: follow }), await open(out, { readOnly: true, format: 'raw' })];
+      try {
+        const result = await compareImages(a, b);
+        if (!result.identical) this.problems.push(`compare: the image and its conversion differ (${JSON.stringify(result)})`);
+      } finally {
+        await Promise.all([a.close(), b.close()]);
+      }
+    });
+  }
+}
+
+/** The first `limit` guest bytes, read in aligned chunks of at most 1 MiB. */
+async function readAll(image: Image, limit: number): Promise<Buffer> {
+  const out = Buffer.alloc(limit);
+  const buffer = allocAligned(Math.min(CHUNK, Math.max(limit, 4096)));
+  for (let at = 0; at < limit; at += CHUNK) {
+    const view = buffer.subarray(0, Math.min(CHUNK, limit - at));
+    await image.read(view, at);
+    view.copy(out, at);
+  }
+  return out;
+}
+
+let current: CaseRun | undefined;
+
+/** A rejection nobody handles would take a user's process down: it is a problem of the case running. */
+process.on('unhandledRejection', (reason) => {
+  const problem = `unhandled rejection: ${describeThrown(reason)}`;
+  if (current) current.problems.push(problem);
+  else send({ problem });
+});
+
+process.on('message', (request: FuzzRequest) => {
+  const run = new CaseRun(request);
+  current = run;
+  void run
+    .run()
+    .catch((error: unknown) => run.problems.push(`the harness itself failed: ${describeThrown(error)}`))
+    // One turn of the event loop lets late unhandled rejections land in this case.
+    .then(() => new Promise((resolve) => setImmediate(resolve)))
+    .then(() => {
+      current = undefined;
+      send({ id: request.id, done: true, outcomes: run.outcomes, problems: run.problems });
+    });
+});
