@@ -682,8 +682,15 @@ Status Engine::WriteCompressedCluster(const uint8_t* data, uint64_t bytes, Guest
     } else {
       uint64_t first = 0;
       QCOW2_TRY(Fail(refcounts_->Allocate(1, &first)));
-      host = first << g.clusterBits;
-      compressedEnd_ = host + g.clusterSize;
+      const bool continues = compressedNext_ < compressedEnd_ && (first << g.clusterBits) == compressedEnd_;
+      if (continues) {
+        // The data runs on from the tail of the last cluster into the next one, as QEMU packs it.
+        host = compressedNext_;
+        QCOW2_TRY(Fail(refcounts_->Add((compressedEnd_ - 1) >> g.clusterBits, 1)));
+      } else {
+        host = first << g.clusterBits;
+      }
+      compressedEnd_ = (first + 1) << g.clusterBits;
       // Inside the file's size, the unaligned write of packed data never has to extend (and trim) the file.
       QCOW2_TRY(Fail(GrowFileAhead(compressedEnd_)));
     }
