@@ -155,7 +155,7 @@ export interface Qcow2Engine {
   /** Everything written before is durable when this resolves. */
   flush(): Promise<void>;
   /** Grow the disk, or with shrink: true shrink it (clusters past the new end are dropped); writes the header size. */
-  resize(size: number, options?: { shrink?: boolean }): Promise<void>;
+  resize(size: number, options?: { shrink?: boolean; preallocation?: 'off' | 'metadata' | 'falloc' | 'full' }): Promise<void>;
   /** Flush (when writable), refuse further requests and drop the cached tables; the files stay open. */
   close(): Promise<void>;
 }

@@ -160,7 +160,7 @@ class Engine {
   /// Everything written before is durable once this returns.
   Status Flush();
   /// Grow the disk, or shrink it (`shrink`), dropping the clusters past the new end.
-  Status Resize(uint64_t size, bool shrink);
+  Status Resize(uint64_t size, bool shrink, Preallocation preallocation = Preallocation::Off);
   /// A read served outside the engine (io_uring) starts or ends: freed clusters wait for those in flight.
   void BeginRead() { readsInflight_.fetch_add(1, std::memory_order_acq_rel); }
   void EndRead() { readsInflight_.fetch_sub(1, std::memory_order_acq_rel); }
@@ -221,6 +221,8 @@ class Engine {
   Status ZeroEntry(const Mapper::RawEntry& e, bool unmap, bool discard, L2Update* update, HostFree* freed, bool* change);
   Status ModifyClusters(GuestOffset at, uint64_t len, bool unmap, bool discard);
   Status GrowL1(uint64_t entries);
+  /// Map every unallocated cluster of [from, to) to a data cluster of its own, as qemu-img resize --preallocation does.
+  Status Preallocate(uint64_t from, uint64_t to, Preallocation mode);
   /// Extend the image file well past `end` (sparse), so that allocating writes do not each extend it.
   Status GrowFileAhead(uint64_t end);
   /// Give back what GrowFileAhead() reserved past the last cluster in use.

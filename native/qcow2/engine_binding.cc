@@ -208,6 +208,8 @@ Napi::Value EngineWrap::Map(const Napi::CallbackInfo& info) {
       });
 }
 
+Preallocation ParsePreallocation(const Napi::Object& o);
+
 Napi::Value EngineWrap::Write(const Napi::CallbackInfo& info) {
   Args args(info);
   Keep keep;
@@ -254,9 +256,11 @@ Napi::Value EngineWrap::Flush(const Napi::CallbackInfo& info) {
 Napi::Value EngineWrap::Resize(const Napi::CallbackInfo& info) {
   Args args(info);
   uint64_t size = args.Offset(0, "size");
-  bool shrink = OptionBool(args.Object(1, "options"), "shrink", false);
+  Napi::Object options = args.Object(1, "options");
+  bool shrink = OptionBool(options, "shrink", false);
+  Preallocation preallocation = ParsePreallocation(options);
   auto engine = Live(info.Env());
-  return RunAsync(info.Env(), [=] { return engine->Resize(size, shrink); });
+  return RunAsync(info.Env(), [=] { return engine->Resize(size, shrink, preallocation); });
 }
 
 Preallocation ParsePreallocation(const Napi::Object& o) {

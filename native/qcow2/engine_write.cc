@@ -738,7 +738,53 @@ Status Engine::GrowL1(uint64_t entries) {
   return Status::Ok();
 }
 
-Status Engine::Resize(uint64_t newSize, bool shrink) {
+Status Engine::Preallocate(uint64_t from, uint64_t to, Preallocation mode) {
+  const Geometry& g = geometry();
+  const uint64_t first = from >> g.clusterBits, last = (to - 1) >> g.clusterBits;
+  std::vector<std::pair<uint64_t, Mapper::RawEntry>> clusters;
+  for (uint64_t c = first; c <= last; c++) {
+    Mapper::RawEntry e;
+    QCOW2_TRY(mapper_->EntryAt(GuestOffset{c << g.clusterBits}, &e));
+    if (e.raw == 0 && e.bitmap == 0) clusters.emplace_back(c, e);
+  }
+  if (clusters.empty()) return Status::Ok();
+  const uint64_t bytes = clusters.size() << g.clusterBits;
+  std::vector<L2Update> updates;
+  std::vector<HostFree> frees;
+  uint64_t next = 0;
+  {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    if (!config_.externalDataFile) {
+      QCOW2_TRY(refcounts_->Allocate(clusters.size(), &next));
+      mapper_->NoteFileSize((next << g.clusterBits) + bytes);
+      QCOW2_TRY(GrowFileAhead((next << g.clusterBits) + bytes));
+    }
+    for (auto& [c, e] : clusters) {
+      uint64_t table = 0;
+      QCOW2_TRY(TableFor(e, &table, &frees));
+      // Data in an external file sits at its guest offset; in the image, in the run just allocated.
+      const uint64_t host = config_.externalDataFile ? c << g.clusterBits : (next++) << g.clusterBits;
+      updates.push_back({e.l1Index, g.L2Index(GuestOffset{c << g.clusterBits}), host | kCopiedFlag, 0});
+    }
+  }
+  // The space exists before any mapping points at it: reserved (falloc) or written as zeros (full).
+  File& data = DataFile();
+  if (mode == Preallocation::Falloc || mode == Preallocation::Full) {
+    for (const L2Update& u : updates) {
+      const uint64_t host = u.raw & kOffsetMask;
+      if (mode == Preallocation::Falloc) {
+        QCOW2_TRY(data.Allocate(AllocateMode::Allocate, host, g.clusterSize));
+      } else {
+        AlignedBuffer zeros(g.clusterSize);
+        std::memset(zeros.data(), 0, g.clusterSize);
+        QCOW2_TRY(data.Write(zeros.data(), g.clusterSize, host));
+      }
+    }
+  }
+  return Publish(std::move(updates), std::move(frees));
+}
+
+Status Engine::Resize(uint64_t newSize, bool shrink, Preallocation preallocation) {
   QCOW2_TRY(Writable());
   std::unique_lock<std::shared_mutex> resizing(resizeMu_);
   const Geometry& g = geometry();
@@ -770,6 +816,7 @@ Status Engine::Resize(uint64_t newSize, bool shrink) {
   }
   const Geometry grown = Geometry::Make(g.clusterBits, g.extendedL2, newSize);
   if (grown.L1EntriesNeeded() > mapper_->l1Entries()) QCOW2_TRY(Fail(GrowL1(grown.L1EntriesNeeded())));
+  if (newSize > oldSize && preallocation != Preallocation::Off) QCOW2_TRY(Fail(Preallocate(oldSize, newSize, preallocation)));
   QCOW2_TRY(Flush());
   uint8_t field[8];
   StoreBE64(field, newSize);

@@ -62,7 +62,7 @@ function continues(a: Run, b: Run): boolean {
 export interface Qcow2ResizeOptions {
   /** Allow a smaller size: the clusters past the new end are dropped, as qemu-img resize --shrink does. */
   shrink?: boolean;
-  /** Only 'off' is supported for now. */
+  /** How the clusters a growth adds get their space (default 'off': none until written). */
   preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
 }
 
@@ -218,16 +218,14 @@ export class Qcow2Image implements Image {
     const engine = this.#writable('resize');
     check(Number.isSafeInteger(size) && size >= 0, `resize: size must be a non-negative integer, got ${size}`);
     const preallocation = options.preallocation ?? 'off';
-    if (preallocation !== 'off') {
-      throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `resize: preallocation '${preallocation}' is not supported yet`);
-    }
+    check(['off', 'metadata', 'falloc', 'full'].includes(preallocation), `resize: invalid preallocation mode '${preallocation}'`);
     if (size < this.size && !options.shrink) {
       throw new Qcow2Error(
         ErrorCodes.INVALID_ARGUMENT,
         `resize: shrinking '${this.path}' from ${this.size} to ${size} bytes needs { shrink: true }`,
       );
     }
-    await this.#track(engine.resize(size, { shrink: options.shrink ?? false }));
+    await this.#track(engine.resize(size, { shrink: options.shrink ?? false, preallocation }));
     this.#size = size;
   }
 
