@@ -16,7 +16,7 @@ import fc from 'fast-check';
 
 import { FuzzChild } from './helpers/fuzz-driver.js';
 import { readLayout } from './helpers/fuzz-layout.js';
-import { describeMutated, mutationsArbitrary, resolveMutations } from './helpers/fuzz-mutations.js';
+import { describeMutated, fuzzCaseArbitrary, resolveMutations } from './helpers/fuzz-mutations.js';
 import { SEEDS } from './helpers/fuzz-seeds.js';
 import { qemuImg, qemuIo, tempDir } from './helpers/qemu.js';
 import { open } from '../ts/index.js';
@@ -42,17 +42,21 @@ for (const seed of SEEDS) {
     const pristinePath = await seed.make(dir);
     const pristine = await readFile(pristinePath);
     const layout = readLayout(pristine);
+    const aimedAt = ['header', 'extensions', 'l1', 'l2Used', 'refcountTable', 'refcountBlocks', ...seed.regions] as const;
+    t.deepEqual(aimedAt.filter((r) => !layout.regions.has(r)), [], 'the layout misses structures of the seed');
     const casePath = path.join(dir, `fuzz-${path.basename(pristinePath)}`);
     const child = new FuzzChild(HANG_AFTER_MS);
     t.teardown(() => child.close());
     const codes = new Map<string, number>();
     let failingCases = 0;
-    const property = fc.asyncProperty(mutationsArbitrary(layout), async (mutations) => {
+    const property = fc.asyncProperty(fuzzCaseArbitrary(layout), async ({ mutations, tinyCache }) => {
       const mutated = resolveMutations(pristine, layout, mutations);
       await writeFile(casePath, mutated.bytes);
-      const result = await child.run({ image: casePath, follow: seed.follow, out: path.join(dir, 'out.raw'), guestLimit: GUEST_LIMIT });
+      const out = path.join(dir, 'out.raw');
+      const result = await child.run({ image: casePath, follow: seed.follow, out, guestLimit: GUEST_LIMIT, tinyCache });
       if (result.problems.length > 0) {
-        throw new Error(`seed image '${seed.name}', changes:\n${describeMutated(mutated)}\n${result.problems.join('\n')}`);
+        const cache = tinyCache ? ' (opened with a tiny L2 cache)' : '';
+        throw new Error(`seed image '${seed.name}'${cache}, changes:\n${describeMutated(mutated)}\n${result.problems.join('\n')}`);
       }
       const failed = result.outcomes.filter((o) => o.code !== undefined);
       if (failed.length > 0) failingCases++;
@@ -66,18 +70,25 @@ for (const seed of SEEDS) {
   });
 }
 
-test('the layout finds every structure of the seeds that have them', async (t) => {
-  const dir = await tempDir(t);
-  const regions = new Map<string, string[]>();
-  for (const seed of SEEDS) regions.set(seed.name, [...readLayout(await readFile(await seed.make(dir))).regions.keys()]);
-  t.true(regions.get('zlib compressed, 4 KiB clusters')!.includes('compressedDescriptors'));
-  t.true(regions.get('zstd compressed, 64 KiB clusters')!.includes('compressedData'));
-  t.true(regions.get('extended L2, 64 KiB clusters')!.includes('compressedDescriptors'));
-  t.true(regions.get('internal snapshots')!.includes('snapshotTable'));
-  t.true(regions.get('persistent bitmaps')!.includes('bitmapDirectory'));
-  for (const names of regions.values()) {
-    t.true(['header', 'extensions', 'l1', 'l2Used', 'refcountTable', 'refcountBlocks'].every((r) => names.includes(r)));
-  }
+test('the fuzz harness reports a crash, a hang and an error without a code, naming the step', async (t) => {
+  const child = new FuzzChild(HANG_AFTER_MS);
+  // A short limit only where the hang is certain: a fresh child may take a while to load on a busy machine.
+  const hanging = new FuzzChild(1000);
+  t.teardown(() => {
+    child.close();
+    hanging.close();
+  });
+  const request = { image: '/nonexistent', follow: false, out: '/nonexistent', guestLimit: 0, tinyCache: false };
+  const crash = await child.run({ ...request, selfTest: 'crash' });
+  t.regex(crash.problems.join('\n'), /died \(signal SIGSEGV\) during step 'self test: crash'/);
+  const hang = await hanging.run({ ...request, selfTest: 'hang' });
+  t.regex(hang.problems.join('\n'), /no answer within 1 s \(a hang\) during step/);
+  const uncoded = await child.run({ ...request, selfTest: 'uncoded error' });
+  t.regex(uncoded.problems.join('\n'), /self test: uncoded error threw something other than a Qcow2Error/);
+  // After a crash, a fresh child takes the next case.
+  const after = await child.run({ ...request, image: '/nonexistent/x.qcow2' });
+  t.deepEqual(after.problems, []);
+  t.true(after.outcomes.some((o) => o.step === 'open' && o.code === 'ENOENT'));
 });
 
 /** The offset of the length field of the header extension of `type` (the header is version 3). */

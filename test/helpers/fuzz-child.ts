@@ -12,6 +12,7 @@ import {
   Extent,
   Image,
   Qcow2Error,
+  Qcow2OpenOptions,
   allocAligned,
   compareImages,
   convert,
@@ -31,6 +32,10 @@ export interface FuzzRequest {
   out: string;
   /** Guest bytes read, mapped and converted at most: a mutated size may be huge. */
   guestLimit: number;
+  /** Open with a tiny L2 cache, so that tables are evicted and reloaded all the time. */
+  tinyCache: boolean;
+  /** Instead of reading the image, fail the way the harness must catch, to prove that it does. */
+  selfTest?: 'crash' | 'hang' | 'uncoded error';
 }
 
 /** Sent when a step starts, so that a crash or hang can be pinned on it. */
@@ -98,17 +103,27 @@ class CaseRun {
   }
 
   async run(): Promise<void> {
-    const { image: file, follow } = this.request;
+    if (this.request.selfTest) return this.failOnPurpose(this.request.selfTest);
+    const { image: file, follow, tinyCache } = this.request;
     await this.attempt('info', async () => void (await info(file)));
     if (follow) await this.attempt('infoChain', async () => void (await infoChain(file)));
     let image: Image | undefined;
+    const options: Qcow2OpenOptions = { readOnly: true, followFileNames: follow, ...(tinyCache ? { l2CacheSize: 4096, l2SliceSize: 512 } : {}) };
     await this.attempt('open', async () => {
-      image = await open(file, { readOnly: true, followFileNames: follow });
+      image = await open(file, options);
     });
     let data: Buffer | undefined;
     if (image) data = await this.readOpened(image);
     const size = image?.size;
     if (size === undefined || size <= this.request.guestLimit) await this.convertAndCompare(data);
+  }
+
+  async failOnPurpose(how: NonNullable<FuzzRequest['selfTest']>): Promise<void> {
+    await this.attempt(`self test: ${how}`, async () => {
+      if (how === 'crash') process.kill(process.pid, 'SIGSEGV');
+      if (how === 'hang') await new Promise(() => undefined);
+      throw new Error('an error without a code');
+    });
   }
 
   /** Read, map and iterate the open image; returns the bytes read when the read succeeded. */
@@ -123,6 +138,7 @@ class CaseRun {
       const length = Math.min(limit - 1, 3 * 512 + 7);
       await image.read(Buffer.alloc(length), 1);
     });
+    await this.attempt('parallel reads and extents', () => readInParallel(image, limit));
     await this.attempt('extents', async () => {
       const extents: Extent[] = [];
       for await (const extent of image.extents({ offset: 0, length: limit })) extents.push(extent);
@@ -187,6 +203,20 @@ async function readAll(image: Image, limit: number): Promise<Buffer> {
     view.copy(out, at);
   }
   return out;
+}
+
+/** Eight reads spread over the disk and an extents walk, all at once: failures of shared tables meet. */
+async function readInParallel(image: Image, limit: number): Promise<void> {
+  const length = Math.min(limit, 65536);
+  const reads = Array.from({ length: 8 }, (_, i) => {
+    const offset = Math.floor(((limit - length) * i) / 8 / 512) * 512;
+    return image.read(Buffer.alloc(length), offset);
+  });
+  const walk = (async () => {
+    for await (const _ of image.extents({ offset: 0, length: limit }));
+  })();
+  const failed = (await Promise.allSettled([...reads, walk])).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
 }
 
 let current: CaseRun | undefined;

@@ -35,6 +35,8 @@ export interface Layout {
   regions: Map<RegionName, Slot[]>;
   /** Starts and ends of structures, sorted and unique. */
   boundaries: number[];
+  /** Cluster-aligned starts of structures: where a corrupted offset may point to make tables alias each other. */
+  targets: number[];
 }
 
 /** Host offset bits of L1, L2 and refcount table entries (spec: bits 9-55). */
@@ -79,6 +81,7 @@ class SeedReader {
   readonly extendedL2: boolean;
   readonly regions = new Map<RegionName, Slot[]>();
   readonly boundaries = new Set<number>();
+  readonly targets = new Set<number>([0]);
 
   constructor(readonly bytes: Buffer) {
     this.clusterSize = 2 ** bytes.readUInt32BE(20);
@@ -95,6 +98,7 @@ class SeedReader {
     this.regions.set(region, [...(this.regions.get(region) ?? []), ...slots]);
     this.boundaries.add(start);
     this.boundaries.add(end);
+    this.targets.add(start - (start % this.clusterSize));
   }
 
   readHeaderAndExtensions(): void {
@@ -193,5 +197,6 @@ export function readLayout(bytes: Buffer): Layout {
     clusterSize: reader.clusterSize,
     regions: reader.regions,
     boundaries: [...new Set(boundaries)],
+    targets: [...reader.targets].sort((a, b) => a - b),
   };
 }

@@ -12,13 +12,18 @@ export type ValueOp =
   | { op: 'flip'; bit: number }
   | { op: 'set'; value: bigint }
   | { op: 'add'; delta: number }
-  | { op: 'special'; which: number };
+  | { op: 'special'; which: number }
+  /** Keep the flag bits, point the offset at the start of another structure. */
+  | { op: 'point'; target: number };
 
 /** One change to the seed. Indices are taken modulo what they index, so every value is valid for every seed. */
 export type Mutation =
   | { kind: 'field'; region: RegionName; index: number; value: ValueOp }
   | { kind: 'byte'; region: RegionName; index: number; byte: number }
   | { kind: 'flip'; at: number; bit: number }
+  /** Copy bytes of one structure over another (an L2 table over the L1 table, a descriptor over a refcount block, …). */
+  | { kind: 'copy'; from: RegionName; fromIndex: number; to: RegionName; toIndex: number; length: number }
+  | { kind: 'zero'; region: RegionName; index: number; length: number }
   | { kind: 'truncate'; at: number; boundary: boolean };
 
 /** One concrete byte edit: what `resolveMutations` wrote where. */
@@ -45,6 +50,7 @@ const valueOpArbitrary: fc.Arbitrary<ValueOp> = fc.oneof(
   { weight: 2, arbitrary: fc.record({ op: fc.constant('set' as const), value: fc.bigInt({ min: 0n, max: U64_MAX }) }) },
   { weight: 2, arbitrary: fc.record({ op: fc.constant('add' as const), delta: fc.integer({ min: -8, max: 8 }) }) },
   { weight: 4, arbitrary: fc.record({ op: fc.constant('special' as const), which: fc.nat(63) }) },
+  { weight: 2, arbitrary: fc.record({ op: fc.constant('point' as const), target: fc.nat() }) },
 );
 
 /** Mutations aimed at the regions `layout` has; weighted towards rewriting fields. */
@@ -54,13 +60,25 @@ export function mutationArbitrary(layout: Layout): fc.Arbitrary<Mutation> {
     { weight: 12, arbitrary: fc.record({ kind: fc.constant('field' as const), region, index: fc.nat(), value: valueOpArbitrary }) },
     { weight: 2, arbitrary: fc.record({ kind: fc.constant('byte' as const), region, index: fc.nat(), byte: fc.nat(255) }) },
     { weight: 3, arbitrary: fc.record({ kind: fc.constant('flip' as const), at: fc.nat(), bit: fc.nat(7) }) },
+    {
+      weight: 1,
+      arbitrary: fc.record({ kind: fc.constant('copy' as const), from: region, fromIndex: fc.nat(), to: region, toIndex: fc.nat(), length: fc.integer({ min: 1, max: 4096 }) }),
+    },
+    { weight: 1, arbitrary: fc.record({ kind: fc.constant('zero' as const), region, index: fc.nat(), length: fc.integer({ min: 1, max: 4096 }) }) },
     { weight: 2, arbitrary: fc.record({ kind: fc.constant('truncate' as const), at: fc.nat(), boundary: fc.boolean() }) },
   );
 }
 
-/** One to three mutations of one seed. */
-export function mutationsArbitrary(layout: Layout): fc.Arbitrary<Mutation[]> {
-  return fc.array(mutationArbitrary(layout), { minLength: 1, maxLength: 3 });
+/** One fuzz case: one to three mutations of one seed, opened with the default L2 cache or a tiny one. */
+export interface FuzzCase {
+  mutations: Mutation[];
+  /** Open with a 4 KiB L2 cache of 512-byte slices, so that every table is evicted and reloaded. */
+  tinyCache: boolean;
+}
+
+/** Fuzz cases for one seed. */
+export function fuzzCaseArbitrary(layout: Layout): fc.Arbitrary<FuzzCase> {
+  return fc.record({ mutations: fc.array(mutationArbitrary(layout), { minLength: 1, maxLength: 3 }), tinyCache: fc.boolean() });
 }
 
 /** Values worth trying in a field of `width` bytes that held `old`: limits, offsets at and past the end of the file. */
@@ -111,6 +129,10 @@ function applyOp(op: ValueOp, old: bigint, width: number, layout: Layout): bigin
     case 'special': {
       const values = specialValues(width, old, layout);
       return values[op.which % values.length] & mask;
+    }
+    case 'point': {
+      const target = BigInt(layout.targets[op.target % layout.targets.length]);
+      return width === 8 ? (old & ~OFFSET_MASK) | target : target & mask;
     }
   }
 }
@@ -167,6 +189,19 @@ export function resolveMutations(pristine: Buffer, layout: Layout, mutations: re
         edits.push(editOf(bytes, at, 1, () => (bytes[at] ^= 1 << m.bit), 'bit flip'));
         break;
       }
+      case 'copy': {
+        const from = pickSlot(layout, m.from, m.fromIndex).offset;
+        const to = pickSlot(layout, m.to, m.toIndex).offset;
+        const length = Math.min(m.length, bytes.length - from, bytes.length - to);
+        edits.push(editOf(bytes, to, length, () => bytes.copyWithin(to, from, from + length), `${m.from} bytes at ${from} copied over ${m.to}`));
+        break;
+      }
+      case 'zero': {
+        const at = pickSlot(layout, m.region, m.index).offset;
+        const length = Math.min(m.length, bytes.length - at);
+        edits.push(editOf(bytes, at, length, () => bytes.fill(0, at, at + length), `${m.region} zeroed`));
+        break;
+      }
       case 'truncate':
         truncatedTo = Math.min(truncatedTo ?? Infinity, truncationPoint(layout, m));
         break;
@@ -177,7 +212,8 @@ export function resolveMutations(pristine: Buffer, layout: Layout, mutations: re
 
 /** The concrete changes, one per line, so that a failing case can be rebuilt by hand. */
 export function describeMutated(image: MutatedImage): string {
-  const lines = image.edits.map((e) => `  ${e.what} at ${e.offset} (0x${e.offset.toString(16)}): ${e.before} -> ${e.after}`);
+  const hex = (text: string) => (text.length > 64 ? `${text.slice(0, 64)}… (${text.length / 2} bytes)` : text);
+  const lines = image.edits.map((e) => `  ${e.what} at ${e.offset} (0x${e.offset.toString(16)}): ${hex(e.before)} -> ${hex(e.after)}`);
   if (image.truncatedTo !== undefined) lines.push(`  file truncated to ${image.truncatedTo} bytes`);
   return lines.join('\n');
 }

@@ -2,6 +2,7 @@
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
+import type { RegionName } from './fuzz-layout.js';
 import { qemuIo } from './qemu.js';
 import { qemuImgIn } from './qcow2-variants.js';
 
@@ -12,6 +13,8 @@ export interface Seed {
   make(dir: string): Promise<string>;
   /** The image names a backing file or a data file. */
   follow: boolean;
+  /** Structures beyond the common ones (header, extensions, L1, L2, refcounts) the mutations must reach. */
+  regions: RegionName[];
 }
 
 const DISK = '4M';
@@ -50,26 +53,31 @@ export const SEEDS: Seed[] = [
     name: 'v2, 64 KiB clusters',
     make: async (dir) => writes(await create(dir, 'v2.qcow2', '-o', 'compat=0.10'), ...MIXED),
     follow: false,
+    regions: [],
   },
   {
     name: 'v3, 512 B clusters',
     make: async (dir) => writes(await create(dir, 'small.qcow2', '-o', 'cluster_size=512'), ...MIXED, 'write -P 5 5k 1536'),
     follow: false,
+    regions: [],
   },
   {
     name: 'v3, 64 KiB clusters, 64-bit refcounts',
     make: async (dir) => writes(await create(dir, 'v3.qcow2', '-o', 'refcount_bits=64'), ...MIXED),
     follow: false,
+    regions: [],
   },
   {
     name: 'zlib compressed, 4 KiB clusters',
     make: (dir) => compressed(dir, 'zlib.qcow2', 'cluster_size=4096,compression_type=zlib'),
     follow: false,
+    regions: ['compressedDescriptors', 'compressedData'],
   },
   {
     name: 'zstd compressed, 64 KiB clusters',
     make: (dir) => compressed(dir, 'zstd.qcow2', 'cluster_size=65536,compression_type=zstd'),
     follow: false,
+    regions: ['compressedDescriptors', 'compressedData'],
   },
   {
     name: 'extended L2, 64 KiB clusters',
@@ -84,6 +92,7 @@ export const SEEDS: Seed[] = [
         'write -z 2052k 4k',
       ),
     follow: false,
+    regions: ['compressedDescriptors', 'compressedData'],
   },
   {
     name: 'backing file',
@@ -92,6 +101,7 @@ export const SEEDS: Seed[] = [
       return writes(await create(dir, 'overlay.qcow2', '-b', 'base.qcow2', '-F', 'qcow2'), 'write -P 1 512k 64k', 'write -z 3M 64k', 'write -P 2 3200k 4k');
     },
     follow: true,
+    regions: [],
   },
   {
     name: 'internal snapshots',
@@ -103,6 +113,7 @@ export const SEEDS: Seed[] = [
       return writes(file, 'write -P 3 1M 64k');
     },
     follow: false,
+    regions: ['snapshotTable'],
   },
   {
     name: 'persistent bitmaps',
@@ -113,11 +124,13 @@ export const SEEDS: Seed[] = [
       return writes(file, 'write -P 1 0 64k', 'write -P 2 2M 4k');
     },
     follow: false,
+    regions: ['bitmapDirectory'],
   },
   {
     name: 'external data file',
     // An absolute name: qemu-io opens a relative data file name from its working directory.
     make: async (dir) => writes(await create(dir, 'ext.qcow2', '-o', `data_file=${path.join(dir, 'data.raw')}`), ...MIXED),
     follow: true,
+    regions: [],
   },
 ];
