@@ -68,8 +68,9 @@ function isValidCode(code: unknown): boolean {
   return typeof code === 'string' && (OWN_CODES.has(code) || code in constants.errno);
 }
 
-function send(message: FuzzProgress | FuzzReport | { problem: string }): void {
-  process.send!(message);
+/** Send a message; resolves once it has left this process, so that a crash right after cannot lose it. */
+function send(message: FuzzProgress | FuzzReport | { problem: string }): Promise<void> {
+  return new Promise((resolve) => process.send!(message, undefined, {}, () => resolve()));
 }
 
 function describeThrown(error: unknown): string {
@@ -89,7 +90,7 @@ class CaseRun {
 
   /** Run `step`; a failure must be a Qcow2Error with a non-empty code. Returns whether it succeeded. */
   async attempt(step: string, work: () => Promise<void>): Promise<boolean> {
-    send({ id: this.request.id, step });
+    await send({ id: this.request.id, step });
     try {
       await work();
       this.outcomes.push({ step });
@@ -225,7 +226,7 @@ let current: CaseRun | undefined;
 process.on('unhandledRejection', (reason) => {
   const problem = `unhandled rejection: ${describeThrown(reason)}`;
   if (current) current.problems.push(problem);
-  else send({ problem });
+  else void send({ problem });
 });
 
 process.on('message', (request: FuzzRequest) => {
@@ -238,6 +239,6 @@ process.on('message', (request: FuzzRequest) => {
     .then(() => new Promise((resolve) => setImmediate(resolve)))
     .then(() => {
       current = undefined;
-      send({ id: request.id, done: true, outcomes: run.outcomes, problems: run.problems });
+      return send({ id: request.id, done: true, outcomes: run.outcomes, problems: run.problems });
     });
 });

@@ -19,6 +19,7 @@ export const REGIONS = [
   'bitmapDirectory',
 ] as const;
 
+/** The name of one structure mutations aim at. */
 export type RegionName = (typeof REGIONS)[number];
 
 /** One field a mutation may rewrite: `width` bytes at `offset`, big-endian. */

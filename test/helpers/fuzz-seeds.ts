@@ -48,6 +48,7 @@ async function compressed(dir: string, name: string, options: string): Promise<s
 /** Data, zero clusters and a discarded range: the common kinds of L2 entries. */
 const MIXED = ['write -P 1 0 64k', 'write -P 2 1M 100k', 'write -z 2M 128k', 'write -P 3 3M 64k', 'discard 3M 64k', 'write -P 4 4032k 64k'];
 
+/** Every seed; each makes its files under its own names, so they may share a folder. */
 export const SEEDS: Seed[] = [
   {
     name: 'v2, 64 KiB clusters',
