@@ -11,15 +11,27 @@ const child = spawn(process.execPath, [ava, '--tap', ...process.argv.slice(2)], 
   stdio: ['inherit', 'pipe', 'inherit'],
 });
 
+// The totals ava prints at the end; if ava dies before them, the per-test lines seen so far.
 const counts = { pass: 0, fail: 0, skip: 0, todo: 0 };
+const seen = { pass: 0, fail: 0, skip: 0, todo: 0 };
+let totals = false;
 const lines = readline.createInterface({ input: child.stdout });
 lines.on('line', (line) => {
   process.stdout.write(line + '\n');
-  const m = /^# (pass|fail|skip|todo)\s+(\d+)/.exec(line);
-  if (m) counts[m[1]] = Number(m[2]);
+  const total = /^# (pass|fail|skip|todo)\s+(\d+)/.exec(line);
+  if (total) {
+    counts[total[1]] = Number(total[2]);
+    totals = true;
+  }
+  const result = /^(ok|not ok) \d+ /.exec(line);
+  if (result) {
+    const kind = / # SKIP/.test(line) ? 'skip' : / # TODO/.test(line) ? 'todo' : result[1] === 'ok' ? 'pass' : 'fail';
+    seen[kind]++;
+  }
 });
 
 child.on('close', (code) => {
+  if (!totals) Object.assign(counts, seen);
   const failed = counts.fail + (code !== 0 && counts.fail === 0 ? 1 : 0);
   let summary = `${counts.pass} passed, ${failed} failed`;
   if (counts.skip + counts.todo > 0) summary += `, ${counts.skip + counts.todo} skipped`;
