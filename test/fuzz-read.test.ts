@@ -2,8 +2,8 @@
  * Property-based fuzzing of the read side: seed images made by qemu-img get their header,
  * extensions, tables, compressed descriptors, snapshot table and bitmap directory rewritten, bits
  * flipped and the file cut short. Every read operation (info, open, read, extents, map, convert,
- * compare) must then succeed or reject with a Qcow2Error carrying a code; never crash, hang, or
- * answer inconsistently. Cases run in a child process (see helpers/fuzz-driver.ts).
+ * compare) must then succeed or reject with a Qcow2Error whose code is the package's or an errno
+ * name; never crash, hang, or answer inconsistently. Cases run in a child process (see helpers/fuzz-driver.ts).
  *
  * Reproduce a failure with the seed and path fast-check prints, or run longer with
  * QCOW2_FUZZ_RUNS (cases per seed image) and QCOW2_FUZZ_SEED.
@@ -21,8 +21,8 @@ import { SEEDS } from './helpers/fuzz-seeds.js';
 import { qemuImg, qemuIo, tempDir } from './helpers/qemu.js';
 import { open } from '../ts/index.js';
 
-/** Cases per seed image: 10 seeds × 48 keeps the file near a minute on a busy 2-core machine. */
-const RUNS = Number(process.env.QCOW2_FUZZ_RUNS ?? 48);
+/** Cases per seed image: 10 seeds × 60 took 15-25 s on a busy 2-core machine. */
+const RUNS = Number(process.env.QCOW2_FUZZ_RUNS ?? 60);
 /** A case that takes longer is a hang: the healthy ones take well under a second. */
 const HANG_AFTER_MS = 15_000;
 /** Guest bytes read and converted at most, whatever size a mutated header claims. */
