@@ -35,7 +35,7 @@ struct PieceRead {
 struct PendingRead {
   Napi::Promise::Deferred deferred;
   Napi::Reference<Napi::Value> buffer;
-  std::shared_ptr<Engine> engine;  // keeps the File (and the descriptor read from) alive
+  std::shared_ptr<Engine> engine;  // keeps the File (whose descriptor is read) alive; close() waits for the read
   File* file;
   PieceRead pieces[DirectPlan::kMaxPieces];
   size_t remaining = 0;

@@ -122,7 +122,7 @@ struct DirectPlan {
   bool direct = false;
   Piece pieces[kMaxPieces];
   size_t count = 0;
-  /// The engine's own descriptor of the file the reads are from, and the File (for short reads).
+  /// The descriptor of the File the reads are from (File::fd()), and the File (for short reads).
   int fd = -1;
   File* file = nullptr;
 };
