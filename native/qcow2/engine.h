@@ -223,6 +223,14 @@ class Engine {
   Status GrowL1(uint64_t entries);
   /// Map every unallocated cluster of [from, to) to a data cluster of its own, as qemu-img resize --preallocation does.
   Status Preallocate(uint64_t from, uint64_t to, Preallocation mode);
+  /// Contiguous clusters from the allocator; `fresh` ones read as zeros.
+  struct AllocatedRun {
+    uint64_t first = 0;
+    uint64_t count = 0;
+    bool fresh = false;
+  };
+  /// Allocate `count` clusters in as few runs as the refcount layout allows; under metaMu_.
+  Status AllocateRuns(uint64_t count, std::vector<AllocatedRun>* runs);
   /// Extend the image file well past `end` (sparse), so that allocating writes do not each extend it.
   Status GrowFileAhead(uint64_t end);
   /// Give back what GrowFileAhead() reserved past the last cluster in use.

@@ -242,19 +242,20 @@ Status Engine::Write(const uint8_t* buf, uint64_t len, GuestOffset at) {
   std::vector<HostFree> frees;
   if (metadata) {
     std::lock_guard<std::mutex> lock(metaMu_);
-    uint64_t next = 0;
-    bool fresh = false;
-    if (allocations > 0) QCOW2_TRY(Fail(refcounts_->Allocate(allocations, &next, &fresh)));
+    std::vector<AllocatedRun> runs;
+    if (allocations > 0) QCOW2_TRY(Fail(AllocateRuns(allocations, &runs)));
+    size_t run = 0;
+    uint64_t used = 0;
     for (ClusterPlan& p : plans) {
       if (p.action == ClusterPlan::InPlace) continue;
       QCOW2_TRY(Fail(TableFor(p.entry, &p.table, &frees)));
       if (p.action != ClusterPlan::Allocate) continue;
-      p.host = (next++) << g.clusterBits;
-      p.zeroed = fresh && ReadsAsZeros(p.entry, (first + (&p - plans.data())) << g.clusterBits);
-    }
-    if (allocations > 0) {
-      mapper_->NoteFileSize(next << g.clusterBits);
-      QCOW2_TRY(Fail(GrowFileAhead(next << g.clusterBits)));
+      if (used == runs[run].count) {
+        run++;
+        used = 0;
+      }
+      p.host = (runs[run].first + used++) << g.clusterBits;
+      p.zeroed = runs[run].fresh && ReadsAsZeros(p.entry, (first + (&p - plans.data())) << g.clusterBits);
     }
   }
   QCOW2_TRY(WriteData(buf, len, at, plans));
@@ -496,6 +497,23 @@ Status Engine::ReleaseFreed() {
   std::lock_guard<std::mutex> lock(metaMu_);
   for (uint64_t c : clusters) QCOW2_TRY(refcounts_->Add(c, -1));
   return Status::Ok();
+}
+
+Status Engine::AllocateRuns(uint64_t count, std::vector<AllocatedRun>* runs) {
+  // New refcount blocks sit at the first cluster they describe, so fresh space has free runs of
+  // at most a block's reach less one: larger requests take several runs.
+  const uint64_t maxRun = std::max<uint64_t>(1, refcounts_->perBlock() / 2);
+  uint64_t end = 0;
+  for (uint64_t left = count; left > 0;) {
+    AllocatedRun run;
+    run.count = std::min(left, maxRun);
+    QCOW2_TRY(refcounts_->Allocate(run.count, &run.first, &run.fresh));
+    runs->push_back(run);
+    end = std::max(end, (run.first + run.count) << geometry().clusterBits);
+    left -= run.count;
+  }
+  mapper_->NoteFileSize(end);
+  return GrowFileAhead(end);
 }
 
 Status Engine::GrowFileAhead(uint64_t end) {
@@ -748,22 +766,23 @@ Status Engine::Preallocate(uint64_t from, uint64_t to, Preallocation mode) {
     if (e.raw == 0 && e.bitmap == 0) clusters.emplace_back(c, e);
   }
   if (clusters.empty()) return Status::Ok();
-  const uint64_t bytes = clusters.size() << g.clusterBits;
   std::vector<L2Update> updates;
   std::vector<HostFree> frees;
-  uint64_t next = 0;
   {
     std::lock_guard<std::mutex> lock(metaMu_);
-    if (!config_.externalDataFile) {
-      QCOW2_TRY(refcounts_->Allocate(clusters.size(), &next));
-      mapper_->NoteFileSize((next << g.clusterBits) + bytes);
-      QCOW2_TRY(GrowFileAhead((next << g.clusterBits) + bytes));
-    }
+    std::vector<AllocatedRun> runs;
+    if (!config_.externalDataFile) QCOW2_TRY(AllocateRuns(clusters.size(), &runs));
+    size_t run = 0;
+    uint64_t used = 0;
     for (auto& [c, e] : clusters) {
       uint64_t table = 0;
       QCOW2_TRY(TableFor(e, &table, &frees));
-      // Data in an external file sits at its guest offset; in the image, in the run just allocated.
-      const uint64_t host = config_.externalDataFile ? c << g.clusterBits : (next++) << g.clusterBits;
+      if (!runs.empty() && used == runs[run].count) {
+        run++;
+        used = 0;
+      }
+      // Data in an external file sits at its guest offset; in the image, in the runs just allocated.
+      const uint64_t host = config_.externalDataFile ? c << g.clusterBits : (runs[run].first + used++) << g.clusterBits;
       updates.push_back({e.l1Index, g.L2Index(GuestOffset{c << g.clusterBits}), host | kCopiedFlag, 0});
     }
   }

@@ -52,6 +52,8 @@ class Refcounts {
   /// Write the grown table to disk (the caller flushes, then updates the header, then frees `*old`).
   Status WriteTable(uint64_t* offset, uint64_t* clusters, std::pair<uint64_t, uint64_t>* old);
   uint64_t clusterSize() const { return clusterSize_; }
+  /// Clusters one refcount block describes.
+  uint64_t perBlock() const { return perBlock_; }
   /// Clusters below this index may be in use (the file's size at load, and every allocation since).
   uint64_t highWater() const { return highWater_; }
 
