@@ -65,16 +65,14 @@ export interface Image extends AsyncDisposable {
   createReadStream(options?: ReadStreamOptions): Readable;
 }
 
-/** Throw unless [offset, offset + length) lies inside a disk of `size` bytes. */
+/** Throw unless [offset, offset + length) lies inside a disk of `size` bytes. Messages are built only on failure: this runs on every request. */
 export function checkRange(offset: number, length: number, size: number, what: string): void {
+  if (Number.isSafeInteger(offset) && offset >= 0 && Number.isSafeInteger(length) && length >= 0 && offset + length <= size) {
+    return;
+  }
   check(Number.isSafeInteger(offset) && offset >= 0, `${what}: offset must be a non-negative integer, got ${offset}`);
   check(Number.isSafeInteger(length) && length >= 0, `${what}: length must be a non-negative integer, got ${length}`);
-  if (offset + length > size) {
-    throw new Qcow2Error(
-      ErrorCodes.OUT_OF_BOUNDS,
-      `${what}: range ${offset}+${length} is past the end of the disk (${size} bytes)`,
-    );
-  }
+  throw new Qcow2Error(ErrorCodes.OUT_OF_BOUNDS, `${what}: range ${offset}+${length} is past the end of the disk (${size} bytes)`);
 }
 
 /** Resolve the extent options against a disk of `size` bytes. */
