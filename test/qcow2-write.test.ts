@@ -387,3 +387,18 @@ test('metadata corruption met by a write marks the image corrupt and stops write
   t.is((await readFile(file)).readBigUInt64BE(72) & 2n, 2n);
   await t.throwsAsync(openQcow2(file), { code: ErrorCodes.CORRUPT });
 });
+
+test('a refcount table that grows twice before a commit leaks nothing (16 MiB in one write, 512-byte clusters)', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'grow.qcow2');
+  await qemuImg('create', '-f', 'qcow2', '-o', 'cluster_size=512', file, '64M');
+  const image = await openQcow2(file);
+  const data = patternBytes(16 << 20, 77);
+  await image.write(data, 0);
+  await image.close();
+  await assertClean(t, file);
+  const raw = path.join(dir, 'grow.raw');
+  await qemuImg('convert', '-O', 'raw', file, raw);
+  const { readFile } = await import('node:fs/promises');
+  t.deepEqual((await readFile(raw)).subarray(0, 16 << 20), data);
+});

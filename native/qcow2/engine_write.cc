@@ -539,12 +539,18 @@ Status Engine::TrimFile() {
 
 Status Engine::Flush() {
   QCOW2_TRY(Writable());
-  uint64_t ticket;
-  {
+  // A commit can leave frees for the next one (the old refcount table, once the header no longer
+  // points at it): another commit applies them, so that a flushed image has no leaks.
+  for (int round = 0; round < 3; round++) {
+    uint64_t ticket;
+    {
+      std::lock_guard<std::mutex> lock(metaMu_);
+      ticket = ++ticket_;
+    }
+    QCOW2_TRY(CommitUpTo(ticket));
     std::lock_guard<std::mutex> lock(metaMu_);
-    ticket = ++ticket_;
+    if (pendingFrees_.empty()) break;
   }
-  QCOW2_TRY(CommitUpTo(ticket));
   // The commit ends by dropping references (after the mappings that held them are on disk): write those too.
   QCOW2_TRY(Fail(WriteRefcountChanges()));
   QCOW2_TRY(image_->Flush());

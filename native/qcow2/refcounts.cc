@@ -182,7 +182,10 @@ Status Refcounts::GrowTable(uint64_t minEntries) {
                                        " clusters, more than the limit of " + std::to_string(kMaxTableBytes >> clusterBits_));
   }
   // The old table stays in use until the header points at the new one; it is freed after that.
+  // A table that grows again before any commit wrote it was never published: free it now.
+  std::pair<uint64_t, uint64_t> unpublished{0, 0};
   if (!tableMoved_) oldTable_ = {tableOffset_ >> clusterBits_, tableClusters_};
+  else unpublished = {tableOffset_ >> clusterBits_, tableClusters_};
   table_.resize(clusters * entriesPerCluster, 0);
   tableClusters_ = clusters;
   tableMoved_ = true;
@@ -190,6 +193,7 @@ Status Refcounts::GrowTable(uint64_t minEntries) {
   // The new table's clusters may need blocks of their own, which Allocate makes in the bigger table.
   QCOW2_TRY(Allocate(clusters, &at));
   tableOffset_ = at << clusterBits_;
+  for (uint64_t c = unpublished.first; c < unpublished.first + unpublished.second; c++) QCOW2_TRY(Add(c, -1));
   return Status::Ok();
 }
 
