@@ -6,7 +6,7 @@ import test, { ExecutionContext } from 'ava';
 
 import { open } from '../ts/index.js';
 import { mapImage } from '../ts/tools/map.js';
-import { qcow2Cli, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
+import { CLI, qcow2Cli, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
 
 /** Run both maps with `args` and assert the same exit code, stdout, and (for JSON) the same parsed list. */
 async function sameMap(t: ExecutionContext, file: string, ...args: string[]): Promise<void> {
@@ -152,4 +152,17 @@ test('mapImage merges runs and yields batches covering the range without gaps', 
     }
   }
   t.is(pos, 9 << 20);
+});
+
+test('backing file names combine with the overlay name as given, like qemu ("./o.qcow2" → "./b.qcow2")', async (t) => {
+  const dir = await tempDir(t);
+  await qemuImg('create', '-f', 'qcow2', path.join(dir, 'b.qcow2'), '1M');
+  await qemuIo('-c', 'write -P 1 0 64k', path.join(dir, 'b.qcow2'));
+  await qemuImg('create', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', path.join(dir, 'o.qcow2'));
+  const run = (program: string, args: string[]) => runProgram(program, args, { cwd: dir });
+  const theirs = await run('qemu-img', ['map', './o.qcow2']);
+  const ours = await run(process.execPath, [CLI, 'map', './o.qcow2']);
+  t.is(theirs.code, 0, theirs.stderr);
+  t.regex(theirs.stdout, /\.\/b\.qcow2/);
+  t.is(ours.stdout, theirs.stdout);
 });

@@ -26,9 +26,9 @@ export interface RunResult {
 }
 
 /** Run a program; never throws for a non-zero exit (the code is returned). A missing program throws. */
-export async function runProgram(program: string, args: string[], options: { input?: string } = {}): Promise<RunResult> {
+export async function runProgram(program: string, args: string[], options: { cwd?: string } = {}): Promise<RunResult> {
   try {
-    const { stdout, stderr } = await run(program, args, { maxBuffer: 1 << 30, encoding: 'utf8' });
+    const { stdout, stderr } = await run(program, args, { maxBuffer: 1 << 30, encoding: 'utf8', cwd: options.cwd });
     return { stdout, stderr, code: 0 };
   } catch (error) {
     const e = error as { code?: unknown; stdout?: string; stderr?: string };

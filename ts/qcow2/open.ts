@@ -1,6 +1,5 @@
 /** Opening qcow2 images: header, data file, backing chain and the native engine. */
 import { realpath, stat } from 'node:fs/promises';
-import path from 'node:path';
 
 import { ErrorCodes, Qcow2Error, asQcow2Error, settle } from '../errors.js';
 import type { Image } from '../image.js';
@@ -11,6 +10,7 @@ import { Qcow2Header, clearUnknownAutoclear, readHeader } from './header.js';
 import { openMetadataFile } from './metadata-file.js';
 import { readSnapshots } from './snapshots.js';
 import { Qcow2Image } from './image.js';
+import { cString, combineFileName } from './text.js';
 
 /** Where an image sits in the chain being opened. */
 interface ChainState {
@@ -51,8 +51,7 @@ function checkCacheOptions(options: Qcow2OpenOptions): void {
  * reads the name as a C string, so it ends at its first NUL byte (Node refuses paths holding one).
  */
 function resolveName(imagePath: string, name: string): string {
-  const cName = name.split('\0', 1)[0];
-  return path.isAbsolute(cName) ? cName : path.join(path.dirname(imagePath), cName);
+  return combineFileName(imagePath, cString(name));
 }
 
 /** Refuse a named file that is neither a regular file nor a block device: opening a FIFO would hang. */

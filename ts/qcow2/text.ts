@@ -68,3 +68,25 @@ export function encodeName(text: string): Buffer {
 function isHighSurrogate(code: number): boolean {
   return code >= 0xd800 && code <= 0xdbff;
 }
+
+/** qemu reads names as C strings: a name stops at its first NUL byte. */
+export function cString(text: string): string {
+  const nul = text.indexOf('\0');
+  return nul < 0 ? text : text.slice(0, nul);
+}
+
+/** A name with a ':' before any '/' names a protocol ("file:x", "nbd://host/x"), as in qemu. */
+export function hasProtocol(name: string): boolean {
+  return /^[^/]*:/.test(name);
+}
+
+/**
+ * Where a file name an image records (backing or data file) points, combined the way qemu
+ * does: the directory part of the image's name, as given, plus the name; absolute and
+ * protocol names stay as they are.
+ */
+export function combineFileName(imagePath: string, name: string): string {
+  if (name.startsWith('/') || hasProtocol(name)) return name;
+  const slash = imagePath.lastIndexOf('/');
+  return slash < 0 ? name : imagePath.slice(0, slash + 1) + name;
+}

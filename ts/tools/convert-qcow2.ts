@@ -11,7 +11,8 @@ import { errnoText } from '../qcow2/metadata-file.js';
 import { openQcow2 } from '../qcow2/open.js';
 import type { ConvertOptions } from './convert.js';
 import { COPY_CHUNK, dataAndZeroRuns } from './convert.js';
-import { CreateOptions, backingPathOf, create } from './create.js';
+import { combineFileName } from '../qcow2/text.js';
+import { CreateOptions, create } from './create.js';
 
 /** How the qcow2 target is made: creation options (qemu-img -o, -B, -F) and compression (-c). */
 export interface Qcow2TargetOptions {
@@ -142,7 +143,7 @@ async function openFailureReason(target: string, cause: Qcow2Error): Promise<str
     () => undefined,
   );
   if (backing === undefined) return `Could not open '${target}': ${text}`;
-  return `Could not open backing file: Could not open '${backingPathOf(target, backing)}': ${text}`;
+  return `Could not open backing file: Could not open '${combineFileName(target, backing)}': ${text}`;
 }
 
 /**

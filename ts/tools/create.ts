@@ -1,6 +1,5 @@
 /** Creating images (library side of `qcow2 create`): option checks in qemu-img's order and wording, raw and qcow2. */
 import { stat } from 'node:fs/promises';
-import path from 'node:path';
 
 import { ErrorCodes, Qcow2Error, asQcow2Error, check, settle } from '../errors.js';
 import type { ImageFormat } from '../image.js';
@@ -8,6 +7,7 @@ import { NativeFile, allocAligned, native } from '../native.js';
 import { open, probeFormat } from '../open.js';
 import { Qcow2CreateOptions, createQcow2 } from '../qcow2/create.js';
 import { errnoText } from '../qcow2/metadata-file.js';
+import { combineFileName } from '../qcow2/text.js';
 
 /** How space is reserved when an image is made or grown: qemu's preallocation modes. */
 export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
@@ -47,12 +47,6 @@ export interface CreateOptions {
   skipBackingCheck?: boolean;
 }
 
-/** Where a backing file name recorded in `imagePath` points, written the way qemu-img names it in errors. */
-export function backingPathOf(imagePath: string, name: string): string {
-  const dir = path.dirname(imagePath);
-  return path.isAbsolute(name) || dir === '.' ? name : `${dir}/${name}`;
-}
-
 /**
  * The size the new image gets: `options.size`, or the backing image's. Checks what qemu-img
  * checks before it prints "Formatting …": the backing file's format is named, the backing file
@@ -65,7 +59,7 @@ export async function createSize(imagePath: string, options: CreateOptions): Pro
   if (options.size !== undefined) checkSize(options.size);
   if (options.backingFile === undefined) return requireSize(options.size);
   if (format === 'raw') throw invalid(`Backing file not supported for file format 'raw'`);
-  const backingPath = backingPathOf(imagePath, options.backingFile);
+  const backingPath = combineFileName(imagePath, options.backingFile);
   if (options.backingFormat === undefined) throw invalid(await missingBackingFormat(backingPath, options));
   if (await sameFile(imagePath, options.backingFile, backingPath)) {
     throw invalid('Error: Trying to create an image with the same filename as the backing file');

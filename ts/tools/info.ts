@@ -8,6 +8,7 @@ import { BitmapEntry, readBitmaps } from '../qcow2/bitmaps.js';
 import { QCOW2_MAGIC, Qcow2Header, readHeaderFrom } from '../qcow2/header.js';
 import { MetadataFile, openMetadataFile, readRange } from '../qcow2/metadata-file.js';
 import { SnapshotEntry, readSnapshots } from '../qcow2/snapshots.js';
+import { cString, combineFileName, hasProtocol } from '../qcow2/text.js';
 
 /*
  * Key order: qemu-img prints its QDicts in hash-bucket order, which is fixed for a given set of
@@ -95,28 +96,6 @@ async function probe(file: MetadataFile): Promise<ImageFormat> {
   return magic.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
 }
 
-/** A name with a ':' before any '/' names a protocol ("file:x", "nbd://host/x"), as in qemu. */
-function hasProtocol(name: string): boolean {
-  return /^[^/]*:/.test(name);
-}
-
-/**
- * Where a relative backing name points: next to the image, the way qemu combines them
- * (the image name's directory part, as given, plus the backing name; absolute and
- * protocol names stay as they are).
- */
-export function combineBackingPath(imagePath: string, backing: string): string {
-  if (backing.startsWith('/') || hasProtocol(backing)) return backing;
-  const slash = imagePath.lastIndexOf('/');
-  return slash < 0 ? backing : imagePath.slice(0, slash + 1) + backing;
-}
-
-/** qemu-img shows C strings: a name stops at its first NUL byte. */
-function cString(text: string): string {
-  const nul = text.indexOf('\0');
-  return nul < 0 ? text : text.slice(0, nul);
-}
-
 function snapshotInfo(s: SnapshotEntry): SnapshotInfo {
   const out: Partial<SnapshotInfo> = {};
   if (s.icount !== undefined) out.icount = s.icount <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(s.icount) : BigInt.asIntN(64, s.icount);
@@ -172,7 +151,7 @@ async function qcow2Info(file: MetadataFile, options: InfoOptions): Promise<Imag
   info['actual-size'] = file.allocated;
   info['format-specific'] = { type: 'qcow2', data: qcow2Specific(header, bitmaps) };
   if (backing) {
-    info['full-backing-filename'] = combineBackingPath(file.path, backing);
+    info['full-backing-filename'] = combineFileName(file.path, backing);
     info['backing-filename'] = backing;
   }
   info['dirty-flag'] = header.dirty;
