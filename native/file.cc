@@ -20,6 +20,18 @@ constexpr size_t kBounceChunk = 8u << 20;
 uint64_t AlignDown(uint64_t v, uint64_t a) { return v - v % a; }
 uint64_t AlignUp(uint64_t v, uint64_t a) { return AlignDown(v + a - 1, a); }
 
+/// Move past `done` bytes of an iovec list that a partial preadv/pwritev transferred.
+void Advance(std::vector<struct iovec>* rest, size_t* first, size_t done) {
+  while (done > 0) {
+    struct iovec& v = (*rest)[*first];
+    size_t step = std::min(done, v.iov_len);
+    v.iov_base = static_cast<uint8_t*>(v.iov_base) + step;
+    v.iov_len -= step;
+    done -= step;
+    if (v.iov_len == 0) ++*first;
+  }
+}
+
 }  // namespace
 
 bool ParseCacheMode(const std::string& name, CacheMode* mode) {
@@ -293,13 +305,7 @@ Status File::Readv(const struct iovec* iov, int count, uint64_t off) {
     }
     if (n == 0) break;
     got += static_cast<size_t>(n);
-    for (size_t left = static_cast<size_t>(n); left > 0;) {
-      size_t step = std::min(left, rest[first].iov_len);
-      rest[first].iov_base = static_cast<uint8_t*>(rest[first].iov_base) + step;
-      rest[first].iov_len -= step;
-      left -= step;
-      if (rest[first].iov_len == 0) first++;
-    }
+    Advance(&rest, &first, static_cast<size_t>(n));
     if (direct_ && got % reqAlign_ != 0) break;
   }
   for (size_t i = first; i < rest.size(); i++) std::memset(rest[i].iov_base, 0, rest[i].iov_len);
@@ -332,13 +338,7 @@ Status File::Writev(const struct iovec* iov, int count, uint64_t off) {
     }
     if (n == 0) return Fail(EIO, "write", off, total);
     put += static_cast<size_t>(n);
-    for (size_t left = static_cast<size_t>(n); left > 0;) {
-      size_t step = std::min(left, rest[first].iov_len);
-      rest[first].iov_base = static_cast<uint8_t*>(rest[first].iov_base) + step;
-      rest[first].iov_len -= step;
-      left -= step;
-      if (rest[first].iov_len == 0) first++;
-    }
+    Advance(&rest, &first, static_cast<size_t>(n));
   }
   return Status::Ok();
 }
