@@ -6,23 +6,7 @@ import test from 'ava';
 import { ErrorCodes, Qcow2Error, openQcow2 } from '../ts/index.js';
 import { createQcow2, Qcow2CreateOptions } from '../ts/qcow2/create.js';
 import { qemuImg, runProgram, tempDir } from './helpers/qemu.js';
-
-/** qemu-img create -o for the same options. */
-function qemuOptions(o: Qcow2CreateOptions): string[] {
-  const opts: string[] = [];
-  if (o.compat) opts.push(`compat=${o.compat}`);
-  if (o.clusterSize) opts.push(`cluster_size=${o.clusterSize}`);
-  if (o.refcountBits) opts.push(`refcount_bits=${o.refcountBits}`);
-  if (o.extendedL2) opts.push('extended_l2=on');
-  if (o.lazyRefcounts) opts.push('lazy_refcounts=on');
-  if (o.compressionType) opts.push(`compression_type=${o.compressionType}`);
-  if (o.preallocation) opts.push(`preallocation=${o.preallocation}`);
-  if (o.dataFile) opts.push(`data_file=${o.dataFile}`);
-  if (o.dataFileRaw) opts.push('data_file_raw=on');
-  const args = opts.length > 0 ? ['-o', opts.join(',')] : [];
-  if (o.backingFile) args.push('-b', o.backingFile, '-F', o.backingFormat ?? 'qcow2');
-  return args;
-}
+import { qemuCreateArgs } from './helpers/create-args.js';
 
 /** qemu-img info --output=json without what differs between any two files. */
 async function describe(file: string): Promise<unknown> {
@@ -65,7 +49,7 @@ for (const c of CASES) {
     const oursOptions = { ...c.options, ...(c.dataFile ? { dataFile: path.join(dir, 'ours.data') } : {}) };
     const theirsOptions = { ...c.options, size: c.size, ...(c.dataFile ? { dataFile: path.join(dir, 'theirs.data') } : {}) };
     await createQcow2(ours, { size: c.size, ...oursOptions });
-    const created = await runProgram('qemu-img', ['create', '-q', '-f', 'qcow2', ...qemuOptions(theirsOptions), theirs, String(c.size)], {});
+    const created = await runProgram('qemu-img', ['create', '-q', '-f', 'qcow2', ...qemuCreateArgs(theirsOptions), theirs, String(c.size)], {});
     t.is(created.code, 0, created.stderr);
     t.deepEqual(await describe(ours), await describe(theirs));
     const check = await runProgram('qemu-img', ['check', '--output=json', ours]);

@@ -11,6 +11,7 @@ import test, { ExecutionContext } from 'ava';
 import { ErrorCodes, Qcow2Error, Qcow2Image, openQcow2 } from '../ts/index.js';
 import { createQcow2, Qcow2CreateOptions } from '../ts/qcow2/create.js';
 import { patternBytes, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
+import { qemuCreateArgs } from './helpers/create-args.js';
 
 /** One guest operation, as both sides apply it. */
 type Op =
@@ -90,21 +91,6 @@ async function assertClean(t: ExecutionContext, file: string): Promise<void> {
 async function assertSame(t: ExecutionContext, ours: string, theirs: string): Promise<void> {
   const r = await runProgram('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', ours, theirs]);
   t.is(r.code, 0, `qemu-img compare: ${r.stdout}${r.stderr}`);
-}
-
-/** qemu-img create -o arguments for the same options. */
-function qemuCreateArgs(o: Partial<Qcow2CreateOptions>): string[] {
-  const opts: string[] = [];
-  if (o.compat) opts.push(`compat=${o.compat}`);
-  if (o.clusterSize) opts.push(`cluster_size=${o.clusterSize}`);
-  if (o.refcountBits) opts.push(`refcount_bits=${o.refcountBits}`);
-  if (o.extendedL2) opts.push('extended_l2=on');
-  if (o.lazyRefcounts) opts.push('lazy_refcounts=on');
-  if (o.compressionType) opts.push(`compression_type=${o.compressionType}`);
-  if (o.dataFile) opts.push(`data_file=${o.dataFile}`);
-  const args = opts.length > 0 ? ['-o', opts.join(',')] : [];
-  if (o.backingFile) args.push('-b', o.backingFile, '-F', o.backingFormat ?? 'qcow2');
-  return args;
 }
 
 interface Scenario {

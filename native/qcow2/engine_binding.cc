@@ -272,15 +272,27 @@ Preallocation ParsePreallocation(const Napi::Object& o) {
   throw Napi::TypeError::New(o.Env(), "option preallocation must be 'off', 'metadata', 'falloc' or 'full', got '" + mode + "'");
 }
 
-Napi::Value EngineWrap::Format(const Napi::CallbackInfo& info) {
+/// The image file (argument 0) and the geometry in params (argument 1) that whole-image
+/// operations (format, refcount rebuild) take; `request` gets clusterBits and refcountOrder.
+template <typename Request>
+std::shared_ptr<File> ImageArguments(const Napi::CallbackInfo& info, Request* request) {
   Napi::Env env = info.Env();
   auto image = FileWrap::FileOf(info[0]);
   if (!image) throw Napi::TypeError::New(env, "file must be an open NativeFile");
   Napi::Object o = Args(info).Object(1, "params");
+  request->clusterBits = SmallInteger(o, "clusterBits", 21);
+  if (request->clusterBits < 9) {
+    throw Napi::RangeError::New(env, "option clusterBits must be at least 9, got " + std::to_string(request->clusterBits));
+  }
+  request->refcountOrder = SmallInteger(o, "refcountOrder", 6);
+  return image;
+}
+
+Napi::Value EngineWrap::Format(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
   FormatRequest request;
-  request.clusterBits = SmallInteger(o, "clusterBits", 21);
-  if (request.clusterBits < 9) throw Napi::RangeError::New(env, "option clusterBits must be at least 9, got " + std::to_string(request.clusterBits));
-  request.refcountOrder = SmallInteger(o, "refcountOrder", 6);
+  auto image = ImageArguments(info, &request);
+  Napi::Object o = Args(info).Object(1, "params");
   request.size = RequiredOffset(o, "size");
   request.extendedL2 = OptionBool(o, "extendedL2", false);
   request.preallocation = ParsePreallocation(o);
@@ -300,13 +312,9 @@ Napi::Value EngineWrap::Format(const Napi::CallbackInfo& info) {
 
 Napi::Value EngineWrap::RebuildRefcounts(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto image = FileWrap::FileOf(info[0]);
-  if (!image) throw Napi::TypeError::New(env, "file must be an open NativeFile");
-  Napi::Object o = Args(info).Object(1, "params");
   RebuildRequest request;
-  request.clusterBits = SmallInteger(o, "clusterBits", 21);
-  if (request.clusterBits < 9) throw Napi::RangeError::New(env, "option clusterBits must be at least 9, got " + std::to_string(request.clusterBits));
-  request.refcountOrder = SmallInteger(o, "refcountOrder", 6);
+  auto image = ImageArguments(info, &request);
+  Napi::Object o = Args(info).Object(1, "params");
   request.extendedL2 = OptionBool(o, "extendedL2", false);
   request.externalDataFile = OptionBool(o, "externalDataFile", false);
   request.snapshotsOffset = OptionOffset(o, "snapshotsOffset", 0);
