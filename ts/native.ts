@@ -197,7 +197,10 @@ export interface NativeAddon {
   poolThreads: number;
 }
 
+/** QCOW2_NATIVE_ADDON names another build of the addon (the sanitizer build of `npm run test:asan`). */
+const ADDON_PATH = process.env.QCOW2_NATIVE_ADDON || path.join(__dirname, '..', '..', 'build', 'Release', 'qcow2_native.node');
+
 // eslint-disable-next-line @typescript-eslint/no-require-imports
-export const native: NativeAddon = require(path.join(__dirname, '..', '..', 'build', 'Release', 'qcow2_native.node'));
+export const native: NativeAddon = require(ADDON_PATH);
 
 export const allocAligned = (size: number): Buffer => native.allocAligned(size);
