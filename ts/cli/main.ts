@@ -9,6 +9,7 @@ const COMMANDS: Record<string, () => Promise<{ run: Command }>> = {
   compare: () => import('./compare.js'),
   convert: () => import('./convert.js'),
   create: () => import('./create.js'),
+  demo: () => import('./demo.js'),
   info: () => import('./info.js'),
   io: () => import('./io.js'),
   map: () => import('./map.js'),
