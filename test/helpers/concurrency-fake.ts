@@ -1,0 +1,84 @@
+/**
+ * An in-memory disk that runs requests concurrently (each sector applied atomically, the sectors
+ * of a request in random turns) and can be made faulty, so that the concurrency proof shows it
+ * passes a correct disk and catches torn sectors, lost writes and ignored discards.
+ */
+import { DiskGeometry, SECTOR, changedSectors, random } from './concurrency-model.js';
+import type { ProvedImage } from './concurrency-run.js';
+
+/** A fault the fake disk can have. */
+export type Fault = 'none' | 'torn-write' | 'lost-write' | 'ignored-discard' | 'torn-read';
+
+/** The in-memory disk; `fault` says what it gets wrong. */
+export class FakeDisk implements ProvedImage {
+  readonly bytes: Buffer;
+  #rnd: () => number;
+  #writes = 0;
+
+  constructor(
+    readonly geometry: DiskGeometry,
+    readonly fault: Fault,
+    seed: number,
+    initial: Buffer,
+  ) {
+    this.bytes = Buffer.from(initial);
+    this.#rnd = random(seed);
+  }
+
+  /** Let other requests run for a few turns of the event loop. */
+  async #yield(): Promise<void> {
+    const turns = Math.floor(this.#rnd() * 3);
+    for (let i = 0; i <= turns; i++) await new Promise((resolve) => setImmediate(resolve));
+  }
+
+  async read(buffer: Uint8Array, offset: number): Promise<void> {
+    const out = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+    for (let at = 0; at < out.length; at += SECTOR) {
+      await this.#yield();
+      if (this.fault === 'torn-read') {
+        this.bytes.copy(out, at, offset + at, offset + at + SECTOR / 2);
+        await this.#yield();
+        this.bytes.copy(out, at + SECTOR / 2, offset + at + SECTOR / 2, offset + at + SECTOR);
+      } else {
+        this.bytes.copy(out, at, offset + at, offset + at + SECTOR);
+      }
+    }
+  }
+
+  async write(buffer: Uint8Array, offset: number): Promise<void> {
+    const data = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+    const n = ++this.#writes;
+    if (this.fault === 'lost-write' && n % 50 === 0) return;
+    await this.#apply(offset / SECTOR, data.length / SECTOR, (s, at) => {
+      const end = this.fault === 'torn-write' && n % 50 === 0 && at === 0 ? SECTOR / 2 : SECTOR;
+      data.copy(this.bytes, s * SECTOR, at, at + end);
+    });
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    await this.#apply(offset / SECTOR, length / SECTOR, (s) => this.bytes.fill(0, s * SECTOR, (s + 1) * SECTOR));
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    if (this.fault === 'ignored-discard') return;
+    const range = changedSectors({ id: 0, kind: 'discard', sector: offset / SECTOR, count: length / SECTOR }, this.geometry);
+    if (range) await this.#apply(range.first, range.end - range.first, (s) => this.bytes.fill(0, s * SECTOR, (s + 1) * SECTOR));
+  }
+
+  async flush(): Promise<void> {
+    await this.#yield();
+  }
+
+  /** Apply `count` sectors from `first` in random turns, each sector at once. */
+  async #apply(first: number, count: number, put: (sector: number, at: number) => void): Promise<void> {
+    const order = Array.from({ length: count }, (_, i) => i);
+    for (let i = order.length - 1; i > 0; i--) {
+      const j = Math.floor(this.#rnd() * (i + 1));
+      [order[i], order[j]] = [order[j], order[i]];
+    }
+    for (const i of order) {
+      await this.#yield();
+      put(first + i, i * SECTOR);
+    }
+  }
+}

@@ -1,0 +1,208 @@
+/**
+ * The concurrency proof's driver: seeded epochs of random reads, writes, zero writes, discards
+ * and flushes on overlapping ranges, many in flight at once through the library API, each read
+ * checked against the sector model; at the end of every epoch (a flush point) the whole disk is
+ * read, checked and adopted as the settled state.
+ */
+import type { Image } from '../../ts/index.js';
+import { DiskGeometry, Mismatch, Op, OpKind, SECTOR, SectorModel, random, writeData } from './concurrency-model.js';
+
+/** What the proof needs of an image. */
+export type ProvedImage = Pick<Image, 'read' | 'write' | 'writeZeroes' | 'discard' | 'flush'>;
+
+/** How one run goes. */
+export interface RunPlan {
+  seed: number;
+  /** Operations in all (about; the last epoch is cut short). */
+  operations: number;
+  /** Requests in flight at once. */
+  depth: number;
+}
+
+/** Figures of a finished run, for the test's log. */
+export interface RunStats {
+  epochs: number;
+  byKind: Record<OpKind, number>;
+  /** The most requests seen in flight at once. */
+  maxInflight: number;
+  /** Reads that ran while a changing operation overlapping them was in flight. */
+  racingReads: number;
+}
+
+/** A failure of the proof; the message names the seed and the operations on the bad sector. */
+export class ProofFailure extends Error {}
+
+/** Random operations of one epoch, half of them in a window of a few clusters so that they overlap. */
+export class OpSource {
+  #rnd: () => number;
+  #nextId = 1;
+
+  constructor(
+    seed: number,
+    readonly geometry: DiskGeometry,
+  ) {
+    this.#rnd = random(seed);
+  }
+
+  #int(n: number): number {
+    return Math.floor(this.#rnd() * n);
+  }
+
+  /** The operations of one epoch of `count`. */
+  epoch(count: number): Op[] {
+    const sectors = this.geometry.size / SECTOR;
+    const cs = this.geometry.clusterSize / SECTOR;
+    const windowLength = Math.min(sectors, Math.max(4 * cs, 64));
+    const windowStart = this.#int(sectors - windowLength + 1);
+    const ops: Op[] = [];
+    for (let i = 0; i < count; i++) {
+      const hot = this.#rnd() < 0.6;
+      let sector = hot ? windowStart + this.#int(windowLength) : this.#int(sectors);
+      const shape = this.#rnd();
+      let length: number;
+      if (shape < 0.45) {
+        length = 1 + this.#int(cs);
+      } else if (shape < 0.8) {
+        length = 1 + this.#int(3 * cs);
+      } else {
+        sector -= sector % cs;
+        length = cs * (1 + this.#int(4));
+      }
+      length = Math.min(length, sectors - sector);
+      ops.push({ id: this.#nextId++, kind: this.#kind(), sector, count: length });
+      if (ops[i].kind === 'zero') ops[i].unmap = this.#rnd() < 0.5;
+    }
+    return ops;
+  }
+
+  #kind(): OpKind {
+    const roll = this.#rnd();
+    if (roll < 0.34) return 'read';
+    if (roll < 0.68) return 'write';
+    if (roll < 0.82) return 'zero';
+    if (roll < 0.96) return 'discard';
+    return 'flush';
+  }
+}
+
+function describeOp(op: Op): string {
+  return `${op.kind}${op.unmap ? ' unmap' : ''} #${op.id} sectors ${op.sector}+${op.count} (bytes ${op.sector * SECTOR}+${op.count * SECTOR})`;
+}
+
+/** Runs epochs of random operations against `image` and the model. */
+export class ConcurrencyRun {
+  readonly model: SectorModel;
+  readonly stats: RunStats = {
+    epochs: 0,
+    byKind: { read: 0, write: 0, zero: 0, discard: 0, flush: 0 },
+    maxInflight: 0,
+    racingReads: 0,
+  };
+  #source: OpSource;
+  #inflight = 0;
+  #changing = new Map<number, Op>();
+  #epochOps: Op[] = [];
+  /** The id of the last operation issued (ids grow in the order operations are issued). */
+  #issued = 0;
+  /** Set by the first failure, so that the other workers take no more operations. */
+  #stopped = false;
+
+  constructor(
+    readonly image: ProvedImage,
+    readonly geometry: DiskGeometry,
+    readonly plan: RunPlan,
+    initial: Buffer,
+  ) {
+    this.model = new SectorModel(geometry, plan.seed, initial);
+    this.#source = new OpSource(plan.seed, geometry);
+  }
+
+  /** Run every epoch; throws a ProofFailure naming the seed on the first disagreement. Returns the last full read of the disk. */
+  async run(): Promise<Buffer> {
+    let last = await this.#flushPoint();
+    const rnd = random(this.plan.seed ^ 0x5bd1e995);
+    for (let done = 0; done < this.plan.operations; ) {
+      const count = Math.min(this.plan.operations - done, 100 + Math.floor(rnd() * 300));
+      this.#epochOps = this.#source.epoch(count);
+      await this.#runEpoch(this.#epochOps);
+      last = await this.#flushPoint();
+      this.stats.epochs++;
+      done += count;
+    }
+    return last;
+  }
+
+  async #runEpoch(ops: Op[]): Promise<void> {
+    let next = 0;
+    const worker = async (): Promise<void> => {
+      while (next < ops.length && !this.#stopped) await this.#runOp(ops[next++]);
+    };
+    await Promise.all(Array.from({ length: this.plan.depth }, worker));
+  }
+
+  async #runOp(op: Op): Promise<void> {
+    this.#issued = op.id;
+    this.stats.byKind[op.kind]++;
+    this.#inflight++;
+    this.stats.maxInflight = Math.max(this.stats.maxInflight, this.#inflight);
+    try {
+      if (op.kind === 'read') await this.#read(op);
+      else if (op.kind === 'flush') await this.image.flush();
+      else await this.#change(op);
+    } catch (error) {
+      if (error instanceof ProofFailure) throw error;
+      throw this.#failure(`${describeOp(op)} failed: ${(error as Error).stack ?? String(error)}`);
+    } finally {
+      this.#inflight--;
+    }
+  }
+
+  async #read(op: Op): Promise<void> {
+    const data = Buffer.alloc(op.count * SECTOR);
+    const racing = [...this.#changing.values()].some((c) => c.sector < op.sector + op.count && op.sector < c.sector + c.count);
+    if (racing) this.stats.racingReads++;
+    const ticket = this.model.beginRead(op);
+    await this.image.read(data, op.sector * SECTOR);
+    const bad = this.model.checkRead(ticket, data);
+    if (bad) throw this.#failure(bad);
+  }
+
+  async #change(op: Op): Promise<void> {
+    const data = op.kind === 'write' ? writeData(op, this.plan.seed) : undefined;
+    this.model.beginChange(op, data);
+    this.#changing.set(op.id, op);
+    const offset = op.sector * SECTOR;
+    const length = op.count * SECTOR;
+    if (data) await this.image.write(data, offset);
+    else if (op.kind === 'zero') await this.image.writeZeroes(offset, length, { unmap: op.unmap });
+    else await this.image.discard(offset, length);
+    this.#changing.delete(op.id);
+    this.model.completeChange(op);
+  }
+
+  /** With nothing in flight: flush, read the whole disk, check it and adopt it. */
+  async #flushPoint(): Promise<Buffer> {
+    await this.image.flush();
+    const disk = Buffer.alloc(this.geometry.size);
+    await this.image.read(disk, 0);
+    const bad = this.model.settle(disk);
+    if (bad) throw this.#failure(bad);
+    return disk;
+  }
+
+  /** The failure of a run, naming the seed and every changing operation issued this epoch over the bad sector. */
+  #failure(bad: Mismatch | string): ProofFailure {
+    this.#stopped = true;
+    const message = typeof bad === 'string' ? bad : bad.message;
+    const lines = [`seed ${this.plan.seed}, depth ${this.plan.depth}, epoch ${this.stats.epochs}: ${message}`];
+    if (typeof bad !== 'string') {
+      const s = bad.sector;
+      const touching = this.#epochOps.filter(
+        (op) => op.id <= this.#issued && op.kind !== 'read' && op.kind !== 'flush' && op.sector <= s && s < op.sector + op.count,
+      );
+      lines.push(`operations of this epoch over sector ${s}: ${touching.map(describeOp).join('; ') || 'none'}`);
+    }
+    lines.push(`reproduce: QCOW2_CONCURRENCY_SEED=${this.plan.seed} (the operations follow from the seed)`);
+    return new ProofFailure(lines.join('\n'));
+  }
+}
