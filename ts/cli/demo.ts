@@ -1,4 +1,6 @@
 /** `qcow2 demo [--keep DIR]` (and `npm start`): a backup agent's day on a sample disk, each step printed with its figures. */
+import path from 'node:path';
+
 import type { CompareResult, ImageInfo } from '../index.js';
 import { CheckFigures, DemoRun, FileSize, LayerAllocation, StepFigures, StepReport, WriteTotals, runDemo } from '../tools/demo.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
@@ -77,8 +79,13 @@ function summary(demo: DemoRun): string {
 
 function stepText(report: StepReport): string {
   const lines = figureLines(report.figures);
-  const rate = report.seconds > 0 ? ` (${formatBytes(report.bytes / report.seconds)}/s)` : '';
-  lines.push(`took ${formatSeconds(report.seconds)}: ${formatBytes(report.bytes)} ${report.bytesLabel}${rate}`);
+  const took = `took ${formatSeconds(report.seconds)}`;
+  if (report.bytes === 0) {
+    lines.push(took);
+  } else {
+    const rate = report.seconds > 0 ? ` (${formatBytes(report.bytes / report.seconds)}/s)` : '';
+    lines.push(`${took}: ${formatBytes(report.bytes)} ${report.bytesLabel}${rate}`);
+  }
   return lines.map((line) => `${INDENT}${line}\n`).join('');
 }
 
@@ -101,7 +108,7 @@ function figureLines(figures: StepFigures): string[] {
     case 'backup':
       return [
         `copied ${formatBytes(figures.copied)} of data (the chain holds ${formatBytes(figures.chainAllocated)})`,
-        `${fileText(figures.file)} (${percent(figures.file.allocated, figures.copied)} of the data copied)`,
+        `${fileText(figures.file)} (compressed to ${percent(figures.file.allocated, figures.copied)} of the data)`,
       ];
     case 'check':
       return [checkText(figures.name, figures.result)];
@@ -132,7 +139,7 @@ function infoText(info: ImageInfo): string {
   const onDisk = info['actual-size'] === undefined ? '' : `, ${formatBytes(info['actual-size'])} on disk`;
   const compression = info['format-specific'] ? `, ${info['format-specific'].data['compression-type']}` : '';
   const backing = info['backing-filename'] === undefined ? '' : `, backing ${info['backing-filename']} (${info['backing-filename-format'] ?? 'probed'})`;
-  return `${info.filename}: ${info.format}, ${formatBytes(info['virtual-size'])} virtual${onDisk}${cluster}${compression}${backing}`;
+  return `${path.basename(info.filename)}: ${info.format}, ${formatBytes(info['virtual-size'])} virtual${onDisk}${cluster}${compression}${backing}`;
 }
 
 function layerText(layer: LayerAllocation): string {
