@@ -78,6 +78,15 @@ export interface Qcow2EngineParams {
   refcountTableClusters?: number;
   /** The incompatible feature bits as stored (the corrupt bit is set beside them). */
   incompatibleFeatures?: number;
+  /** Structures decoded in TypeScript that writes must never land on (writable opens). */
+  structures?: Qcow2Structure[];
+}
+
+/** A metadata structure's place in the image file, for the engine's overlap check. */
+export interface Qcow2Structure {
+  kind: 'snapshotTable' | 'inactiveL1' | 'bitmapDirectory';
+  offset: number;
+  bytes: number;
 }
 
 /** What Qcow2Engine.format() lays out: the structures the header must point at. */

@@ -125,6 +125,7 @@ Status Engine::Open(const EngineConfig& config, std::shared_ptr<File> image, std
   engine->image_ = std::move(image);
   engine->dataFile_ = std::move(dataFile);
   engine->backing_ = std::move(backing);
+  if (config.writable) QCOW2_TRY(engine->TrackMetadata());
   *out = std::move(engine);
   return Status::Ok();
 }

@@ -14,6 +14,7 @@
 #include "qcow2/compress.h"
 #include "qcow2/format.h"
 #include "qcow2/mapper.h"
+#include "qcow2/overlap.h"
 #include "qcow2/refcounts.h"
 
 namespace qcow2 {
@@ -40,6 +41,13 @@ struct EngineConfig {
   uint64_t refcountTableClusters = 0;
   /// The incompatible feature bits as stored, to set the corrupt bit beside them.
   uint64_t incompatibleFeatures = 0;
+  /// A structure decoded in TypeScript (snapshot table, snapshot L1 tables, bitmap directory) that writes must not touch.
+  struct Structure {
+    MetadataKind kind;
+    uint64_t offset;
+    uint64_t bytes;
+  };
+  std::vector<Structure> structures;
 };
 
 /// Guest clusters held by writers: a request holds its whole range. Writes into clusters they own
@@ -216,6 +224,11 @@ class Engine {
   /// Give the clusters whose last reference dropped back to the allocator once no read may still use them.
   Status ReleaseFreed();
   Status WriteHeaderField(uint64_t offset, const void* bytes, size_t length);
+  /// Note where every structure lies (writable opens), so that Guard() can refuse writes onto them.
+  Status TrackMetadata();
+  /// Refuse (and mark the image corrupt) a write of [host, host + bytes) in the image file that
+  /// would land on metadata of a kind outside `allowed`.
+  Status Guard(uint64_t host, uint64_t bytes, uint32_t allowed = 0);
   /// Note a failure of the write path: corruption sets the corrupt bit and stops all writes.
   Status Fail(Status status);
   Status ZeroEntry(const Mapper::RawEntry& e, bool unmap, bool discard, L2Update* update, HostFree* freed, bool* change);
@@ -262,6 +275,8 @@ class Engine {
   /// Guards the allocator, the queues of changes and the tables being made; never held across data I/O.
   std::mutex metaMu_;
   std::unique_ptr<Refcounts> refcounts_;
+  /// Where the metadata lies (writable opens only); shared with refcounts_, which adds its blocks.
+  std::shared_ptr<MetadataRanges> metadata_;
   std::vector<HostFree> pendingFrees_;
   /// New L2 tables whose L1 entries are in memory but not yet on disk, by L1 index.
   std::map<uint64_t, uint64_t> newTables_;

@@ -1,5 +1,6 @@
 // The JS class Qcow2Engine: arguments become an EngineConfig on the main thread, the work runs
 // on the pool, and results become JS values in one place.
+#include <algorithm>
 #include <napi.h>
 
 #include "file_binding.h"
@@ -102,6 +103,27 @@ size_t PowerOfTwoOption(const Napi::Object& o, const char* key, size_t fallback,
   return static_cast<size_t>(v);
 }
 
+/// The structures TypeScript decoded that writes must not touch: `structures: [{ kind, offset, bytes }]`.
+std::vector<EngineConfig::Structure> ParseStructures(const Napi::Object& o) {
+  static const std::pair<const char*, MetadataKind> kinds[] = {
+      {"snapshotTable", kMetaSnapshotTable}, {"inactiveL1", kMetaInactiveL1}, {"bitmapDirectory", kMetaBitmapDirectory}};
+  std::vector<EngineConfig::Structure> out;
+  Napi::Value value = o.Get("structures");
+  if (value.IsUndefined()) return out;
+  const char* shape = "option structures must be an array of { kind: 'snapshotTable' | 'inactiveL1' | 'bitmapDirectory', offset, bytes }";
+  if (!value.IsArray()) throw Napi::TypeError::New(o.Env(), shape);
+  Napi::Array list = value.As<Napi::Array>();
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    if (!list.Get(i).IsObject()) throw Napi::TypeError::New(o.Env(), shape);
+    Napi::Object item = list.Get(i).As<Napi::Object>();
+    std::string kind = OptionString(item, "kind", "");
+    auto found = std::find_if(std::begin(kinds), std::end(kinds), [&](const auto& k) { return kind == k.first; });
+    if (found == std::end(kinds)) throw Napi::TypeError::New(o.Env(), std::string(shape) + ", got kind '" + kind + "'");
+    out.push_back({found->second, RequiredOffset(item, "offset"), RequiredOffset(item, "bytes")});
+  }
+  return out;
+}
+
 EngineConfig ParseConfig(const Napi::Object& o) {
   EngineConfig c;
   c.clusterBits = SmallInteger(o, "clusterBits", 63);
@@ -128,6 +150,7 @@ EngineConfig ParseConfig(const Napi::Object& o) {
     c.refcountTableOffset = RequiredOffset(o, "refcountTableOffset");
     c.refcountTableClusters = RequiredOffset(o, "refcountTableClusters");
     c.incompatibleFeatures = OptionOffset(o, "incompatibleFeatures", 0);
+    c.structures = ParseStructures(o);
   }
   return c;
 }

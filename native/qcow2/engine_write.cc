@@ -134,6 +134,24 @@ Status Engine::Fail(Status status) {
   return status;
 }
 
+Status Engine::TrackMetadata() {
+  const Geometry& g = geometry();
+  metadata_ = std::make_shared<MetadataRanges>(g.clusterBits);
+  metadata_->Add(kMetaHeader, 0, g.clusterSize);
+  metadata_->Add(kMetaActiveL1, config_.l1TableOffset, mapper_->l1Entries() * 8);
+  for (uint64_t i = 0; i < mapper_->l1Entries(); i++) {
+    const uint64_t table = mapper_->L1Raw(i) & kOffsetMask;
+    if (table != 0) metadata_->Add(kMetaActiveL2, table, g.clusterSize);
+  }
+  for (const EngineConfig::Structure& s : config_.structures) metadata_->Add(s.kind, s.offset, s.bytes);
+  refcounts_->Track(metadata_);
+  return Status::Ok();
+}
+
+Status Engine::Guard(uint64_t host, uint64_t bytes, uint32_t allowed) {
+  return Fail(metadata_->Check(host, bytes, allowed));
+}
+
 Status Engine::WriteHeaderField(uint64_t offset, const void* bytes, size_t length) {
   QCOW2_TRY(image_->Write(bytes, length, offset));
   return image_->Flush();
@@ -201,7 +219,13 @@ Status Engine::TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset, std::v
   uint64_t cluster = 0;
   QCOW2_TRY(refcounts_->Allocate(1, &cluster));
   *tableOffset = cluster << geometry().clusterBits;
-  if (shared) frees->push_back({e.l2Offset, cs, false});
+  QCOW2_TRY(Guard(*tableOffset, cs));
+  metadata_->Add(kMetaActiveL2, *tableOffset, cs);
+  if (shared) {
+    // The copied table stays a snapshot's: no longer an active one.
+    metadata_->Remove(kMetaActiveL2, e.l2Offset, cs);
+    frees->push_back({e.l2Offset, cs, false});
+  }
   mapper_->NoteFileSize(*tableOffset + cs);
   // The table lives in the cache until a commit writes it, then the L1 entry: readers see it at once.
   L2Cache& cache = mapper_->cache();
@@ -283,6 +307,8 @@ Status Engine::WriteData(const uint8_t* buf, uint64_t len, GuestOffset at, std::
   uint64_t runHost = 0, runBytes = 0;
   auto flush = [&]() -> Status {
     if (run.empty()) return Status::Ok();
+    // The host offsets of clusters written in place come from disk: they must not land on metadata.
+    if (!config_.externalDataFile) QCOW2_TRY(Guard(runHost, runBytes));
     Status st = DataFile().Writev(run.data(), static_cast<int>(run.size()), runHost);
     run.clear();
     runBytes = 0;
@@ -334,6 +360,8 @@ Status Engine::ApplyUpdates(const std::vector<L2Update>& updates) {
     const uint64_t tableOffset = mapper_->L1Raw(u.l1Index) & kOffsetMask;
     if (tableOffset == 0) return Status::Error(kCorrupt, "L1 entry " + std::to_string(u.l1Index) + " lost its L2 table");
     const uint64_t sliceOffset = tableOffset + (u.l2Index / perSlice) * sliceBytes;
+    // Refused now rather than at the commit, so that the request that asked for it fails.
+    QCOW2_TRY(Guard(sliceOffset, sliceBytes, kMetaActiveL2));
     std::shared_ptr<const L2Slice> slice;
     QCOW2_TRY(cache.Get(sliceOffset, &slice));
     std::vector<uint8_t> bytes(slice->data(), slice->data() + sliceBytes);
@@ -390,7 +418,10 @@ Status Engine::RunCommit(uint64_t* done) {
   // Data and refcounts reach the disk before any mapping points at them.
   QCOW2_TRY(image_->Flush());
   if (config_.externalDataFile) QCOW2_TRY(dataFile_->Flush());
-  for (const auto& [offset, slice] : slices) QCOW2_TRY(image_->Write(slice->data(), cache.sliceBytes(), offset));
+  for (const auto& [offset, slice] : slices) {
+    QCOW2_TRY(Guard(offset, cache.sliceBytes(), kMetaActiveL2));
+    QCOW2_TRY(image_->Write(slice->data(), cache.sliceBytes(), offset));
+  }
   if (!tables.empty() || !frees.empty()) {
     // New tables are on disk before the L1 points at them; dropped mappings before their clusters are reused.
     QCOW2_TRY(image_->Flush());
@@ -398,6 +429,7 @@ Status Engine::RunCommit(uint64_t* done) {
   for (const auto& [l1Index, offset] : tables) {
     uint8_t entry[8];
     StoreBE64(entry, offset | kCopiedFlag);
+    QCOW2_TRY(Guard(config_.l1TableOffset + 8 * l1Index, 8, kMetaActiveL1));
     QCOW2_TRY(image_->Write(entry, 8, config_.l1TableOffset + 8 * l1Index));
   }
   // The L1 no longer points at a table it dropped before that table's clusters may go.
@@ -416,7 +448,10 @@ Status Engine::WriteRefcountChanges() {
     moved = refcounts_->tableMoved();
     refcounts_->TakeDirty(&blocks, &entries);
   }
-  for (const RefcountBlockWrite& b : blocks) QCOW2_TRY(image_->Write(b.bytes.data(), b.bytes.size(), b.offset));
+  for (const RefcountBlockWrite& b : blocks) {
+    QCOW2_TRY(Guard(b.offset, b.bytes.size(), kMetaRefcountBlock));
+    QCOW2_TRY(image_->Write(b.bytes.data(), b.bytes.size(), b.offset));
+  }
   if (moved) {
     uint64_t offset = 0, clusters = 0;
     std::pair<uint64_t, uint64_t> old;
@@ -433,7 +468,9 @@ Status Engine::WriteRefcountChanges() {
     config_.refcountTableOffset = offset;
     config_.refcountTableClusters = clusters;
     std::lock_guard<std::mutex> lock(metaMu_);
-    if (old.second > 0) pendingFrees_.push_back({old.first << geometry().clusterBits, old.second << geometry().clusterBits, false});
+    const uint32_t bits = geometry().clusterBits;
+    metadata_->Remove(kMetaRefcountTable, old.first << bits, old.second << bits);
+    if (old.second > 0) pendingFrees_.push_back({old.first << bits, old.second << bits, false});
     return Status::Ok();
   }
   if (entries.empty()) return Status::Ok();
@@ -442,6 +479,7 @@ Status Engine::WriteRefcountChanges() {
   for (const RefcountTableWrite& e : entries) {
     uint8_t entry[8];
     StoreBE64(entry, e.blockOffset);
+    QCOW2_TRY(Guard(config_.refcountTableOffset + 8 * e.index, 8, kMetaRefcountTable));
     QCOW2_TRY(image_->Write(entry, 8, config_.refcountTableOffset + 8 * e.index));
   }
   return Status::Ok();
@@ -491,6 +529,7 @@ Status Engine::ReleaseFreed() {
   for (size_t i = 0; i < clusters.size();) {
     size_t j = i + 1;
     while (j < clusters.size() && clusters[j] == clusters[j - 1] + 1) j++;
+    QCOW2_TRY(Guard(clusters[i] * cs, (clusters[j - 1] - clusters[i] + 1) * cs));
     image_->Allocate(AllocateMode::PunchHole, clusters[i] * cs, (clusters[j - 1] - clusters[i] + 1) * cs);
     i = j;
   }
@@ -508,6 +547,8 @@ Status Engine::AllocateRuns(uint64_t count, std::vector<AllocatedRun>* runs) {
     AllocatedRun run;
     run.count = std::min(left, maxRun);
     QCOW2_TRY(refcounts_->Allocate(run.count, &run.first, &run.fresh));
+    // Refcounts that miss a structure would hand out its clusters.
+    QCOW2_TRY(Guard(run.first << geometry().clusterBits, run.count << geometry().clusterBits));
     runs->push_back(run);
     end = std::max(end, (run.first + run.count) << geometry().clusterBits);
     left -= run.count;
@@ -721,6 +762,7 @@ Status Engine::WriteCompressedCluster(const uint8_t* data, uint64_t bytes, Guest
     compressedNext_ = host + bytes;
     mapper_->NoteFileSize(host + g.clusterSize);
   }
+  QCOW2_TRY(Guard(host, bytes));
   QCOW2_TRY(image_->Write(data, bytes, host));
   const uint64_t sectors = (host + bytes - 1) / kSectorSize - host / kSectorSize;
   const uint64_t raw = kCompressedFlag | (sectors << g.CompressedOffsetBits()) | host;
@@ -740,6 +782,7 @@ Status Engine::GrowL1(uint64_t entries) {
   }
   const uint64_t offset = cluster << g.clusterBits;
   mapper_->NoteFileSize(offset + bytes);
+  QCOW2_TRY(Guard(offset, bytes));
   AlignedBuffer table(bytes);
   std::memset(table.data(), 0, bytes);
   for (uint64_t i = 0; i < mapper_->l1Entries(); i++) StoreBE64(table.data() + 8 * i, mapper_->L1Raw(i));
@@ -752,6 +795,8 @@ Status Engine::GrowL1(uint64_t entries) {
   StoreBE64(field + 4, offset);
   QCOW2_TRY(WriteHeaderField(kHeaderL1, field, sizeof field));
   const uint64_t oldOffset = config_.l1TableOffset;
+  metadata_->Add(kMetaActiveL1, offset, entries * 8);
+  metadata_->Remove(kMetaActiveL1, oldOffset, mapper_->l1Entries() * 8);
   config_.l1TableOffset = offset;
   config_.l1Size = entries;
   mapper_->GrowL1(entries);

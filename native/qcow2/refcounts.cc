@@ -72,6 +72,14 @@ Status Refcounts::Load(std::shared_ptr<File> image, uint32_t clusterBits, uint32
   return Status::Ok();
 }
 
+void Refcounts::Track(std::shared_ptr<MetadataRanges> ranges) {
+  ranges_ = std::move(ranges);
+  ranges_->Add(kMetaRefcountTable, tableOffset_, tableClusters_ << clusterBits_);
+  for (uint64_t raw : table_) {
+    if (raw & kOffsetMask) ranges_->Add(kMetaRefcountBlock, raw & kOffsetMask, clusterSize_);
+  }
+}
+
 Status Refcounts::LoadBlock(uint64_t index, Block** out) {
   auto it = blocks_.find(index);
   if (it != blocks_.end()) {
@@ -103,6 +111,7 @@ Status Refcounts::MakeBlock(uint64_t index, Block** out) {
   highWater_ = std::max(highWater_, self + 1);
   table_[index] = self << clusterBits_;
   newEntries_.push_back({index, self << clusterBits_});
+  if (ranges_) ranges_->Add(kMetaRefcountBlock, self << clusterBits_, clusterSize_);
   fileSize_ = std::max(fileSize_, (self + 1) << clusterBits_);
   *out = &block;
   return Status::Ok();
@@ -193,6 +202,10 @@ Status Refcounts::GrowTable(uint64_t minEntries) {
   // The new table's clusters may need blocks of their own, which Allocate makes in the bigger table.
   QCOW2_TRY(Allocate(clusters, &at));
   tableOffset_ = at << clusterBits_;
+  if (ranges_) {
+    ranges_->Add(kMetaRefcountTable, tableOffset_, clusters << clusterBits_);
+    ranges_->Remove(kMetaRefcountTable, unpublished.first << clusterBits_, unpublished.second << clusterBits_);
+  }
   for (uint64_t c = unpublished.first; c < unpublished.first + unpublished.second; c++) QCOW2_TRY(Add(c, -1));
   return Status::Ok();
 }
@@ -220,6 +233,7 @@ Status Refcounts::WriteTable(uint64_t* offset, uint64_t* clusters, std::pair<uin
   // Another commit wrote it first.
   if (!tableMoved_) return Status::Ok();
   const uint64_t bytes = tableClusters_ << clusterBits_;
+  if (ranges_) QCOW2_TRY(ranges_->Check(tableOffset_, bytes, kMetaRefcountTable));
   AlignedBuffer buffer(bytes);
   for (uint64_t i = 0; i < table_.size(); i++) {
     const uint64_t be = __builtin_bswap64(table_[i]);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "file.h"
+#include "qcow2/overlap.h"
 #include "status.h"
 
 namespace qcow2 {
@@ -37,6 +38,8 @@ class Refcounts {
   static Status Load(std::shared_ptr<File> image, uint32_t clusterBits, uint32_t refcountOrder, uint64_t tableOffset,
                      uint64_t tableClusters, uint64_t fileSize, std::unique_ptr<Refcounts>* out);
 
+  /// Note the table and every block in `ranges`, and keep noting the ones made from now on.
+  void Track(std::shared_ptr<MetadataRanges> ranges);
   Status Get(uint64_t cluster, uint64_t* value);
   /// Add `delta` to the refcount of `cluster`; going below 0 or past the width is ERR_QCOW2_CORRUPT.
   Status Add(uint64_t cluster, int64_t delta);
@@ -78,6 +81,7 @@ class Refcounts {
   Status GrowTable(uint64_t minEntries);
 
   std::shared_ptr<File> image_;
+  std::shared_ptr<MetadataRanges> ranges_;
   uint32_t clusterBits_ = 16;
   uint64_t clusterSize_ = 0;
   uint32_t bits_ = 16;

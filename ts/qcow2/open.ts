@@ -3,7 +3,7 @@ import { realpath, stat } from 'node:fs/promises';
 
 import { ErrorCodes, Qcow2Error, asQcow2Error, settle } from '../errors.js';
 import type { Image } from '../image.js';
-import { CacheMode, NativeFile, Qcow2EngineBacking, Qcow2EngineParams, native } from '../native.js';
+import { CacheMode, NativeFile, Qcow2EngineBacking, Qcow2EngineParams, Qcow2Structure, native } from '../native.js';
 import { DEFAULT_MAX_CHAIN_DEPTH, OpenOptions, checkOpenOptions, probeFormat } from '../open.js';
 import { RawImage } from '../raw.js';
 import { Qcow2Header, clearUnknownAutoclear, readHeader } from './header.js';
@@ -110,7 +110,7 @@ function checkOpenable(imagePath: string, header: Qcow2Header, readOnly: boolean
   }
 }
 
-function engineParams(header: Qcow2Header, options: Qcow2OpenOptions, writable: boolean): Qcow2EngineParams {
+function engineParams(header: Qcow2Header, options: Qcow2OpenOptions, structures: Qcow2Structure[] | undefined): Qcow2EngineParams {
   return {
     ...(options.l2CacheSize !== undefined ? { l2CacheSize: options.l2CacheSize } : {}),
     ...(options.l2SliceSize !== undefined ? { l2SliceSize: options.l2SliceSize } : {}),
@@ -123,16 +123,37 @@ function engineParams(header: Qcow2Header, options: Qcow2OpenOptions, writable: 
     compressionType: header.compressionType,
     externalDataFile: header.externalDataFile,
     dataFileRaw: header.dataFileRaw,
-    ...(writable
+    ...(structures
       ? {
           writable: true,
           version: header.version,
           refcountTableOffset: header.refcountTableOffset,
           refcountTableClusters: header.refcountTableClusters,
           incompatibleFeatures: Number(header.incompatibleFeatures),
+          structures,
         }
       : {}),
   };
+}
+
+/** Where the structures decoded here lie (snapshot table, snapshot L1 tables, bitmap directory): writes must not land on them. */
+async function decodedStructures(imagePath: string, header: Qcow2Header): Promise<Qcow2Structure[]> {
+  const structures: Qcow2Structure[] = [];
+  if (header.nbSnapshots > 0) {
+    const metadata = await openMetadataFile(imagePath);
+    try {
+      const snapshots = await readSnapshots(metadata, header);
+      structures.push({ kind: 'snapshotTable', offset: header.snapshotsOffset, bytes: snapshots.byteLength });
+      for (const e of snapshots.entries) structures.push({ kind: 'inactiveL1', offset: e.l1TableOffset, bytes: e.l1Size * 8 });
+    } finally {
+      await metadata.handle.close();
+    }
+  }
+  const bitmaps = header.bitmaps;
+  if (bitmaps && bitmaps.bitmapDirectorySize > 0) {
+    structures.push({ kind: 'bitmapDirectory', offset: bitmaps.bitmapDirectoryOffset, bytes: bitmaps.bitmapDirectorySize });
+  }
+  return structures;
 }
 
 /**
@@ -209,7 +230,8 @@ async function openMember(imagePath: string, options: Qcow2OpenOptions, state: C
       backing = await openBacking(imagePath, header, options, { depth: state.depth + 1, seen });
       opened.push(backing);
     }
-    const engine = await settle(native.Qcow2Engine.open(file, engineParams(header, options, !readOnly), dataFile?.file, engineBacking(backing)));
+    const structures = readOnly ? undefined : await decodedStructures(imagePath, header);
+    const engine = await settle(native.Qcow2Engine.open(file, engineParams(header, options, structures), dataFile?.file, engineBacking(backing)));
     return new Qcow2Image({ path: imagePath, readOnly, header, engine, file, dataFile, backing });
   } catch (error) {
     await Promise.allSettled(opened.map((o) => o.close()));
