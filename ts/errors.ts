@@ -34,6 +34,7 @@ export const ErrorCodes = {
   ABORTED: 'ABORT_ERR',
 } as const;
 
+/** A code this package defines: one of the ErrorCodes values. */
 export type Qcow2ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
 
 /** The one error class of this package: `code` is an ErrorCodes value or an errno name. */

@@ -3,6 +3,7 @@ import { Readable } from 'node:stream';
 
 import { ErrorCodes, Qcow2Error, check } from './errors.js';
 
+/** The image formats this package reads and writes. */
 export type ImageFormat = 'raw' | 'qcow2';
 
 /** What a run of guest bytes is backed by. */
@@ -24,11 +25,13 @@ export interface Extent {
   file?: string;
 }
 
+/** The part of the disk extents() describes (default: all of it). */
 export interface ExtentOptions {
   offset?: number;
   length?: number;
 }
 
+/** Which bytes createReadStream() produces, in what pieces, and how it is stopped. */
 export interface ReadStreamOptions {
   /** First byte to read (default 0). */
   start?: number;
@@ -39,6 +42,7 @@ export interface ReadStreamOptions {
   signal?: AbortSignal;
 }
 
+/** How writeZeroes() may store the zeroes. */
 export interface WriteZeroesOptions {
   /** Let the image free the space instead of allocating zeroes. */
   unmap?: boolean;
@@ -46,18 +50,25 @@ export interface WriteZeroesOptions {
 
 /** An open disk image. Offsets and lengths are guest bytes. */
 export interface Image extends AsyncDisposable {
+  /** The image's format. */
   readonly format: ImageFormat;
+  /** The path the image was opened from. */
   readonly path: string;
   /** Virtual disk size in bytes. */
   readonly size: number;
+  /** Writes are refused (ERR_QCOW2_READ_ONLY). */
   readonly readOnly: boolean;
   /** Fill `buffer` from guest `offset`; the range must lie inside the disk. */
   read(buffer: Uint8Array, offset: number): Promise<void>;
+  /** Write `buffer` at guest `offset`; the range must lie inside the disk. */
   write(buffer: Uint8Array, offset: number): Promise<void>;
+  /** Make `length` bytes from `offset` read as zero, without sending the zeroes. */
   writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void>;
+  /** Tell the image that a range's contents are no longer needed, so that it may free the space. */
   discard(offset: number, length: number): Promise<void>;
   /** Make everything written so far durable. */
   flush(): Promise<void>;
+  /** Close the image (and the backing chain it opened); later calls fail with ERR_QCOW2_CLOSED. */
   close(): Promise<void>;
   /** Runs describing the disk from `offset` for `length` bytes, in order, with no gaps. */
   extents(options?: ExtentOptions): AsyncIterable<Extent>;

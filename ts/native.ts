@@ -212,4 +212,5 @@ const ADDON_PATH = process.env.QCOW2_NATIVE_ADDON || path.join(__dirname, '..', 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 export const native: NativeAddon = require(ADDON_PATH);
 
+/** A zero-filled Buffer over aligned memory from the addon's pool: the buffer O_DIRECT reads and writes need no bouncing for. */
 export const allocAligned = (size: number): Buffer => native.allocAligned(size);

@@ -13,6 +13,7 @@ export const QCOW2_MAGIC = 0x514649fb;
 /** Backing chains deeper than this are refused (an image plus 64 backing layers). */
 export const DEFAULT_MAX_CHAIN_DEPTH = 64;
 
+/** How open() opens an image and its backing chain. */
 export interface OpenOptions {
   /** Open for reading only (default false). */
   readOnly?: boolean;

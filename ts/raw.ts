@@ -22,6 +22,7 @@ export function rawDiskSize(fileSize: number): number {
   return Math.ceil(fileSize / 512) * 512;
 }
 
+/** How RawImage.open() opens the file: read-only or not, and its host cache mode (default 'none'). */
 export interface RawOpenOptions {
   readOnly?: boolean;
   cache?: CacheMode;
