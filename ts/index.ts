@@ -12,6 +12,8 @@ export { Qcow2Image } from './qcow2/image.js';
 export type { Qcow2ResizeOptions } from './qcow2/image.js';
 export { openQcow2 } from './qcow2/open.js';
 export type { Qcow2OpenOptions } from './qcow2/open.js';
+export { check, checkExitCode } from './tools/check.js';
+export type { CheckOptions, CheckResult, RepairMode } from './tools/check.js';
 export { CompareError, compareImages } from './tools/compare.js';
 export type { CompareOptions, CompareResult, CompareVerdict } from './tools/compare.js';
 export { convert, copyImage } from './tools/convert.js';

@@ -180,20 +180,59 @@ export interface Qcow2EngineConstructor {
   format(file: NativeFile, params: Qcow2FormatParams, dataFile?: NativeFile | null): Promise<Qcow2FormatResult>;
   /** Count every reference from the given L1 tables (and the header and snapshot table), write a new refcount structure past the end, point the header at it and clear the dirty bit. */
   rebuildRefcounts(file: NativeFile, params: Qcow2RebuildParams): Promise<{ refcountTableOffset: number; refcountTableClusters: number }>;
+  /** One pass of qemu-img check (with `repair`, qemu-img check -r): counts every reference, compares with the refcounts, checks COPIED flags. */
+  check(file: NativeFile, params: Qcow2CheckParams): Promise<Qcow2CheckReport>;
 }
 
-/** What Qcow2Engine.rebuildRefcounts() walks. */
-export interface Qcow2RebuildParams {
+/** What a check or refcount rebuild walks: the header's tables and what TS decoded of the snapshot table and bitmap directory. */
+export interface Qcow2WalkParams {
   clusterBits: number;
   refcountOrder: number;
   extendedL2?: boolean;
   externalDataFile?: boolean;
-  /** The active L1 table, then every snapshot's. */
-  l1Tables: { offset: number; entries: number }[];
+  /** Virtual disk size in bytes. */
+  size?: number;
+  l1TableOffset: number;
+  l1Size: number;
+  /** Every snapshot's L1 table, with the id and name its messages show. */
+  snapshots?: { offset: number; entries: number; id: string; name: string }[];
   snapshotsOffset?: number;
   snapshotsBytes?: number;
+  refcountTableOffset?: number;
+  refcountTableClusters?: number;
+  cryptoOffset?: number;
+  cryptoBytes?: number;
+  /** Present when the image has bitmaps; `valid` false when the directory could not be decoded. */
+  bitmaps?: { directoryOffset: number; directoryBytes: number; valid: boolean; tables: { offset: number; entries: number }[] };
+}
+
+/** What Qcow2Engine.rebuildRefcounts() walks. */
+export interface Qcow2RebuildParams extends Qcow2WalkParams {
   /** The incompatible feature bits as stored (the dirty bit is cleared from them). */
   incompatibleFeatures?: number;
+}
+
+/** One pass of Qcow2Engine.check(). */
+export interface Qcow2CheckParams extends Qcow2WalkParams {
+  repair?: 'leaks' | 'all';
+  /** The incompatible feature bits as stored (a clean repair clears dirty and corrupt). */
+  incompatibleFeatures?: number;
+}
+
+/** What one pass of Qcow2Engine.check() found and fixed; `failure` when it stopped early (strerror text). */
+export interface Qcow2CheckReport {
+  messages: string[];
+  checkErrors: number;
+  corruptions: number;
+  leaks: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  imageEndOffset: number;
+  totalClusters: number;
+  allocatedClusters: number;
+  fragmentedClusters: number;
+  compressedClusters: number;
+  failure?: string;
 }
 
 /** Everything the addon exports. */

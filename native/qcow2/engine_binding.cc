@@ -5,6 +5,7 @@
 
 #include "file_binding.h"
 #include "js.h"
+#include "qcow2/check.h"
 #include "qcow2/direct_reads.h"
 #include "qcow2/engine.h"
 #include "qcow2/rebuild.h"
@@ -34,6 +35,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         InstanceMethod<&EngineWrap::Resize>("resize"),
         StaticMethod<&EngineWrap::Format>("format"),
         StaticMethod<&EngineWrap::RebuildRefcounts>("rebuildRefcounts"),
+        StaticMethod<&EngineWrap::Check>("check"),
         InstanceMethod<&EngineWrap::Close>("close"),
         InstanceAccessor<&EngineWrap::Info>("info"),
     });
@@ -68,6 +70,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   Napi::Value Resize(const Napi::CallbackInfo& info);
   static Napi::Value Format(const Napi::CallbackInfo& info);
   static Napi::Value RebuildRefcounts(const Napi::CallbackInfo& info);
+  static Napi::Value Check(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value Info(const Napi::CallbackInfo& info);
 
@@ -333,24 +336,77 @@ Napi::Value EngineWrap::Format(const Napi::CallbackInfo& info) {
       });
 }
 
+/// The structures a check or refcount rebuild walks (argument 1), as TS decoded them from the header,
+/// snapshot table and bitmap directory.
+WalkRequest ParseWalk(const Napi::Object& o) {
+  Napi::Env env = o.Env();
+  WalkRequest w;
+  w.clusterBits = SmallInteger(o, "clusterBits", 21);
+  if (w.clusterBits < 9) throw Napi::RangeError::New(env, "option clusterBits must be at least 9, got " + std::to_string(w.clusterBits));
+  w.refcountOrder = SmallInteger(o, "refcountOrder", 6);
+  w.extendedL2 = OptionBool(o, "extendedL2", false);
+  w.externalDataFile = OptionBool(o, "externalDataFile", false);
+  w.virtualSize = OptionOffset(o, "size", 0);
+  w.l1Offset = RequiredOffset(o, "l1TableOffset");
+  w.l1Entries = RequiredOffset(o, "l1Size");
+  if (w.l1Entries > kMaxL1Bytes / 8) {
+    throw Napi::RangeError::New(env, "option l1Size must be at most " + std::to_string(kMaxL1Bytes / 8) + ", got " + std::to_string(w.l1Entries));
+  }
+  w.snapshotsOffset = OptionOffset(o, "snapshotsOffset", 0);
+  w.snapshotsBytes = OptionOffset(o, "snapshotsBytes", 0);
+  w.refcountTableOffset = OptionOffset(o, "refcountTableOffset", 0);
+  w.refcountTableClusters = OptionOffset(o, "refcountTableClusters", 0);
+  if (w.refcountTableClusters > (8ull << 20) >> w.clusterBits << 3) {
+    throw Napi::RangeError::New(env, "option refcountTableClusters is too large: " + std::to_string(w.refcountTableClusters));
+  }
+  w.cryptoOffset = OptionOffset(o, "cryptoOffset", 0);
+  w.cryptoBytes = OptionOffset(o, "cryptoBytes", 0);
+  Napi::Value snapshots = o.Get("snapshots");
+  if (!snapshots.IsUndefined()) {
+    if (!snapshots.IsArray()) throw Napi::TypeError::New(env, "option snapshots must be an array of { offset, entries, id, name }");
+    Napi::Array list = snapshots.As<Napi::Array>();
+    for (uint32_t i = 0; i < list.Length(); i++) {
+      Napi::Value item = list.Get(i);
+      if (!item.IsObject()) throw Napi::TypeError::New(env, "option snapshots must be an array of { offset, entries, id, name }");
+      Napi::Object s = item.As<Napi::Object>();
+      w.snapshots.push_back({RequiredOffset(s, "offset"), RequiredOffset(s, "entries"), OptionString(s, "id", ""), OptionString(s, "name", "")});
+    }
+  }
+  Napi::Value bitmaps = o.Get("bitmaps");
+  if (!bitmaps.IsUndefined()) {
+    if (!bitmaps.IsObject()) throw Napi::TypeError::New(env, "option bitmaps must be an object");
+    Napi::Object b = bitmaps.As<Napi::Object>();
+    w.hasBitmaps = true;
+    w.bitmapDirectoryValid = OptionBool(b, "valid", true);
+    w.bitmapDirectoryOffset = RequiredOffset(b, "directoryOffset");
+    w.bitmapDirectoryBytes = RequiredOffset(b, "directoryBytes");
+    Napi::Value tables = b.Get("tables");
+    if (!tables.IsArray()) throw Napi::TypeError::New(env, "option bitmaps.tables must be an array of { offset, entries }");
+    Napi::Array list = tables.As<Napi::Array>();
+    for (uint32_t i = 0; i < list.Length(); i++) {
+      Napi::Value item = list.Get(i);
+      if (!item.IsObject()) throw Napi::TypeError::New(env, "option bitmaps.tables must be an array of { offset, entries }");
+      const uint64_t entries = RequiredOffset(item.As<Napi::Object>(), "entries");
+      if (entries > (64ull << 20) / 8) throw Napi::RangeError::New(env, "a bitmap table of " + std::to_string(entries) + " entries is too large");
+      w.bitmapTables.push_back({RequiredOffset(item.As<Napi::Object>(), "offset"), entries});
+    }
+  }
+  return w;
+}
+
+std::shared_ptr<File> ImageFile(const Napi::CallbackInfo& info) {
+  auto image = FileWrap::FileOf(info[0]);
+  if (!image) throw Napi::TypeError::New(info.Env(), "file must be an open NativeFile");
+  return image;
+}
+
 Napi::Value EngineWrap::RebuildRefcounts(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  RebuildRequest request;
-  auto image = ImageArguments(info, &request);
+  auto image = ImageFile(info);
   Napi::Object o = Args(info).Object(1, "params");
-  request.extendedL2 = OptionBool(o, "extendedL2", false);
-  request.externalDataFile = OptionBool(o, "externalDataFile", false);
-  request.snapshotsOffset = OptionOffset(o, "snapshotsOffset", 0);
-  request.snapshotsBytes = OptionOffset(o, "snapshotsBytes", 0);
+  RebuildRequest request;
+  request.walk = ParseWalk(o);
   request.incompatibleFeatures = OptionOffset(o, "incompatibleFeatures", 0);
-  Napi::Value tables = o.Get("l1Tables");
-  if (!tables.IsArray()) throw Napi::TypeError::New(env, "option l1Tables must be an array of { offset, entries }");
-  Napi::Array list = tables.As<Napi::Array>();
-  for (uint32_t i = 0; i < list.Length(); i++) {
-    Napi::Value item = list.Get(i);
-    if (!item.IsObject()) throw Napi::TypeError::New(env, "option l1Tables must be an array of { offset, entries }");
-    request.l1Tables.push_back({RequiredOffset(item.As<Napi::Object>(), "offset"), RequiredOffset(item.As<Napi::Object>(), "entries")});
-  }
   auto result = std::make_shared<RebuildResult>();
   return RunAsync(
       env, [=] { return qcow2::RebuildRefcounts(*image, request, result.get()); },
@@ -360,6 +416,46 @@ Napi::Value EngineWrap::RebuildRefcounts(const Napi::CallbackInfo& info) {
         out.Set("refcountTableClusters", static_cast<double>(result->refcountTableClusters));
         return out;
       });
+}
+
+Napi::Value CheckReportToJs(Napi::Env env, const CheckReport& r) {
+  Napi::Object out = Napi::Object::New(env);
+  Napi::Array messages = Napi::Array::New(env, r.messages.size());
+  for (uint32_t i = 0; i < r.messages.size(); i++) messages.Set(i, r.messages[i]);
+  out.Set("messages", messages);
+  out.Set("checkErrors", static_cast<double>(r.checkErrors));
+  out.Set("corruptions", static_cast<double>(r.corruptions));
+  out.Set("leaks", static_cast<double>(r.leaks));
+  out.Set("corruptionsFixed", static_cast<double>(r.corruptionsFixed));
+  out.Set("leaksFixed", static_cast<double>(r.leaksFixed));
+  out.Set("imageEndOffset", static_cast<double>(r.imageEndOffset));
+  out.Set("totalClusters", static_cast<double>(r.totalClusters));
+  out.Set("allocatedClusters", static_cast<double>(r.allocatedClusters));
+  out.Set("fragmentedClusters", static_cast<double>(r.fragmentedClusters));
+  out.Set("compressedClusters", static_cast<double>(r.compressedClusters));
+  if (!r.failure.empty()) out.Set("failure", r.failure);
+  return out;
+}
+
+Napi::Value EngineWrap::Check(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto image = ImageFile(info);
+  Napi::Object o = Args(info).Object(1, "params");
+  CheckRequest request;
+  request.walk = ParseWalk(o);
+  request.incompatibleFeatures = OptionOffset(o, "incompatibleFeatures", 0);
+  const std::string repair = OptionString(o, "repair", "");
+  if (repair == "leaks") {
+    request.fix = kFixLeaks;
+  } else if (repair == "all") {
+    request.fix = kFixLeaks | kFixErrors;
+  } else if (!repair.empty()) {
+    throw Napi::TypeError::New(env, "option repair must be 'leaks' or 'all', got '" + repair + "'");
+  }
+  auto report = std::make_shared<CheckReport>();
+  return RunAsync(
+      env, [=] { return CheckImage(*image, request, report.get()); },
+      [report](Napi::Env env) -> Napi::Value { return CheckReportToJs(env, *report); });
 }
 
 Napi::Value EngineWrap::Close(const Napi::CallbackInfo& info) {

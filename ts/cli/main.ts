@@ -6,6 +6,7 @@ export type Command = (argv: string[]) => Promise<number>;
 /** Each subcommand lives in its own module, loaded only when it runs. */
 const COMMANDS: Record<string, () => Promise<{ run: Command }>> = {
   bench: () => import('./bench.js'),
+  check: () => import('./check.js'),
   compare: () => import('./compare.js'),
   convert: () => import('./convert.js'),
   create: () => import('./create.js'),

@@ -7,10 +7,9 @@ import { CacheMode, NativeFile, Qcow2EngineBacking, Qcow2EngineParams, Qcow2Stru
 import { DEFAULT_MAX_CHAIN_DEPTH, OpenOptions, checkOpenOptions, probeFormat } from '../open.js';
 import { RawImage } from '../raw.js';
 import { Qcow2Header, clearUnknownAutoclear, readHeader } from './header.js';
-import { openMetadataFile } from './metadata-file.js';
-import { readSnapshots } from './snapshots.js';
 import { Qcow2Image } from './image.js';
 import { cString, combineFileName } from './text.js';
+import { walkParams } from './walk.js';
 
 /** Where an image sits in the chain being opened. */
 interface ChainState {
@@ -161,28 +160,8 @@ async function decodedStructures(imagePath: string, header: Qcow2Header): Promis
  * L1 table before anything is written; the engine clears the dirty bit once they are on disk.
  */
 async function rebuildRefcounts(imagePath: string, file: NativeFile, header: Qcow2Header): Promise<Qcow2Header> {
-  const metadata = await openMetadataFile(imagePath);
-  let snapshots;
-  try {
-    snapshots = await readSnapshots(metadata, header);
-  } finally {
-    await metadata.handle.close();
-  }
-  await settle(
-    native.Qcow2Engine.rebuildRefcounts(file, {
-      clusterBits: header.clusterBits,
-      refcountOrder: header.refcountOrder,
-      extendedL2: header.extendedL2,
-      externalDataFile: header.externalDataFile,
-      l1Tables: [
-        { offset: header.l1TableOffset, entries: header.l1Size },
-        ...snapshots.entries.map((e) => ({ offset: e.l1TableOffset, entries: e.l1Size })),
-      ],
-      snapshotsOffset: header.snapshotsOffset,
-      snapshotsBytes: header.nbSnapshots > 0 ? snapshots.byteLength : 0,
-      incompatibleFeatures: Number(header.incompatibleFeatures),
-    }),
-  );
+  const walk = await walkParams(imagePath, header);
+  await settle(native.Qcow2Engine.rebuildRefcounts(file, { ...walk, incompatibleFeatures: Number(header.incompatibleFeatures) }));
   return (await readHeader(imagePath)).header;
 }
 

@@ -1,0 +1,116 @@
+/** `check`: qemu-img check (and check -r) for qcow2 images through the native walker. */
+import { ErrorCodes, Qcow2Error, settle } from '../errors.js';
+import { CACHE_MODES, CacheMode, NativeFile, Qcow2CheckReport, native } from '../native.js';
+import { probeFormat } from '../open.js';
+import { readHeader } from '../qcow2/header.js';
+import { walkParams } from '../qcow2/walk.js';
+
+export type RepairMode = 'leaks' | 'all';
+
+export interface CheckOptions {
+  /** The image format; probed when absent. */
+  format?: 'qcow2' | 'raw';
+  /** Repair leaks only, or everything that can be repaired (the image is opened writable). */
+  repair?: RepairMode;
+  /** Host cache mode (qemu-img's -T); default `writeback`. */
+  cache?: CacheMode;
+}
+
+/** What qemu-img check reports for an image (after a repair: the double check, with the fixes counted). */
+export interface CheckResult {
+  filename: string;
+  format: string;
+  checkErrors: number;
+  corruptions: number;
+  leaks: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  imageEndOffset?: number;
+  totalClusters?: number;
+  allocatedClusters?: number;
+  fragmentedClusters?: number;
+  compressedClusters?: number;
+  /** Human-readable lines describing each problem found, as qemu-img check prints them. */
+  messages: string[];
+  /** The check stopped early (qemu-img's "Check failed: REASON"): the reason, e.g. "Input/output error". */
+  failure?: string;
+}
+
+function checkOptions(options: CheckOptions): void {
+  const { format, repair, cache } = options;
+  if (format !== undefined && format !== 'qcow2' && format !== 'raw') {
+    throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `format must be 'qcow2' or 'raw', got '${String(format)}'`);
+  }
+  if (repair !== undefined && repair !== 'leaks' && repair !== 'all') {
+    throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `repair must be 'leaks' or 'all', got '${String(repair)}'`);
+  }
+  if (cache !== undefined && !CACHE_MODES.includes(cache)) {
+    throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `cache must be one of ${CACHE_MODES.join(', ')}, got '${String(cache)}'`);
+  }
+}
+
+/** One pass over the image as its header says now (a repair may have moved the refcount table). */
+async function checkPass(path: string, file: NativeFile, repair: RepairMode | undefined): Promise<Qcow2CheckReport> {
+  const { header } = await readHeader(path);
+  const walk = await walkParams(path, header);
+  return settle(
+    native.Qcow2Engine.check(file, {
+      ...walk,
+      ...(repair ? { repair } : {}),
+      incompatibleFeatures: Number(header.incompatibleFeatures),
+    }),
+  );
+}
+
+function toResult(path: string, report: Qcow2CheckReport, fixed: Qcow2CheckReport, messages: string[]): CheckResult {
+  const optional = (value: number) => (value !== 0 ? value : undefined);
+  const result: CheckResult = {
+    filename: path,
+    format: 'qcow2',
+    checkErrors: report.checkErrors,
+    corruptions: report.corruptions,
+    leaks: report.leaks,
+    corruptionsFixed: fixed.corruptionsFixed,
+    leaksFixed: fixed.leaksFixed,
+    imageEndOffset: optional(report.imageEndOffset),
+    totalClusters: optional(report.totalClusters),
+    allocatedClusters: optional(report.allocatedClusters),
+    fragmentedClusters: optional(report.fragmentedClusters),
+    compressedClusters: optional(report.compressedClusters),
+    messages,
+  };
+  if (report.failure !== undefined) result.failure = report.failure;
+  for (const key of Object.keys(result) as (keyof CheckResult)[]) if (result[key] === undefined) delete result[key];
+  return result;
+}
+
+/** Check (and with `repair`, repair) an image, like `qemu-img check [-r leaks|all]`. */
+export async function check(path: string, options: CheckOptions = {}): Promise<CheckResult> {
+  checkOptions(options);
+  const format = options.format ?? (await probeFormat(path));
+  if (format !== 'qcow2') {
+    return { filename: path, format, checkErrors: 0, corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [] };
+  }
+  await readHeader(path);
+  const file = await settle(native.NativeFile.open(path, { writable: options.repair !== undefined, cache: options.cache ?? 'writeback' }));
+  try {
+    const first = await checkPass(path, file, options.repair);
+    if (first.failure !== undefined || (first.corruptionsFixed === 0 && first.leaksFixed === 0)) {
+      return toResult(path, first, first, first.messages);
+    }
+    // Like qemu-img: what was repaired is counted, and the result is that of a fresh check.
+    const second = await checkPass(path, file, undefined);
+    return toResult(path, second, first, [...first.messages, ...second.messages]);
+  } finally {
+    await file.close();
+  }
+}
+
+/** The exit code qemu-img check gives for a result: 0 clean, 1 check errors, 2 corruptions, 3 leaks only, 63 unsupported format. */
+export function checkExitCode(result: CheckResult): number {
+  if (result.format !== 'qcow2') return 63;
+  if (result.failure !== undefined || result.checkErrors > 0) return 1;
+  if (result.corruptions > 0) return 2;
+  if (result.leaks > 0) return 3;
+  return 0;
+}
