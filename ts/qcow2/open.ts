@@ -8,6 +8,8 @@ import { DEFAULT_MAX_CHAIN_DEPTH, OpenOptions, checkOpenOptions, probeFormat } f
 import { RawImage } from '../raw.js';
 import { Qcow2Header, clearUnknownAutoclear, readHeader } from './header.js';
 import { Qcow2Image } from './image.js';
+import { openMetadataFile } from './metadata-file.js';
+import { readSnapshots } from './snapshots.js';
 import { cString, combineFileName } from './text.js';
 import { walkParams } from './walk.js';
 
