@@ -290,32 +290,49 @@ export class Qcow2Image implements Image {
     return { [Symbol.asyncIterator]: () => this.#extentIterator(options) };
   }
 
+  /**
+   * The engine's runs over a range, in batches of up to `batchRuns` runs of MAP_RUN_FIELDS numbers
+   * (offset, length, kind, depth, host offset or -1, flags); the next batch is mapped while one is consumed.
+   */
+  async *runBatches(options?: ExtentOptions, batchRuns = EXTENT_BATCH): AsyncGenerator<Float64Array> {
+    const range = extentRange(options, this.size);
+    let pos = range.offset;
+    let ahead: Promise<Float64Array> | undefined;
+    while (pos < range.end) {
+      const runs = await (ahead ?? this.#track(this.#live().map(pos, range.end - pos, batchRuns)));
+      ahead = undefined;
+      if (runs.length === 0) throw new Qcow2Error(ErrorCodes.CORRUPT, `mapping '${this.path}' at offset ${pos} made no progress`);
+      pos = runs[runs.length - MAP_RUN_FIELDS] + runs[runs.length - MAP_RUN_FIELDS + 1];
+      if (pos < range.end) {
+        // A consumer that stops early just drops this one.
+        ahead = this.#track(this.#live().map(pos, range.end - pos, batchRuns));
+        ahead.catch(() => undefined);
+      }
+      yield runs;
+    }
+  }
+
   #extentIterator(options: ExtentOptions | undefined): AsyncIterator<Extent> {
-    let range: { offset: number; end: number } | undefined;
-    let pos = -1;
+    let batches: AsyncGenerator<Float64Array> | undefined;
     let stopped = false;
     let held: Run | undefined;
     let ready: Extent[] = [];
     let index = 0;
-    let ahead: Promise<Float64Array> | undefined;
     const finished: IteratorResult<Extent> = { done: true, value: undefined };
     /** Map the next batch, turning every run but the last (which may continue) into an extent. */
     const fill = async (): Promise<IteratorResult<Extent>> => {
       if (stopped) return finished;
-      range ??= extentRange(options, this.size);
-      if (pos < 0) pos = range.offset;
+      batches ??= this.runBatches(options);
       ready = [];
       index = 0;
-      while (ready.length === 0 && pos < range.end) {
-        const runs = await (ahead ?? this.#track(this.#live().map(pos, range.end - pos, EXTENT_BATCH)));
-        ahead = undefined;
-        if (runs.length === 0) throw new Qcow2Error(ErrorCodes.CORRUPT, `mapping '${this.path}' at offset ${pos} made no progress`);
-        const batchEnd = runs[runs.length - MAP_RUN_FIELDS] + runs[runs.length - MAP_RUN_FIELDS + 1];
-        if (batchEnd < range.end) {
-          // Map the next batch while this one is consumed; a consumer that stops early just drops it.
-          ahead = this.#track(this.#live().map(batchEnd, range.end - batchEnd, EXTENT_BATCH));
-          ahead.catch(() => undefined);
+      while (ready.length === 0) {
+        const next = await batches.next();
+        if (next.done) {
+          if (held) ready.push(this.#extent(held));
+          held = undefined;
+          break;
         }
+        const runs = next.value;
         for (let i = 0; i < runs.length; i += MAP_RUN_FIELDS) {
           const run: Run = {
             offset: runs[i],
@@ -332,11 +349,6 @@ export class Qcow2Image implements Image {
             held = run;
           }
         }
-        pos = held!.offset + held!.length;
-      }
-      if (pos >= range.end && held) {
-        ready.push(this.#extent(held));
-        held = undefined;
       }
       return index < ready.length ? { done: false, value: ready[index++] } : finished;
     };
@@ -345,6 +357,7 @@ export class Qcow2Image implements Image {
       return: async () => {
         stopped = true;
         ready = [];
+        await batches?.return(undefined);
         return finished;
       },
     };
