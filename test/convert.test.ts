@@ -68,6 +68,31 @@ test('qcow2 over raw backing → raw: same bytes as qemu-img, and as sparse', as
   t.true(ours < SIZE / 2, `the copy has holes: ${ours} of ${SIZE}`);
 });
 
+test('scattered clusters, near and far apart in one 2 MiB window, over a backing with data between them', async (t) => {
+  const dir = await tempDir(t);
+  const base = path.join(dir, 'base.qcow2');
+  const top = path.join(dir, 'top.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', base, '8M');
+  await qemuIo('-c', 'write -P 7 0 8M', base);
+  await qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top);
+  // Gaps of 64 KiB (read with their neighbours) and of 1 MiB (not read), in shuffled host order.
+  for (const at of ['1984k', '0', '1088k', '128k', '2112k', '4M', '6M']) await qemuIo('-c', `write -P 9 ${at} 64k`, top);
+  await qemuIo('-c', 'write -z 3M 64k', top);
+  await convertBoth(t, top, []);
+  await convertBoth(t, top, ['-W', '-m', '16']);
+});
+
+test('zlib and zstd compressed images → raw: same bytes as qemu-img', async (t) => {
+  const dir = await tempDir(t);
+  const raw = path.join(dir, 'plain.raw');
+  await writeFile(raw, Buffer.concat([patternBytes(3 << 20, 5), Buffer.alloc(1 << 20), patternBytes(1 << 20, 9)]));
+  for (const type of ['zlib', 'zstd']) {
+    const file = path.join(dir, `${type}.qcow2`);
+    await qemuImg('convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `compression_type=${type}`, raw, file);
+    await convertBoth(t, file, []);
+  }
+});
+
 test('raw with holes → raw: same bytes and holes', async (t) => {
   const source = await rawImage(await tempDir(t));
   const { ours, theirs } = await convertBoth(t, source, ['-f', 'raw']);

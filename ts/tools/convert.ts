@@ -11,6 +11,15 @@ import { Qcow2TargetOptions, convertToQcow2 } from './convert-qcow2.js';
 /** Largest piece read or written by one request: bounds memory to `parallel` × this. */
 export const COPY_CHUNK = 2 << 20;
 
+/** Zeros between two data runs of a piece up to which both are read with one request (the gap is memset, not read). */
+const READ_GAP = 256 << 10;
+
+/**
+ * Compressed data is read in requests of at most this many bytes, so that the clusters of one
+ * piece inflate on several worker threads at once rather than one after the other on one.
+ */
+const COMPRESSED_READ = 256 << 10;
+
 /** Granule of zero detection inside data: the usual file system block. */
 const ZERO_GRANULE = 4096;
 
@@ -62,6 +71,8 @@ interface Run {
   start: number;
   end: number;
   data: boolean;
+  /** Data stored compressed in the source. */
+  compressed?: boolean;
 }
 
 /**
@@ -301,6 +312,7 @@ async function* splitIntoPieces(source: Image, options: CopyOptions): AsyncGener
   };
   for await (const extent of source.extents()) {
     const data = extent.kind === 'data';
+    const compressed = extent.compressed === true;
     const end = extent.offset + extent.length;
     for (let pos = extent.offset; pos < end; ) {
       checkAborted(options.signal);
@@ -310,7 +322,7 @@ async function* splitIntoPieces(source: Image, options: CopyOptions): AsyncGener
         pending = { offset: pos, windowEnd: pos - (pos % COPY_CHUNK) + COPY_CHUNK, runs: [], dataBytes: 0 };
       }
       const stop = Math.min(end, pending.windowEnd);
-      pending.runs.push({ start: pos - pending.offset, end: stop - pending.offset, data });
+      pending.runs.push({ start: pos - pending.offset, end: stop - pending.offset, data, compressed });
       if (data) pending.dataBytes += stop - pos;
       pos = stop;
       if (pos === pending.windowEnd) yield close();
@@ -328,10 +340,10 @@ interface PieceContext {
 }
 
 async function copyPiece(source: Image, target: Image, piece: Piece, buffer: Buffer, ctx: PieceContext): Promise<void> {
-  // Read up to the end of the last data run: zero runs after it need no bytes.
+  // Zero runs after the last data run need no bytes.
   const readEnd = piece.runs.reduce((end, run) => (run.data ? run.end : end), 0);
   const view = buffer.subarray(0, readEnd);
-  if (readEnd > 0) await source.read(view, piece.offset);
+  await whenAllSettled(readRequests(piece.runs).map(([start, end]) => source.read(view.subarray(start, end), piece.offset + start)));
   if (ctx.inOrder) await piece.previous;
   // The writes of one piece never overlap: all of them go out at once.
   const writes: Array<Promise<void>> = [];
@@ -345,8 +357,37 @@ async function copyPiece(source: Image, target: Image, piece: Piece, buffer: Buf
       writes.push(...writeDataRun(target, view.subarray(run.start, run.end), offset, ctx));
     }
   }
-  // Wait for every write, not just the first failure: the buffer must be free when this returns.
-  const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  await whenAllSettled(writes);
+}
+
+/**
+ * The reads that fetch the data runs of a piece, as [start, end) in the piece, all issued at once:
+ * runs close together share one request, long zero gaps are not read, and compressed data is
+ * split so that its clusters inflate in parallel.
+ */
+function readRequests(runs: Run[]): Array<[number, number]> {
+  const spans: Array<[number, number, boolean]> = [];
+  for (const run of runs) {
+    if (!run.data) continue;
+    const last = spans[spans.length - 1];
+    if (last && run.start - last[1] <= READ_GAP) {
+      last[1] = run.end;
+      last[2] ||= run.compressed === true;
+    } else {
+      spans.push([run.start, run.end, run.compressed === true]);
+    }
+  }
+  const requests: Array<[number, number]> = [];
+  for (const [start, end, compressed] of spans) {
+    const step = compressed ? COMPRESSED_READ : end - start;
+    for (let at = start; at < end; at += step) requests.push([at, Math.min(end, at + step)]);
+  }
+  return requests;
+}
+
+/** Wait for every request, not just the first failure (the buffer must be free when this returns); then throw the first failure. */
+async function whenAllSettled(requests: Array<Promise<void>>): Promise<void> {
+  const failed = (await Promise.allSettled(requests)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
   if (failed) throw failed.reason;
 }
 
