@@ -6,6 +6,7 @@ import path from 'node:path';
 
 import test from 'ava';
 
+import { ProgressDisplay, formatBytes, formatSeconds } from '../ts/cli/demo.js';
 import { DEMO_FILES, DEMO_STEPS, runDemo } from '../ts/tools/demo.js';
 import { CLI, qcow2Cli, qemuImg, runProgram, tempDir } from './helpers/qemu.js';
 
@@ -113,4 +114,33 @@ test('--keep takes an existing empty folder', async (t) => {
   t.is(run.failure, undefined);
   t.true(run.kept);
   t.is((await readdir(dir)).length, Object.keys(DEMO_FILES).length);
+});
+
+test('progress: a bar redrawn in place on a terminal, one growing line elsewhere', (t) => {
+  let text = '';
+  const sink = { write: (chunk: string) => (text += chunk) };
+  const bar = new ProgressDisplay(sink, true);
+  for (const done of [0, 1, 2, 5, 10]) bar.update(done << 20, 10 << 20);
+  bar.end();
+  t.is(text.split('\r').length - 1, 5);
+  t.regex(text, /\r {4}\[#{15}\.{15}\]  50%  5 MiB of 10 MiB/);
+  t.true(text.endsWith('[##############################] 100%  10 MiB of 10 MiB\x1b[K\n'));
+  text = '';
+  const line = new ProgressDisplay(sink, false);
+  for (const done of [0, 1, 2, 3, 5, 10]) line.update(done, 10);
+  line.end();
+  t.is(text, '    progress: 0% 10% 20% 30% 50% 100%\n');
+});
+
+test('figures are printed in binary units and readable times', (t) => {
+  t.is(formatBytes(0), '0 bytes');
+  t.is(formatBytes(1023), '1023 bytes');
+  t.is(formatBytes(64 * 1024), '64 KiB');
+  t.is(formatBytes(2162688), '2.06 MiB');
+  t.is(formatBytes(47185920), '45 MiB');
+  t.is(formatBytes(24301568), '23.2 MiB');
+  t.is(formatBytes(2 ** 30), '1 GiB');
+  t.is(formatSeconds(0.0004), '1 ms');
+  t.is(formatSeconds(0.317), '317 ms');
+  t.is(formatSeconds(2.371), '2.37 s');
 });
