@@ -177,9 +177,11 @@ async function checkRepairs(file: string, dir: string, check: OurCheck, repair: 
 /**
  * The checks of a killed image's metadata. A dirty image (lazy refcounts) may have refcounts
  * too low: both checks must count the same, both repairs must fix it, and unless `leaveDirty`
- * (the next child's open is to rebuild), our writable open must rebuild it clean.
+ * (the next child's open is to rebuild), our writable open must rebuild it clean. Leaks stay in
+ * the image from round to round; the repairs are tried when their count changed (`knownLeaks`
+ * is the count after the round before).
  */
-async function checkIntegrity(variant: TortureVariant, file: string, dir: string, check: OurCheck, leaveDirty: boolean): Promise<{ leaks: number; dirty: boolean }> {
+async function checkIntegrity(file: string, dir: string, check: OurCheck, leaveDirty: boolean, knownLeaks: number): Promise<{ leaks: number; dirty: boolean }> {
   const { header } = await readHeader(file);
   if (header.dirty) {
     if (!header.lazyRefcounts) fail('the image is dirty but lazy refcounts are off');
@@ -200,7 +202,7 @@ async function checkIntegrity(variant: TortureVariant, file: string, dir: string
     fail(`qemu-img check after the kill: ${report.text}`);
   }
   await compareChecks(file, check, report, 'after the kill');
-  if (report.leaks > 0) await checkRepairs(file, dir, check, 'leaks');
+  if (report.leaks > 0 && report.leaks !== knownLeaks) await checkRepairs(file, dir, check, 'leaks');
   return { leaks: report.leaks, dirty: false };
 }
 
@@ -232,6 +234,8 @@ interface LaneState {
   /** The guest bytes the image holds (model length, zeros past the disk). */
   baseline: Buffer;
   size: number;
+  /** Leaks qemu-img check counted after the last round. */
+  leaks: number;
 }
 
 /** Run one round: spawn, kill, check, verify; returns the new state and the round's figures. */
@@ -257,7 +261,7 @@ async function runRound(options: LaneOptions, state: LaneState, round: number, f
   }
   const childMs = Date.now() - spawned;
   await copyFile(files.image, files.killed);
-  const { leaks, dirty } = await checkIntegrity(variant, files.image, options.dir, options.check, byQemu);
+  const { leaks, dirty } = await checkIntegrity(files.image, options.dir, options.check, byQemu, state.leaks);
   const actual = await readDisk(files.image, options.dir);
   const expect = expectRound(state.baseline, state.size, seed, geometry, log, byQemu);
   const mismatch = findMismatch(expect, actual);
@@ -265,7 +269,7 @@ async function runRound(options: LaneOptions, state: LaneState, round: number, f
   const baseline = Buffer.alloc(modelLength(variant));
   actual.copy(baseline);
   return {
-    state: { baseline, size: actual.length },
+    state: { baseline, size: actual.length, leaks },
     report: {
       variant: variant.name,
       seed: options.seed,
@@ -309,7 +313,7 @@ export async function runLane(options: LaneOptions): Promise<LaneResult> {
     try {
       if (round % options.roundsPerImage === 0) {
         await rm(files.image, { force: true });
-        state = { baseline: await freshImage(variant, files.image), size: variant.size };
+        state = { baseline: await freshImage(variant, files.image), size: variant.size, leaks: 0 };
       }
       const next = await runRound(options, state!, round, files);
       state = next.state;
