@@ -6,7 +6,8 @@
  * name; never crash, hang, or answer inconsistently. Cases run in a child process (see helpers/fuzz-driver.ts).
  *
  * Reproduce a failure with the seed and path fast-check prints, or run longer with
- * QCOW2_FUZZ_RUNS (cases per seed image) and QCOW2_FUZZ_SEED.
+ * QCOW2_FUZZ_RUNS (cases per seed image) and QCOW2_FUZZ_SEED. QCOW2_FUZZ_COLLECT=1 runs every case
+ * and reports all failing ones at the end instead of stopping at the first.
  */
 import { readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -27,6 +28,7 @@ const RUNS = Number(process.env.QCOW2_FUZZ_RUNS ?? 60);
 const HANG_AFTER_MS = 15_000;
 /** Guest bytes read and converted at most, whatever size a mutated header claims. */
 const GUEST_LIMIT = 64 << 20;
+const COLLECT = process.env.QCOW2_FUZZ_COLLECT === '1';
 
 /** A fixed fast-check seed per seed image (or QCOW2_FUZZ_SEED), so that every run tries the same cases. */
 function fcSeed(name: string): number {
@@ -49,6 +51,7 @@ for (const seed of SEEDS) {
     t.teardown(() => child.close());
     const codes = new Map<string, number>();
     let failingCases = 0;
+    const collected: string[] = [];
     const property = fc.asyncProperty(fuzzCaseArbitrary(layout), async ({ mutations, tinyCache }) => {
       const mutated = resolveMutations(pristine, layout, mutations);
       await writeFile(casePath, mutated.bytes);
@@ -56,7 +59,9 @@ for (const seed of SEEDS) {
       const result = await child.run({ image: casePath, follow: seed.follow, out, guestLimit: GUEST_LIMIT, tinyCache });
       if (result.problems.length > 0) {
         const cache = tinyCache ? ' (opened with a tiny L2 cache)' : '';
-        throw new Error(`seed image '${seed.name}'${cache}, changes:\n${describeMutated(mutated)}\n${result.problems.join('\n')}`);
+        const failure = `seed image '${seed.name}'${cache}, changes:\n${describeMutated(mutated)}\n${result.problems.join('\n')}`;
+        if (!COLLECT) throw new Error(failure);
+        collected.push(failure);
       }
       const failed = result.outcomes.filter((o) => o.code !== undefined);
       if (failed.length > 0) failingCases++;
@@ -65,6 +70,7 @@ for (const seed of SEEDS) {
     // No shrinking: each shrink step could be another hang, and three mutations are small already.
     await fc.assert(property, { seed: fcSeed(seed.name), numRuns: RUNS, endOnFailure: true, includeErrorInReport: true });
     t.log(`${RUNS} cases, ${failingCases} with failing steps; codes: ${JSON.stringify(Object.fromEntries(codes))}`);
+    t.deepEqual(collected, [], `${collected.length} failing cases`);
     // The mutations must reach the error paths, or the test proves nothing.
     t.true(failingCases > 0);
   });

@@ -1,9 +1,11 @@
 /**
- * The child process of the read-side fuzz tests: runs every read operation of the library on one
- * (possibly hostile) image per request and reports how each ended. It runs apart from ava so that
+ * The child process of the fuzz tests: runs every read operation of the library on one (possibly
+ * hostile) image per request, or with `writeOps` the write side (fuzz-write-case.ts), and reports
+ * how each step ended. It runs apart from ava so that
  * a native crash or a hang is seen by the parent, which knows the case, instead of killing the
  * test worker. Protocol (IPC): FuzzRequest in; FuzzProgress while working, then FuzzReport.
  */
+import { execFile } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
 import { constants } from 'node:os';
 
@@ -21,6 +23,7 @@ import {
   mapImage,
   open,
 } from '../../ts/index.js';
+import { QemuVerdict, WriteOp, WriteSide, isClean, qemuCheck } from './fuzz-write-case.js';
 
 /** What to do with one image. */
 export interface FuzzRequest {
@@ -34,6 +37,8 @@ export interface FuzzRequest {
   guestLimit: number;
   /** Open with a tiny L2 cache, so that tables are evicted and reloaded all the time. */
   tinyCache: boolean;
+  /** Run the write side with these requests instead of the read side. */
+  writeOps?: WriteOp[];
   /** Instead of reading the image, fail the way the harness must catch, to prove that it does. */
   selfTest?: 'crash' | 'hang' | 'uncoded error';
 }
@@ -57,6 +62,8 @@ export interface FuzzReport {
   outcomes: StepOutcome[];
   /** Errors without a code, non-Qcow2Error throws, unhandled rejections, inconsistent results. */
   problems: string[];
+  /** Write side: whether qemu-img check found the image clean before and after, and whether a request changed it. */
+  writeSide?: { cleanBefore: boolean; cleanAfter?: boolean; wrote: boolean };
 }
 
 const CHUNK = 1 << 20;
@@ -85,8 +92,14 @@ function describeThrown(error: unknown): string {
 class CaseRun {
   readonly outcomes: StepOutcome[] = [];
   readonly problems: string[] = [];
+  writeSide: FuzzReport['writeSide'];
 
   constructor(readonly request: FuzzRequest) {}
+
+  /** Tell the parent a step outside the library starts (a qemu run), so that a hang is pinned on it. */
+  announce(step: string): Promise<void> {
+    return send({ id: this.request.id, step });
+  }
 
   /** Run `step`; a failure must be a Qcow2Error with a non-empty code. Returns whether it succeeded. */
   async attempt(step: string, work: () => Promise<void>): Promise<boolean> {
@@ -106,10 +119,11 @@ class CaseRun {
   async run(): Promise<void> {
     if (this.request.selfTest) return this.failOnPurpose(this.request.selfTest);
     const { image: file, follow, tinyCache } = this.request;
+    const options: Qcow2OpenOptions = { readOnly: true, followFileNames: follow, ...(tinyCache ? { l2CacheSize: 4096, l2SliceSize: 512 } : {}) };
+    if (this.request.writeOps) return this.runWriteSide(options, this.request.writeOps);
     await this.attempt('info', async () => void (await info(file)));
     if (follow) await this.attempt('infoChain', async () => void (await infoChain(file)));
     let image: Image | undefined;
-    const options: Qcow2OpenOptions = { readOnly: true, followFileNames: follow, ...(tinyCache ? { l2CacheSize: 4096, l2SliceSize: 512 } : {}) };
     await this.attempt('open', async () => {
       image = await open(file, options);
     });
@@ -117,6 +131,12 @@ class CaseRun {
     if (image) data = await this.readOpened(image);
     const size = image?.size;
     if (size === undefined || size <= this.request.guestLimit) await this.convertAndCompare(data);
+  }
+
+  async runWriteSide(options: Qcow2OpenOptions, ops: WriteOp[]): Promise<void> {
+    const side = new WriteSide(this, this.request.image, options, ops);
+    const { before, after, wrote } = await side.run();
+    this.writeSide = { cleanBefore: isClean(before), cleanAfter: after && isClean(after), wrote };
   }
 
   async failOnPurpose(how: NonNullable<FuzzRequest['selfTest']>): Promise<void> {
@@ -179,6 +199,7 @@ class CaseRun {
   async convertAndCompare(data: Buffer | undefined): Promise<void> {
     const { image: file, follow, out } = this.request;
     const converted = await this.attempt('convert', () => convert(file, out, { outputFormat: 'raw', followFileNames: follow }));
+    await this.convertToQcow2(converted);
     if (!converted || !data) return;
     const output = await readFile(out);
     if (!output.subarray(0, data.length).equals(data)) this.problems.push('convert: the raw output differs from the bytes read');
@@ -191,6 +212,30 @@ class CaseRun {
         await Promise.all([a.close(), b.close()]);
       }
     });
+  }
+
+  /** convert -O qcow2: qemu-img check must find the output clean, and qemu must read it as the raw conversion. */
+  async convertToQcow2(rawConverted: boolean): Promise<void> {
+    const { image: file, follow, out } = this.request;
+    const target = `${out}.qcow2`;
+    const converted = await this.attempt('convert to qcow2', () => convert(file, target, { outputFormat: 'qcow2', followFileNames: follow }));
+    if (!converted) return;
+    await this.announce('qemu-img check of the qcow2 conversion');
+    const verdict: QemuVerdict = await qemuCheck(target);
+    if (!verdict.checked || verdict.corruptions + verdict.leaks + verdict.checkErrors > 0) {
+      this.problems.push(`convert -O qcow2 wrote an image qemu-img check does not find clean: ${verdict.summary}`);
+    }
+    if (!rawConverted) {
+      this.problems.push('convert -O qcow2 succeeded where convert -O raw failed');
+      return;
+    }
+    await this.announce('qemu-img compare of the two conversions');
+    const compared = await new Promise<string | undefined>((resolve) =>
+      execFile('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', target, out], { encoding: 'utf8' }, (error, stdout, stderr) =>
+        resolve(error ? `exit ${String(error.code)}: ${stdout}${stderr}` : undefined),
+      ),
+    );
+    if (compared) this.problems.push(`qemu-img compare finds the qcow2 and raw conversions different: ${compared.trim()}`);
   }
 }
 
@@ -239,6 +284,6 @@ process.on('message', (request: FuzzRequest) => {
     .then(() => new Promise((resolve) => setImmediate(resolve)))
     .then(() => {
       current = undefined;
-      return send({ id: request.id, done: true, outcomes: run.outcomes, problems: run.problems });
+      return send({ id: request.id, done: true, outcomes: run.outcomes, problems: run.problems, writeSide: run.writeSide });
     });
 });

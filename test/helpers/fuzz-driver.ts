@@ -1,5 +1,5 @@
 /**
- * The parent side of the read-side fuzz tests: a child process (fuzz-child.js) runs each case,
+ * The parent side of the fuzz tests: a child process (fuzz-child.js) runs each case,
  * so that a native crash or a hang becomes a failed case with its description instead of a dead
  * test worker. A crashed or hung child is replaced for the next case.
  */
@@ -13,6 +13,7 @@ export interface CaseResult {
   outcomes: StepOutcome[];
   /** Empty when the library kept its promises; else what went wrong, case-independent wording. */
   problems: string[];
+  writeSide?: FuzzReport['writeSide'];
 }
 
 const CHILD_SCRIPT = path.join(__dirname, 'fuzz-child.js');
@@ -87,7 +88,7 @@ export class FuzzChild {
           return;
         }
         if (message.id !== request.id) return;
-        if ('done' in message) finish({ outcomes: message.outcomes, problems: [...this.#stray.splice(0), ...message.problems] });
+        if ('done' in message) finish({ outcomes: message.outcomes, problems: [...this.#stray.splice(0), ...message.problems], writeSide: message.writeSide });
         else step = message.step;
       };
       const onExit = (code: number | null, signal: NodeJS.Signals | null) => {
