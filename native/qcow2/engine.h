@@ -204,7 +204,8 @@ class Engine {
     uint64_t bytes;
     bool dataFile;
   };
-  Status PlanCluster(uint64_t cluster, ClusterPlan* plan);
+  /// Decide how a write of bytes [from, to) of guest cluster `cluster` is stored.
+  Status PlanCluster(uint64_t cluster, uint64_t from, uint64_t to, ClusterPlan* plan);
   /// The cluster at guest offset `guest`, mapped by `e`, reads as zeros (no copy-on-write source).
   bool ReadsAsZeros(const Mapper::RawEntry& e, uint64_t guest) const;
   /// The L2 table for L1 entry `l1Index`: its offset, or a new table's (allocated under metaMu_).
@@ -233,6 +234,20 @@ class Engine {
   Status Fail(Status status);
   Status ZeroEntry(const Mapper::RawEntry& e, bool unmap, bool discard, L2Update* update, HostFree* freed, bool* change);
   Status ModifyClusters(GuestOffset at, uint64_t len, bool unmap, bool discard);
+  /// ModifyClusters() of clusters [first, last] whose lock the caller holds.
+  Status ModifyHeld(uint64_t first, uint64_t last, bool unmap, bool discard);
+  /// Make subclusters [from, to) of `cluster` read as zeros (extended L2; the caller holds the cluster);
+  /// `*done` is false for a compressed cluster, whose bytes must be written as zeros instead.
+  Status ZeroSubclusters(uint64_t cluster, uint32_t from, uint32_t to, bool* done);
+  /// Zero the whole subclusters of [from, to) through the mapping (the caller holds their clusters);
+  /// ranges that need zeros written instead go to `left`.
+  Status ZeroUnitsHeld(uint64_t from, uint64_t to, bool unmap, std::vector<std::pair<uint64_t, uint64_t>>* left);
+  /// Zero [from, to), a piece of one subcluster (cluster without extended L2).
+  Status ZeroPiece(uint64_t from, uint64_t to, bool unmap);
+  /// `*zeros` says every byte of [from, to) reads as zeros by its mapping (never by its content).
+  Status RangeReadsAsZeros(uint64_t from, uint64_t to, bool* zeros);
+  /// Write zeros over [from, to) as data.
+  Status WriteZeroBytes(uint64_t from, uint64_t to);
   Status GrowL1(uint64_t entries);
   /// Map every unallocated cluster of [from, to) to a data cluster of its own, as qemu-img resize --preallocation does.
   Status Preallocate(uint64_t from, uint64_t to, Preallocation mode);

@@ -18,6 +18,12 @@ namespace {
 constexpr const char* kCorrupt = "ERR_QCOW2_CORRUPT";
 constexpr uint64_t kAllAllocated = 0xffffffffull;
 constexpr uint64_t kAllZero = 0xffffffffull << 32;
+
+/// Subclusters [first, end) as bits of an extended L2 allocation bitmap.
+uint32_t SubclusterMask(uint32_t first, uint32_t end) {
+  const uint64_t upTo = end >= 32 ? 0xffffffffull : (1ull << end) - 1;
+  return static_cast<uint32_t>(upTo & ~((1ull << first) - 1));
+}
 /// Byte offsets of header fields the engine updates.
 constexpr uint64_t kHeaderSize = 24;
 constexpr uint64_t kHeaderL1 = 36;
@@ -97,6 +103,11 @@ struct Engine::ClusterPlan {
   uint64_t host = 0;
   uint64_t table = 0;
   bool freeOld = false;
+  /// The bytes of the cluster the write stores, [from, to): the request's part, widened to the whole
+  /// cluster or (extended L2) to the subclusters that become allocated; the widening shows what the guest saw.
+  uint64_t from = 0, to = 0;
+  /// The subcluster bitmap of the new mapping (extended L2).
+  uint64_t bitmap = 0;
   /// The new host cluster reads as zeros already, and so did the guest cluster: only the written bytes need writing.
   bool zeroed = false;
 };
@@ -157,16 +168,21 @@ Status Engine::WriteHeaderField(uint64_t offset, const void* bytes, size_t lengt
   return image_->Flush();
 }
 
-Status Engine::PlanCluster(uint64_t cluster, ClusterPlan* plan) {
+Status Engine::PlanCluster(uint64_t cluster, uint64_t from, uint64_t to, ClusterPlan* plan) {
   const Geometry& g = geometry();
   QCOW2_TRY(mapper_->EntryAt(GuestOffset{cluster << g.clusterBits}, &plan->entry));
   const Mapper::RawEntry& e = plan->entry;
   const L2Entry& l2 = e.entry;
   const bool owned = Owned(e);
-  const bool whole = g.extendedL2 ? l2.allocMask == kAllAllocated : !l2.zero;
+  // With extended L2 entries only the subclusters the request touches become allocated, as QEMU does;
+  // a cluster that moves takes every allocated subcluster with it.
+  const uint32_t touched = g.extendedL2 ? SubclusterMask(from >> g.subclusterBits, ((to - 1) >> g.subclusterBits) + 1) : kAllAllocated;
+  uint32_t stored = touched;
+  plan->freeOld = false;
   if (owned) {
     plan->host = l2.host;
-    plan->action = whole ? ClusterPlan::InPlace : ClusterPlan::Fill;
+    const bool ready = g.extendedL2 ? (l2.allocMask & touched) == touched : !l2.zero;
+    plan->action = ready ? ClusterPlan::InPlace : ClusterPlan::Fill;
   } else if (config_.externalDataFile) {
     // Data in an external file sits at its guest offset, unreferenced by refcounts.
     plan->host = cluster << g.clusterBits;
@@ -174,7 +190,22 @@ Status Engine::PlanCluster(uint64_t cluster, ClusterPlan* plan) {
   } else {
     plan->action = ClusterPlan::Allocate;
     plan->freeOld = l2.compressed || l2.hostAllocated;
+    if (l2.compressed) stored = kAllAllocated;
+    if (l2.hostAllocated && l2.allocMask != 0) {
+      stored = SubclusterMask(std::min<uint32_t>(__builtin_ctz(touched | l2.allocMask), 31),
+                              32 - __builtin_clz(touched | l2.allocMask));
+    }
   }
+  if (plan->action == ClusterPlan::InPlace) {
+    plan->from = from;
+    plan->to = to;
+    return Status::Ok();
+  }
+  plan->from = static_cast<uint64_t>(__builtin_ctz(stored)) << g.subclusterBits;
+  plan->to = std::min<uint64_t>(static_cast<uint64_t>(32 - __builtin_clz(stored)) << g.subclusterBits, g.clusterSize);
+  if (!g.extendedL2) plan->from = 0, plan->to = g.clusterSize;
+  const uint64_t kept = l2.compressed ? 0 : e.bitmap;
+  plan->bitmap = (kept & ~(static_cast<uint64_t>(stored) << 32)) | stored;
   return Status::Ok();
 }
 
@@ -245,18 +276,23 @@ Status Engine::Write(const uint8_t* buf, uint64_t len, GuestOffset at) {
   const Geometry& g = geometry();
   const uint64_t first = at.value >> g.clusterBits, last = (at.value + len - 1) >> g.clusterBits;
   std::vector<ClusterPlan> plans(last - first + 1);
+  auto plan = [&](uint64_t c) {
+    const uint64_t start = c << g.clusterBits;
+    const uint64_t from = std::max(start, at.value) - start, to = std::min(start + g.clusterSize, at.value + len) - start;
+    return Fail(PlanCluster(c, from, to, &plans[c - first]));
+  };
   {
     // Writes into clusters they own run side by side; only mapping changes need the clusters alone.
     ClusterRange shared(locks_, first, last, true);
     bool inPlace = true;
     for (uint64_t c = first; c <= last && inPlace; c++) {
-      QCOW2_TRY(Fail(PlanCluster(c, &plans[c - first])));
+      QCOW2_TRY(plan(c));
       inPlace = plans[c - first].action == ClusterPlan::InPlace;
     }
     if (inPlace) return WriteData(buf, len, at, plans);
   }
   ClusterRange held(locks_, first, last);
-  for (uint64_t c = first; c <= last; c++) QCOW2_TRY(Fail(PlanCluster(c, &plans[c - first])));
+  for (uint64_t c = first; c <= last; c++) QCOW2_TRY(plan(c));
   uint64_t allocations = 0;
   bool metadata = false;
   for (const ClusterPlan& p : plans) {
@@ -266,13 +302,15 @@ Status Engine::Write(const uint8_t* buf, uint64_t len, GuestOffset at) {
   std::vector<HostFree> frees;
   if (metadata) {
     std::lock_guard<std::mutex> lock(metaMu_);
+    // New L2 tables first, then data, as QEMU lays them out.
+    for (ClusterPlan& p : plans) {
+      if (p.action != ClusterPlan::InPlace) QCOW2_TRY(Fail(TableFor(p.entry, &p.table, &frees)));
+    }
     std::vector<AllocatedRun> runs;
     if (allocations > 0) QCOW2_TRY(Fail(AllocateRuns(allocations, &runs)));
     size_t run = 0;
     uint64_t used = 0;
     for (ClusterPlan& p : plans) {
-      if (p.action == ClusterPlan::InPlace) continue;
-      QCOW2_TRY(Fail(TableFor(p.entry, &p.table, &frees)));
       if (p.action != ClusterPlan::Allocate) continue;
       if (used == runs[run].count) {
         run++;
@@ -288,7 +326,7 @@ Status Engine::Write(const uint8_t* buf, uint64_t len, GuestOffset at) {
   for (const ClusterPlan& p : plans) {
     if (p.action == ClusterPlan::InPlace) continue;
     const uint64_t l2Index = g.L2Index(GuestOffset{(first + (&p - plans.data())) << g.clusterBits});
-    updates.push_back({p.entry.l1Index, l2Index, p.host | kCopiedFlag, g.extendedL2 ? kAllAllocated : 0});
+    updates.push_back({p.entry.l1Index, l2Index, p.host | kCopiedFlag, g.extendedL2 ? p.bitmap : 0});
     if (p.freeOld) {
       const L2Entry& old = p.entry.entry;
       frees.push_back({old.host, old.compressed ? old.compressedBytes : g.clusterSize, false});
@@ -320,15 +358,16 @@ Status Engine::WriteData(const uint8_t* buf, uint64_t len, GuestOffset at, std::
     const uint64_t from = std::max(start, at.value), to = std::min(start + g.clusterSize, end);
     uint64_t host = p.host + (from - start);
     struct iovec piece = {const_cast<uint8_t*>(buf + (from - at.value)), to - from};
-    if (p.action != ClusterPlan::InPlace && !p.zeroed && (from != start || to != start + g.clusterSize)) {
-      // A partial write to a cluster of its own: the rest of the cluster keeps what the guest saw.
-      AlignedBuffer& cluster = filled.emplace_back(g.clusterSize);
-      const uint64_t visible = std::min(g.clusterSize, size() - start);
-      std::memset(cluster.data() + visible, 0, g.clusterSize - visible);
-      QCOW2_TRY(ReadLocked(cluster.data(), visible, GuestOffset{start}));
-      std::memcpy(cluster.data() + (from - start), piece.iov_base, piece.iov_len);
-      piece = {cluster.data(), g.clusterSize};
-      host = p.host;
+    if (p.action != ClusterPlan::InPlace && !p.zeroed && (start + p.from < from || start + p.to > to)) {
+      // A partial write to a cluster (or subclusters) of its own: the rest keeps what the guest saw.
+      const uint64_t bytes = p.to - p.from;
+      AlignedBuffer& region = filled.emplace_back(bytes);
+      const uint64_t visible = std::min(bytes, size() - (start + p.from));
+      std::memset(region.data() + visible, 0, bytes - visible);
+      QCOW2_TRY(ReadLocked(region.data(), visible, GuestOffset{start + p.from}));
+      std::memcpy(region.data() + (from - start - p.from), piece.iov_base, piece.iov_len);
+      piece = {region.data(), bytes};
+      host = p.host + p.from;
     }
     if (runBytes > 0 && runHost + runBytes != host) QCOW2_TRY(flush());
     if (run.empty()) runHost = host;
@@ -633,6 +672,11 @@ Status Engine::ModifyClusters(GuestOffset at, uint64_t len, bool unmap, bool dis
   const Geometry& g = geometry();
   const uint64_t first = at.value >> g.clusterBits, last = (at.value + len - 1) >> g.clusterBits;
   ClusterRange held(locks_, first, last);
+  return ModifyHeld(first, last, unmap, discard);
+}
+
+Status Engine::ModifyHeld(uint64_t first, uint64_t last, bool unmap, bool discard) {
+  const Geometry& g = geometry();
   std::vector<L2Update> updates;
   std::vector<HostFree> frees;
   for (uint64_t c = first; c <= last; c++) {
@@ -655,33 +699,137 @@ Status Engine::ModifyClusters(GuestOffset at, uint64_t len, bool unmap, bool dis
   return Publish(std::move(updates), std::move(frees));
 }
 
+Status Engine::ZeroSubclusters(uint64_t cluster, uint32_t from, uint32_t to, bool* done) {
+  const Geometry& g = geometry();
+  const GuestOffset at{cluster << g.clusterBits};
+  Mapper::RawEntry e;
+  QCOW2_TRY(Fail(mapper_->EntryAt(at, &e)));
+  // A compressed cluster has no subclusters: its bytes are written as zeros instead.
+  *done = !e.entry.compressed;
+  if (!*done) return Status::Ok();
+  const uint64_t mask = SubclusterMask(from, to);
+  const uint64_t bitmap = (e.bitmap & ~mask) | (mask << 32);
+  if (bitmap == e.bitmap) return Status::Ok();
+  std::vector<HostFree> frees;
+  if (e.l2Offset == 0 || !(e.l1Raw & kCopiedFlag)) {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    uint64_t table = 0;
+    QCOW2_TRY(Fail(TableFor(e, &table, &frees)));
+  }
+  return Publish({{e.l1Index, g.L2Index(at), e.raw, bitmap}}, std::move(frees));
+}
+
+Status Engine::ZeroUnitsHeld(uint64_t from, uint64_t to, bool unmap, std::vector<std::pair<uint64_t, uint64_t>>* left) {
+  const Geometry& g = geometry();
+  // Version 2 has no zero flag: without a backing image, dropped clusters read as zeros (QEMU discards them).
+  const bool discard = config_.version < 3;
+  const uint64_t unit = 1ull << g.subclusterBits;
+  // Whole clusters end here: at the last cluster boundary, or at the disk end.
+  const uint64_t wholeEnd = to == size() ? to : to & ~(g.clusterSize - 1);
+  for (uint64_t pos = from; pos < to;) {
+    const uint64_t c = pos >> g.clusterBits, start = c << g.clusterBits;
+    if (pos == start && wholeEnd > pos) {
+      QCOW2_TRY(ModifyHeld(c, (wholeEnd - 1) >> g.clusterBits, unmap, discard));
+      pos = wholeEnd;
+      continue;
+    }
+    const uint64_t next = std::min(to, start + g.clusterSize);
+    bool done = false;
+    QCOW2_TRY(ZeroSubclusters(c, static_cast<uint32_t>((pos - start) / unit),
+                              static_cast<uint32_t>((next - start + unit - 1) / unit), &done));
+    if (!done) left->emplace_back(pos, next);
+    pos = next;
+  }
+  return Status::Ok();
+}
+
+Status Engine::RangeReadsAsZeros(uint64_t from, uint64_t to, bool* zeros) {
+  *zeros = true;
+  for (uint64_t pos = from; pos < to && *zeros;) {
+    Segment seg;
+    QCOW2_TRY(mapper_->Resolve(GuestOffset{pos}, to - pos, &seg, /*scan=*/true));
+    if (seg.kind == ClusterKind::Unallocated) {
+      std::vector<MapRun> runs;
+      QCOW2_TRY(MapBacking(GuestOffset{pos}, seg.length, 0, 64, &runs));
+      uint64_t covered = 0;
+      for (const MapRun& r : runs) {
+        covered += r.length;
+        *zeros = *zeros && r.kind != RunKind::Data;
+      }
+      *zeros = *zeros && covered == seg.length;
+    } else {
+      *zeros = seg.kind == ClusterKind::Zero;
+    }
+    pos += seg.length;
+  }
+  return Status::Ok();
+}
+
+Status Engine::ZeroPiece(uint64_t from, uint64_t to, bool unmap) {
+  const Geometry& g = geometry();
+  const uint64_t unit = 1ull << g.subclusterBits;
+  const uint64_t unitStart = from & ~(unit - 1), unitEnd = std::min(unitStart + unit, size());
+  std::vector<std::pair<uint64_t, uint64_t>> left;
+  bool zeroed = false;
+  {
+    // Like QEMU: a piece of a subcluster that reads as zeros all around it zeroes the whole subcluster
+    // (no allocation); otherwise the piece is written as zeros. The check and the change hold the cluster.
+    std::shared_lock<std::shared_mutex> resizing(resizeMu_);
+    const uint64_t c = unitStart >> g.clusterBits;
+    ClusterRange held(locks_, c, c);
+    Mapper::RawEntry e;
+    QCOW2_TRY(Fail(mapper_->EntryAt(GuestOffset{unitStart}, &e)));
+    const ClusterKind kind = e.entry.KindOf(g, static_cast<uint32_t>((unitStart - (c << g.clusterBits)) >> g.subclusterBits));
+    bool before = false, after = false;
+    if (kind == ClusterKind::Unallocated || kind == ClusterKind::Zero) {
+      QCOW2_TRY(Fail(RangeReadsAsZeros(unitStart, from, &before)));
+      QCOW2_TRY(Fail(RangeReadsAsZeros(to, unitEnd, &after)));
+    }
+    if (before && after) {
+      QCOW2_TRY(ZeroUnitsHeld(unitStart, unitEnd, unmap, &left));
+      zeroed = left.empty();
+    }
+  }
+  return zeroed ? Status::Ok() : WriteZeroBytes(from, to);
+}
+
+Status Engine::WriteZeroBytes(uint64_t from, uint64_t to) {
+  AlignedBuffer zeros(std::min<uint64_t>(to - from, 1u << 20));
+  std::memset(zeros.data(), 0, zeros.size());
+  for (uint64_t pos = from; pos < to;) {
+    const uint64_t n = std::min<uint64_t>(to - pos, zeros.size());
+    QCOW2_TRY(Write(zeros.data(), n, GuestOffset{pos}));
+    pos += n;
+  }
+  return Status::Ok();
+}
+
 Status Engine::WriteZeroes(GuestOffset at, uint64_t len, bool unmap) {
   QCOW2_TRY(CheckWrite(at, len, "write of zeros"));
   if (len == 0) return Status::Ok();
   const Geometry& g = geometry();
   const uint64_t end = at.value + len;
-  // Whole clusters (the last one may end at the disk end) change their mapping; edges get zeros written.
-  uint64_t inner = (at.value + g.clusterSize - 1) & ~(g.clusterSize - 1);
-  uint64_t innerEnd = end == size() ? end : end & ~(g.clusterSize - 1);
-  const bool hasBacking = backing_.engine || backing_.raw;
-  const bool mapZeros = config_.version >= 3 || (unmap && !hasBacking);
-  if (!mapZeros || innerEnd <= inner) inner = innerEnd = end;
-  AlignedBuffer zeros(std::min<uint64_t>(std::max(inner - at.value, end - innerEnd), 1u << 20) + 1);
-  std::memset(zeros.data(), 0, zeros.size());
-  auto writeZeros = [&](uint64_t from, uint64_t to) -> Status {
-    for (uint64_t pos = from; pos < to;) {
-      const uint64_t n = std::min<uint64_t>(to - pos, zeros.size() - 1);
-      QCOW2_TRY(Write(zeros.data(), n, GuestOffset{pos}));
-      pos += n;
-    }
-    return Status::Ok();
-  };
-  QCOW2_TRY(writeZeros(at.value, inner));
+  // Version 2 has no zero flag: over a backing image only written zeros hide it.
+  if (config_.version < 3 && (backing_.engine || backing_.raw)) return WriteZeroBytes(at.value, end);
+  // Whole subclusters (clusters without extended L2; the last may end at the disk end) change their
+  // mapping; the pieces of subclusters at either edge are zeroed as ZeroPiece() says.
+  const uint64_t unit = 1ull << g.subclusterBits;
+  const uint64_t inner = (at.value + unit - 1) & ~(unit - 1);
+  const uint64_t innerEnd = end == size() ? end : end & ~(unit - 1);
+  if (at.value < inner) QCOW2_TRY(ZeroPiece(at.value, std::min(inner, end), unmap));
   if (innerEnd > inner) {
-    std::shared_lock<std::shared_mutex> resizing(resizeMu_);
-    QCOW2_TRY(ModifyClusters(GuestOffset{inner}, innerEnd - inner, unmap, false));
+    std::vector<std::pair<uint64_t, uint64_t>> left;
+    {
+      std::shared_lock<std::shared_mutex> resizing(resizeMu_);
+      const uint64_t first = inner >> g.clusterBits, last = (innerEnd - 1) >> g.clusterBits;
+      ClusterRange held(locks_, first, last);
+      QCOW2_TRY(ZeroUnitsHeld(inner, innerEnd, unmap, &left));
+    }
+    for (const auto& [from, to] : left) QCOW2_TRY(WriteZeroBytes(from, to));
   }
-  return writeZeros(std::max(innerEnd, inner), end);
+  const uint64_t tail = std::max(innerEnd, inner);
+  if (tail < end) QCOW2_TRY(ZeroPiece(tail, end, unmap));
+  return Status::Ok();
 }
 
 Status Engine::Discard(GuestOffset at, uint64_t len) {
@@ -734,7 +882,7 @@ Status Engine::WriteCompressedCluster(const uint8_t* data, uint64_t bytes, Guest
   const uint64_t c = at.value >> g.clusterBits;
   ClusterRange held(locks_, c, c);
   ClusterPlan plan;
-  QCOW2_TRY(Fail(PlanCluster(c, &plan)));
+  QCOW2_TRY(Fail(PlanCluster(c, 0, g.clusterSize, &plan)));
   uint64_t host = 0;
   std::vector<HostFree> frees;
   {
