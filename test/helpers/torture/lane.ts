@@ -321,7 +321,7 @@ export async function runLane(options: LaneOptions): Promise<LaneResult> {
       options.onRound?.(next.report);
     } catch (error) {
       const kept = await keepFailure(options, round, files);
-      const what = error instanceof RoundFailure ? error.message : `harness error: ${(error as Error)?.stack ?? String(error)}`;
+      const what = error instanceof RoundFailure ? error.message : `unexpected error: ${(error as Error)?.stack ?? String(error)}`;
       result.failure = `${variant.name} seed ${options.seed} round ${round}: ${what}\n  files kept in ${kept}`;
       break;
     }
