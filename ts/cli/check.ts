@@ -1,6 +1,7 @@
 /** `qcow2 check [-f FMT] [--output=human|json] [-r leaks|all] [-T CACHE] [-q] IMG`: qemu-img check's output and exit codes. */
 import { asQcow2Error, Qcow2Error } from '../errors.js';
 import { CheckResult, RepairMode, check, checkExitCode } from '../tools/check.js';
+import { rawProbeWarning } from '../tools/io/probe-guard.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
 import { parseCache, parseFormat } from './common.js';
 import { qemuJson } from './qemu-format.js';
@@ -135,9 +136,12 @@ export async function run(argv: string[]): Promise<number> {
     throw new Qcow2Error(cause.code, `Could not open '${file}': ${cause.message}`, { cause });
   }
   if (checkExitCode(result) === 63) {
+    if (repair && format === undefined) process.stderr.write(rawProbeWarning(file));
     process.stderr.write('qcow2: This image format does not support checks\n');
     return 63;
   }
+  // qemu-img ends its open warnings without a newline; the output keeps that byte for byte.
+  for (const warning of result.warnings ?? []) process.stderr.write(`qcow2: warning: ${warning}`);
   for (const message of result.messages) process.stderr.write(message + '\n');
   const say = (text: string) => {
     if (!quiet) process.stdout.write(text);

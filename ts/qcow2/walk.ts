@@ -36,7 +36,8 @@ export async function walkParams(imagePath: string, header: Qcow2Header): Promis
       cryptoOffset: header.fullDiskEncryption?.offset ?? 0,
       cryptoBytes: header.fullDiskEncryption?.length ?? 0,
     };
-    if (header.bitmaps && header.bitmaps.nbBitmaps > 0) {
+    // Without the autoclear bit qemu ignores the bitmaps: their clusters count as leaked.
+    if (header.bitmaps && header.bitmaps.nbBitmaps > 0 && header.bitmapsAutoclear) {
       const directory = { directoryOffset: header.bitmaps.bitmapDirectoryOffset, directoryBytes: header.bitmaps.bitmapDirectorySize };
       try {
         const bitmaps = await readBitmaps(metadata, header);

@@ -1,8 +1,10 @@
 /** `check`: qemu-img check (and check -r) for qcow2 images through the native walker. */
 import { ErrorCodes, Qcow2Error, settle } from '../errors.js';
 import { CACHE_MODES, CacheMode, NativeFile, Qcow2CheckReport, native } from '../native.js';
-import { probeFormat } from '../open.js';
-import { readHeader } from '../qcow2/header.js';
+import { open, probeFormat } from '../open.js';
+import { Qcow2Header, readHeader } from '../qcow2/header.js';
+import { errnoText } from '../qcow2/metadata-file.js';
+import { cString, combineFileName } from '../qcow2/text.js';
 import { walkParams } from '../qcow2/walk.js';
 
 export type RepairMode = 'leaks' | 'all';
@@ -32,6 +34,8 @@ export interface CheckResult {
   compressedClusters?: number;
   /** Human-readable lines describing each problem found, as qemu-img check prints them. */
   messages: string[];
+  /** Warnings qemu-img prints on opening the image, before the check's own messages. */
+  warnings?: string[];
   /** The check stopped early (qemu-img's "Check failed: REASON"): the reason, e.g. "Input/output error". */
   failure?: string;
 }
@@ -46,6 +50,38 @@ function checkOptions(options: CheckOptions): void {
   }
   if (cache !== undefined && !CACHE_MODES.includes(cache)) {
     throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `cache must be one of ${CACHE_MODES.join(', ')}, got '${String(cache)}'`);
+  }
+}
+
+/** qemu's warning for bitmaps whose autoclear bit a program without bitmap support cleared. */
+const IGNORED_BITMAPS =
+  'a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent\n' +
+  "Some clusters may be leaked, run 'qcow2 check -r' on the image file to fix.";
+
+/** A failure to open a file the image names, worded like qemu's. */
+function openFailure(error: unknown, prefix: string): Qcow2Error {
+  const { code, text } = error instanceof Qcow2Error && !/^E[A-Z]+$/.test(error.code) ? { code: error.code, text: error.message } : errnoText(error);
+  return new Qcow2Error(code, `${prefix}${text}`, { cause: error });
+}
+
+/** qemu-img check opens the image with its backing file and data file: a missing one fails the check the same way. */
+async function openNamedFiles(path: string, header: Qcow2Header): Promise<void> {
+  if (header.externalDataFile && header.dataFile !== undefined) {
+    const dataPath = combineFileName(path, cString(header.dataFile));
+    try {
+      await (await settle(native.NativeFile.open(dataPath, { writable: false }))).close();
+    } catch (error) {
+      throw openFailure(error, `Could not open '${dataPath}': `);
+    }
+  }
+  if (header.backingFile !== undefined) {
+    const backingPath = combineFileName(path, cString(header.backingFile));
+    try {
+      const format = header.backingFormat === 'raw' || header.backingFormat === 'qcow2' ? header.backingFormat : undefined;
+      await (await open(backingPath, { readOnly: true, format, followFileNames: true })).close();
+    } catch (error) {
+      throw openFailure(error, `Could not open backing file: Could not open '${backingPath}': `);
+    }
   }
 }
 
@@ -91,16 +127,21 @@ export async function check(path: string, options: CheckOptions = {}): Promise<C
   if (format !== 'qcow2') {
     return { filename: path, format, checkErrors: 0, corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [] };
   }
-  await readHeader(path);
+  const { header } = await readHeader(path);
+  await openNamedFiles(path, header);
   const file = await settle(native.NativeFile.open(path, { writable: options.repair !== undefined, cache: options.cache ?? 'writeback' }));
   try {
     const first = await checkPass(path, file, options.repair);
+    let result;
     if (first.failure !== undefined || (first.corruptionsFixed === 0 && first.leaksFixed === 0)) {
-      return toResult(path, first, first, first.messages);
+      result = toResult(path, first, first, first.messages);
+    } else {
+      // Like qemu-img: what was repaired is counted, and the result is that of a fresh check.
+      const second = await checkPass(path, file, undefined);
+      result = toResult(path, second, first, [...first.messages, ...second.messages]);
     }
-    // Like qemu-img: what was repaired is counted, and the result is that of a fresh check.
-    const second = await checkPass(path, file, undefined);
-    return toResult(path, second, first, [...first.messages, ...second.messages]);
+    if (header.bitmaps && header.bitmaps.nbBitmaps > 0 && !header.bitmapsAutoclear) result.warnings = [IGNORED_BITMAPS];
+    return result;
   } finally {
     await file.close();
   }
