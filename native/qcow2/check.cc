@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "qcow2/layout.h"
+#include "qcow2/overlap.h"
 #include "qcow2/refcounts.h"
 
 namespace qcow2 {
@@ -54,6 +55,43 @@ void StoreBE64(uint8_t* p, uint64_t v) {
 }
 
 uint64_t DivUp(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
+
+/// Repair writes go through qemu's overlap check: a write onto metadata of another kind is refused,
+/// the image is marked corrupt (once, with qemu's message) and the check stops.
+class WriteGuard {
+ public:
+  WriteGuard(File& image, uint32_t clusterBits, uint64_t incompatibleFeatures, std::vector<std::string>* messages)
+      : image_(image), ranges_(clusterBits), features_(incompatibleFeatures), messages_(messages) {}
+
+  MetadataRanges& ranges() { return ranges_; }
+
+  /// Ok when [offset, offset + bytes) overlaps no metadata outside `allowed`; otherwise the image is
+  /// marked corrupt and the caller gets an error to stop with.
+  Status Check(uint64_t offset, uint64_t bytes, uint32_t allowed) {
+    Status st = ranges_.Check(offset, bytes, allowed);
+    if (st.ok()) return st;
+    const size_t cut = st.message.find("): ");
+    MarkCorrupt(st.message.substr(0, cut + 1));
+    return Stop(kIoError);
+  }
+
+  /// qemu's corruption event: the first one is shown and sets the corrupt bit on disk.
+  void MarkCorrupt(const std::string& event) {
+    if (signaled_) return;
+    signaled_ = true;
+    messages_->push_back("qcow2: " + event + "; further corruption events will be suppressed");
+    uint8_t field[8];
+    StoreBE64(field, features_ | 2);
+    if (image_.Write(field, 8, 72).ok()) (void)image_.Flush();
+  }
+
+ private:
+  File& image_;
+  MetadataRanges ranges_;
+  uint64_t features_;
+  std::vector<std::string>* messages_;
+  bool signaled_ = false;
+};
 
 /// How qemu classifies an L2 entry.
 enum class EntryType { Compressed, ZeroPlain, ZeroAlloc, Normal, Unallocated };
@@ -105,11 +143,14 @@ class StoredRefcounts {
     return Status::Ok();
   }
 
+  const std::vector<uint64_t>& table() const { return table_; }
+
   /// Write the changed blocks and flush: what depends on them is written after this.
-  Status WriteDirty() {
+  Status WriteDirty(WriteGuard* guard) {
     bool any = false;
     for (auto& [index, block] : blocks_) {
       if (!block.dirty) continue;
+      QCOW2_TRY(guard->Check(block.offset, block.bytes.size(), kMetaRefcountBlock));
       QCOW2_TRY(image_.Write(block.bytes.data(), block.bytes.size(), block.offset));
       block.dirty = false;
       any = true;
@@ -180,9 +221,11 @@ class StoredRefcounts {
 /// The one walker over every structure that references clusters (qemu's calculate_refcounts).
 class Walker {
  public:
-  Walker(File& image, const WalkRequest& r, uint32_t fix, ReferenceCounts* counts, CheckReport* report)
+  /// `guard` checks the writes of repairs (null when `fix` is 0: nothing is written).
+  Walker(File& image, const WalkRequest& r, uint32_t fix, WriteGuard* guard, ReferenceCounts* counts,
+         CheckReport* report)
       : image_(image), r_(r), g_(Geometry::Make(r.clusterBits, r.extendedL2, r.virtualSize)), fix_(fix),
-        counts_(counts), report_(report) {}
+        guard_(guard), counts_(counts), report_(report) {}
 
   Status Run(bool countRefcountStructure, bool* rebuild) {
     QCOW2_TRY(image_.Size(&fileSize_));
@@ -378,7 +421,6 @@ class Walker {
   /// (zero) one is made a plain zero entry and `*skip` says its cluster is no longer referenced.
   Status Unaligned(uint64_t l2Offset, uint64_t index, uint8_t* at, uint64_t entry, uint64_t bitmap, bool active,
                    bool* skip) {
-    (void)active;
     const uint64_t offset = entry & kOffsetMask;
     report_->corruptions++;
     const bool containsData = g_.extendedL2 ? (bitmap & 0xffffffffull) != 0 : !(entry & kZeroFlag);
@@ -393,7 +435,13 @@ class Walker {
                                        repair ? "Repairing" : "ERROR", offset));
     if (!repair) return Status::Ok();
     StoreBE64(at, g_.extendedL2 ? 0 : kZeroFlag);
-    Status st = image_.Write(at, g_.entryBytes, l2Offset + index * g_.entryBytes);
+    const uint64_t entryOffset = l2Offset + index * g_.entryBytes;
+    if (!guard_->Check(entryOffset, g_.entryBytes, active ? uint32_t{kMetaActiveL2} : 0u).ok()) {
+      report_->messages.push_back("ERROR: Overlap check failed");
+      report_->checkErrors++;
+      return Stop(kIoError);
+    }
+    Status st = image_.Write(at, g_.entryBytes, entryOffset);
     if (st.ok()) st = image_.Flush();
     if (!st.ok()) {
       report_->messages.push_back("ERROR: Failed to overwrite L2 table entry: " + std::string(kIoError));
@@ -514,6 +562,7 @@ class Walker {
   const WalkRequest& r_;
   Geometry g_;
   uint32_t fix_;
+  WriteGuard* guard_;
   ReferenceCounts* counts_;
   CheckReport* report_;
   uint64_t fileSize_ = 0;
@@ -540,7 +589,8 @@ class Checker {
   Checker(File& image, const CheckRequest& request, CheckReport* report)
       : image_(image), req_(request), walk_(request.walk),
         g_(Geometry::Make(walk_.clusterBits, walk_.extendedL2, walk_.virtualSize)), report_(report),
-        counts_(walk_.refcountOrder), stored_(image, g_, walk_.refcountOrder) {}
+        counts_(walk_.refcountOrder), stored_(image, g_, walk_.refcountOrder),
+        guard_(image, walk_.clusterBits, request.incompatibleFeatures, &report->messages) {}
 
   Status Run() {
     uint64_t fileSize = 0;
@@ -548,8 +598,9 @@ class Checker {
     report_->totalClusters = DivUp(walk_.virtualSize / kSectorSize * kSectorSize, g_.clusterSize);
     counts_.Resize(DivUp(fileSize, g_.clusterSize));
     QCOW2_TRY(stored_.Load(walk_.refcountTableOffset, walk_.refcountTableClusters));
+    if (req_.fix) QCOW2_TRY(NoteMetadata());
     bool rebuild = false;
-    QCOW2_TRY(CountReferences(image_, walk_, req_.fix, true, &counts_, report_, &rebuild));
+    QCOW2_TRY(Walker(image_, walk_, req_.fix, &guard_, &counts_, report_).Run(true, &rebuild));
     const Counters beforeCompare = Save(*report_);
     QCOW2_TRY(Compare(0, &rebuild));
     if (rebuild && (req_.fix & kFixErrors)) {
@@ -565,7 +616,7 @@ class Checker {
         QCOW2_TRY(Compare(req_.fix, &rebuild));
       }
     }
-    QCOW2_TRY(stored_.WriteDirty());
+    QCOW2_TRY(stored_.WriteDirty(&guard_));
     QCOW2_TRY(CheckCopiedFlags());
     report_->imageEndOffset = (highest_ + 1) << g_.clusterBits;
     if (req_.fix && !report_->checkErrors && !report_->corruptions) QCOW2_TRY(MarkCleanAndConsistent());
@@ -573,6 +624,38 @@ class Checker {
   }
 
  private:
+  /// Where the metadata lies as the image was opened, for the overlap check of repair writes.
+  Status NoteMetadata() {
+    MetadataRanges& r = guard_.ranges();
+    r.Add(kMetaHeader, 0, g_.clusterSize);
+    r.Add(kMetaActiveL1, walk_.l1Offset, walk_.l1Entries * 8);
+    r.Add(kMetaRefcountTable, walk_.refcountTableOffset, walk_.refcountTableClusters << g_.clusterBits);
+    r.Add(kMetaSnapshotTable, walk_.snapshotsOffset, walk_.snapshotsBytes);
+    for (const SnapshotL1& s : walk_.snapshots) r.Add(kMetaInactiveL1, s.offset, s.entries * 8);
+    std::vector<uint8_t> l1(walk_.l1Entries * 8);
+    if (!l1.empty()) QCOW2_TRY(image_.Read(l1.data(), l1.size(), walk_.l1Offset));
+    for (uint64_t i = 0; i < walk_.l1Entries; i++) {
+      const uint64_t l2 = LoadBE64(l1.data() + 8 * i) & kOffsetMask;
+      if (l2) r.Add(kMetaActiveL2, l2, g_.clusterSize);
+    }
+    NoteRefcountBlocks(kMetaRefcountBlock, true);
+    if (walk_.hasBitmaps) r.Add(kMetaBitmapDirectory, walk_.bitmapDirectoryOffset, walk_.bitmapDirectoryBytes);
+    return Status::Ok();
+  }
+
+  /// Add (or remove) the refcount blocks the loaded table names.
+  void NoteRefcountBlocks(uint32_t kind, bool add) {
+    for (uint64_t entry : stored_.table()) {
+      const uint64_t offset = entry & ~kReftableReservedMask;
+      if (!offset) continue;
+      if (add) {
+        guard_.ranges().Add(kind, offset, g_.clusterSize);
+      } else {
+        guard_.ranges().Remove(kind, offset, g_.clusterSize);
+      }
+    }
+  }
+
   /// Stored refcounts against counted references (qemu's compare_refcounts).
   Status Compare(uint32_t fix, bool* rebuild) {
     highest_ = 0;
@@ -620,15 +703,27 @@ class Checker {
     const Counters before = Save(*report_);
     report_->messages.push_back("Rebuilding refcount structure");
     NewRefcountStructure made;
-    QCOW2_TRY(WriteRefcountStructure(image_, walk_, 0, &counts_, &made));
+    auto checkWrite = [this](uint64_t offset, uint64_t bytes, const char* what) {
+      Status st = guard_.Check(offset, bytes, 0);
+      if (!st.ok()) {
+        report_->messages.push_back(std::string("qcow2: ERROR writing ") + what + ": " + kIoError);
+        report_->checkErrors++;
+      }
+      return st;
+    };
+    QCOW2_TRY(WriteRefcountStructure(image_, walk_, 0, &counts_, &made, checkWrite));
+    guard_.ranges().Remove(kMetaRefcountTable, walk_.refcountTableOffset, walk_.refcountTableClusters << g_.clusterBits);
+    NoteRefcountBlocks(kMetaRefcountBlock, false);
     walk_.refcountTableOffset = made.tableOffset;
     walk_.refcountTableClusters = made.tableClusters;
     QCOW2_TRY(stored_.Load(made.tableOffset, made.tableClusters));
+    guard_.ranges().Add(kMetaRefcountTable, made.tableOffset, made.tableClusters << g_.clusterBits);
+    NoteRefcountBlocks(kMetaRefcountBlock, true);
     report_->corruptions = 0;
     report_->leaks = 0;
     counts_.Clear();
     bool rebuild = false;
-    QCOW2_TRY(CountReferences(image_, walk_, 0, true, &counts_, report_, &rebuild));
+    QCOW2_TRY(Walker(image_, walk_, 0, &guard_, &counts_, report_).Run(true, &rebuild));
     uint64_t freshLeaks = 0;
     if (req_.fix & kFixLeaks) {
       const Counters saved = Save(*report_);
@@ -669,7 +764,8 @@ class Checker {
         if (repair) {
           uint8_t field[8];
           StoreBE64(field, refcount == 1 ? l1Entry | kCopiedFlag : l1Entry & ~kCopiedFlag);
-          Status st = image_.Write(field, 8, walk_.l1Offset + 8 * i);
+          Status st = guard_.Check(walk_.l1Offset + 8 * i, 8, kMetaActiveL1);
+          if (st.ok()) st = image_.Write(field, 8, walk_.l1Offset + 8 * i);
           if (!st.ok()) {
             report_->checkErrors++;
             return Stop(kIoError);
@@ -707,6 +803,11 @@ class Checker {
       }
     }
     if (!dirty) return Status::Ok();
+    if (!guard_.Check(l2Offset, g_.clusterSize, kMetaActiveL2).ok()) {
+      report_->messages.push_back(Format("ERROR: Could not write L2 table; metadata overlap check failed: %s", kIoError));
+      report_->checkErrors++;
+      return Stop(kIoError);
+    }
     if (!image_.Write(table, g_.clusterSize, l2Offset).ok()) {
       report_->messages.push_back(Format("ERROR: Could not write L2 table: %s", kIoError));
       report_->checkErrors++;
@@ -739,6 +840,7 @@ class Checker {
   CheckReport* report_;
   ReferenceCounts counts_;
   StoredRefcounts stored_;
+  WriteGuard guard_;
   uint64_t highest_ = 0;
   std::vector<uint64_t> freed_;
 };
@@ -768,9 +870,10 @@ uint64_t AllocateCounted(ReferenceCounts* counts, uint64_t count, uint64_t* firs
 /// Writes refcount blocks for the clusters counted in a range (qemu's rebuild_refcounts_write_refblocks).
 class BlockWriter {
  public:
-  BlockWriter(File& image, const Geometry& g, uint32_t refcountOrder, uint64_t searchFrom, ReferenceCounts* counts)
+  BlockWriter(File& image, const Geometry& g, uint32_t refcountOrder, uint64_t searchFrom, ReferenceCounts* counts,
+              const WriteCheck& checkWrite)
       : image_(image), g_(g), bits_(1u << refcountOrder), blockBits_(g.clusterBits + 3 - refcountOrder),
-        searchFrom_(searchFrom), counts_(counts), block_(g.clusterSize) {}
+        searchFrom_(searchFrom), counts_(counts), checkWrite_(checkWrite), block_(g.clusterSize) {}
 
   /// Write the block of every cluster counted in [first, end); true when the table had to grow.
   Status Write(uint64_t first, uint64_t end, bool* grew) {
@@ -793,6 +896,7 @@ class BlockWriter {
       std::memset(block_.data(), 0, block_.size());
       const uint64_t perBlock = 1ull << blockBits_;
       for (uint64_t k = 0; k < perBlock; k++) SetRefcount(block_.data(), bits_, k, counts_->Get(blockStart + k));
+      if (checkWrite_) QCOW2_TRY(checkWrite_(offset, block_.size(), "refblock"));
       QCOW2_TRY(image_.Write(block_.data(), block_.size(), offset));
       cluster = blockStart + perBlock - 1;
     }
@@ -808,6 +912,7 @@ class BlockWriter {
   uint32_t blockBits_;
   uint64_t searchFrom_;
   ReferenceCounts* counts_;
+  const WriteCheck& checkWrite_;
   std::vector<uint64_t> table_;
   std::vector<uint8_t> block_;
 };
@@ -831,16 +936,15 @@ void ReferenceCounts::Resize(uint64_t clusters) {
 
 void ReferenceCounts::Clear() { std::fill(counts_.begin(), counts_.end(), 0); }
 
-Status CountReferences(File& image, const WalkRequest& request, uint32_t fix, bool countRefcountStructure,
-                       ReferenceCounts* counts, CheckReport* report, bool* rebuild) {
-  Walker walker(image, request, fix, counts, report);
-  return walker.Run(countRefcountStructure, rebuild);
+Status CountReferences(File& image, const WalkRequest& request, bool countRefcountStructure, ReferenceCounts* counts,
+                       CheckReport* report, bool* rebuild) {
+  return Walker(image, request, 0, nullptr, counts, report).Run(countRefcountStructure, rebuild);
 }
 
 Status WriteRefcountStructure(File& image, const WalkRequest& request, uint64_t searchFrom, ReferenceCounts* counts,
-                              NewRefcountStructure* out) {
+                              NewRefcountStructure* out, const WriteCheck& checkWrite) {
   const Geometry g = Geometry::Make(request.clusterBits, request.extendedL2, request.virtualSize);
-  BlockWriter writer(image, g, request.refcountOrder, searchFrom, counts);
+  BlockWriter writer(image, g, request.refcountOrder, searchFrom, counts, checkWrite);
   bool grew = false;
   QCOW2_TRY(writer.Write(0, counts->size(), &grew));
   uint64_t tableCluster = 0, tableClusters = 0;
@@ -853,6 +957,7 @@ Status WriteRefcountStructure(File& image, const WalkRequest& request, uint64_t 
   } while (grew);
   std::vector<uint8_t> table(tableClusters * g.clusterSize, 0);
   for (size_t i = 0; i < writer.table().size(); i++) StoreBE64(table.data() + 8 * i, writer.table()[i]);
+  if (checkWrite) QCOW2_TRY(checkWrite(tableCluster << g.clusterBits, table.size(), "reftable"));
   QCOW2_TRY(image.Write(table.data(), table.size(), tableCluster << g.clusterBits));
   // The blocks and table are durable before the header points at them.
   QCOW2_TRY(image.Flush());

@@ -4,6 +4,7 @@
 // a repair mode the differences are fixed (or the refcount structure is rebuilt).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -100,10 +101,9 @@ class ReferenceCounts {
 /// Walk every structure of the image and count its references into `counts` (sized to the file
 /// first). Problems go to `report`; `*rebuild` is set when the refcount structure itself is broken.
 /// With `countRefcountStructure` false the refcount table and blocks are left out (the dirty-image
-/// rebuild replaces them). `fix` repairs what the walk itself can (unaligned preallocated entries,
-/// refcount blocks outside the file).
-Status CountReferences(File& image, const WalkRequest& request, uint32_t fix, bool countRefcountStructure,
-                       ReferenceCounts* counts, CheckReport* report, bool* rebuild);
+/// rebuild replaces them). Nothing is written (CheckImage runs the same walk with its repairs).
+Status CountReferences(File& image, const WalkRequest& request, bool countRefcountStructure, ReferenceCounts* counts,
+                       CheckReport* report, bool* rebuild);
 
 /// Where a new refcount structure went.
 struct NewRefcountStructure {
@@ -111,10 +111,13 @@ struct NewRefcountStructure {
   uint64_t tableClusters = 0;
 };
 
+/// Asked before each block ("refblock") and table ("reftable") write; an error stops the rebuild.
+using WriteCheck = std::function<Status(uint64_t offset, uint64_t bytes, const char* what)>;
+
 /// Write refcount blocks and a table describing `counts` (which gains their own references), placed
 /// at the first free clusters from cluster `searchFrom`; flushes, then points the header at the table.
 Status WriteRefcountStructure(File& image, const WalkRequest& request, uint64_t searchFrom, ReferenceCounts* counts,
-                              NewRefcountStructure* out);
+                              NewRefcountStructure* out, const WriteCheck& checkWrite = nullptr);
 
 /// Check (and with `request.fix`, repair) the image, one pass of qemu-img check.
 Status CheckImage(File& image, const CheckRequest& request, CheckReport* report);

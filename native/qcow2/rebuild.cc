@@ -13,7 +13,7 @@ Status RebuildRefcounts(File& image, const RebuildRequest& r, RebuildResult* out
   CheckReport report;
   bool rebuild = false;
   // The old refcount structure is not counted: the new one replaces it and its clusters become free.
-  QCOW2_TRY(CountReferences(image, r.walk, 0, false, &counts, &report, &rebuild));
+  QCOW2_TRY(CountReferences(image, r.walk, false, &counts, &report, &rebuild));
   if (!report.failure.empty() || report.corruptions || report.checkErrors) {
     const std::string first = report.messages.empty() ? report.failure : report.messages.front();
     return Status::Error("ERR_QCOW2_CORRUPT", "cannot rebuild the refcounts of a dirty image whose metadata is corrupt: " + first);
