@@ -29,6 +29,8 @@ test('npm start runs every step of the demo, prints its figures and removes its 
   t.regex(r.stdout, /depth 1 base\.qcow2: [\d.]+ MiB data \([\d.]+ MiB compressed\), 8 MiB zero/);
   t.regex(r.stdout, /overlay\.qcow2 and backup\.qcow2: images are identical/);
   t.regex(r.stdout, /overlay2\.qcow2 and incremental\.qcow2: images are identical/);
+  t.regex(r.stdout, /backup\.qcow2: no errors were found; \d+ clusters allocated, \d+ compressed; image end offset \d+/);
+  t.regex(r.stdout, /incremental\.qcow2: no errors were found/);
   // Not a terminal: progress is one plain line per long step.
   t.regex(r.stdout, /\n {4}progress: 0% 10% .* 100%\n/);
   t.regex(r.stdout, /took [\d.]+ m?s: [\d.]+ MiB of data copied \([\d.]+ [KMG]iB\/s\)/);

@@ -54,7 +54,7 @@ const README = path.join(ROOT, 'README.md');
 
 test('the README has a runnable example for each use of the library', async (t) => {
   const titles = runnableExamples(await readFile(README, 'utf8')).map((e) => e.title);
-  for (const use of ['Open and read', 'Extents', 'Read stream', 'Create', 'Convert', 'Info', 'Errors']) {
+  for (const use of ['Open and read', 'Extents', 'Read stream', 'Create', 'Convert', 'Check', 'Info', 'Errors']) {
     t.true(
       titles.some((title) => title.startsWith(use)),
       `no runnable example under a heading starting with "${use}" (found: ${titles.join(', ')})`,

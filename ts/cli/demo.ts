@@ -2,7 +2,7 @@
 import path from 'node:path';
 
 import type { CompareResult, ImageInfo } from '../index.js';
-import { DemoRun, FileSize, LayerAllocation, StepFigures, StepReport, WriteTotals, runDemo } from '../tools/demo.js';
+import { CheckFigures, DemoRun, FileSize, LayerAllocation, StepFigures, StepReport, WriteTotals, runDemo } from '../tools/demo.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
 import { TextSink, hasFlag } from './common.js';
 
@@ -110,6 +110,8 @@ function figureLines(figures: StepFigures): string[] {
         `copied ${formatBytes(figures.copied)} of data (the chain holds ${formatBytes(figures.chainAllocated)})`,
         `${fileText(figures.file)} (compressed to ${percent(figures.file.allocated, figures.copied)} of the data)`,
       ];
+    case 'check':
+      return [checkText(figures.name, figures.result)];
     case 'compare':
       return [compareText(figures.names, figures.result)];
     case 'changes':
@@ -117,7 +119,7 @@ function figureLines(figures: StepFigures): string[] {
     case 'incremental':
       return [`copied ${formatBytes(figures.copied)} of changed data`, fileText(figures.file)];
     case 'verify':
-      return [compareText(figures.names, figures.compare)];
+      return [checkText(figures.names[1], figures.check), compareText(figures.names, figures.compare)];
   }
 }
 
@@ -143,6 +145,15 @@ function infoText(info: ImageInfo): string {
 function layerText(layer: LayerAllocation): string {
   const compressed = layer.compressed > 0 ? ` (${formatBytes(layer.compressed)} compressed)` : '';
   return `depth ${layer.depth} ${layer.name}: ${formatBytes(layer.data)} data${compressed}, ${formatBytes(layer.zero)} zero, in ${layer.extents} extents`;
+}
+
+function checkText(name: string, result: CheckFigures): string {
+  const clusters =
+    result.allocatedClusters === undefined
+      ? ''
+      : `; ${result.allocatedClusters} clusters allocated${result.compressedClusters ? `, ${result.compressedClusters} compressed` : ''}`;
+  const end = result.imageEndOffset === undefined ? '' : `; image end offset ${result.imageEndOffset}`;
+  return `${name}: no errors were found${clusters}${end}`;
 }
 
 function compareText(names: [string, string], result: CompareResult): string {

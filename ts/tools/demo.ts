@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 
-import { ErrorCodes, Qcow2Error, compareImages, convert, create, infoChain, open, openQcow2 } from '../index.js';
+import { ErrorCodes, Qcow2Error, check, checkExitCode, compareImages, convert, create, infoChain, open, openQcow2 } from '../index.js';
 import type { CompareResult, Image, ImageInfo, Qcow2Image } from '../index.js';
 
 const KiB = 1024;
@@ -97,16 +97,31 @@ export interface LayerAllocation {
   extents: number;
 }
 
+/** What a check of a backup found: the `qcow2 check` result, and whether it is clean. */
+export interface CheckFigures {
+  clean: boolean;
+  /** Problems of each kind (all 0 when clean). */
+  corruptions: number;
+  leaks: number;
+  checkErrors: number;
+  allocatedClusters?: number;
+  compressedClusters?: number;
+  imageEndOffset?: number;
+  /** The problems in qemu-img's words. */
+  messages: string[];
+}
+
 /** The figures of each step, told apart by `step`. */
 export type StepFigures =
   | { step: 'sample'; size: number; clusterSize: number; base: WriteTotals; overlay: WriteTotals; files: FileSize[] }
   | { step: 'info'; chain: ImageInfo[] }
   | { step: 'map'; size: number; layers: LayerAllocation[]; unallocated: number; extents: number }
   | { step: 'backup'; copied: number; file: FileSize; chainAllocated: number }
+  | { step: 'check'; name: string; result: CheckFigures }
   | { step: 'compare'; names: [string, string]; result: CompareResult }
   | { step: 'changes'; written: WriteTotals; file: FileSize }
   | { step: 'incremental'; copied: number; file: FileSize }
-  | { step: 'verify'; compare: CompareResult; names: [string, string] };
+  | { step: 'verify'; check: CheckFigures; compare: CompareResult; names: [string, string] };
 
 /** The name of a step. */
 export type StepName = StepFigures['step'];
@@ -213,6 +228,13 @@ export const DEMO_STEPS: readonly DemoStep[] = [
     run: fullBackup,
   },
   {
+    name: 'check',
+    title: 'Check the backup',
+    command: `qcow2 check ${F.backup}`,
+    bytesLabel: 'of image checked',
+    run: checkBackup,
+  },
+  {
     name: 'compare',
     title: 'Compare the backup with the disk',
     command: `qcow2 compare ${F.overlay} ${F.backup}`,
@@ -235,8 +257,8 @@ export const DEMO_STEPS: readonly DemoStep[] = [
   },
   {
     name: 'verify',
-    title: 'Compare the incremental backup (on the full one) with the disk',
-    command: `qcow2 compare ${F.top} ${F.incremental}`,
+    title: 'Check the incremental backup and compare its chain with the disk',
+    command: `qcow2 check ${F.incremental} && qcow2 compare ${F.top} ${F.incremental}`,
     bytesLabel: 'of virtual disk compared',
     run: verifyIncremental,
   },
@@ -505,7 +527,37 @@ async function incrementalBackup(context: DemoContext): Promise<StepOutcome> {
   return { figures: { step: 'incremental', copied, file: await fileSize(context.file('incremental')) }, bytes: copied };
 }
 
+// ---- Checks ----------------------------------------------------------------------------------
+
+async function checkBackup(context: DemoContext): Promise<StepOutcome> {
+  const file = context.file('backup');
+  const result = await checkClean(file);
+  return { figures: { step: 'check', name: DEMO_FILES.backup, result }, bytes: (await stat(file)).size };
+}
+
 async function verifyIncremental(context: DemoContext): Promise<StepOutcome> {
+  const check = await checkClean(context.file('incremental'));
   const compare = await compareFiles(context, context.file('top'), context.file('incremental'));
-  return { figures: { step: 'verify', compare, names: [F.top, F.incremental] }, bytes: SAMPLE_SIZE };
+  return { figures: { step: 'verify', check, compare, names: [F.top, F.incremental] }, bytes: SAMPLE_SIZE };
+}
+
+/** Check an image as `qcow2 check` does; fails the step unless it is clean. */
+async function checkClean(file: string): Promise<CheckFigures> {
+  const result = await check(file);
+  const figures: CheckFigures = {
+    clean: checkExitCode(result) === 0,
+    corruptions: result.corruptions,
+    leaks: result.leaks,
+    checkErrors: result.checkErrors,
+    allocatedClusters: result.allocatedClusters,
+    compressedClusters: result.compressedClusters,
+    imageEndOffset: result.imageEndOffset,
+    messages: result.messages,
+  };
+  if (!figures.clean) {
+    const stopped = result.failure === undefined ? '' : `check failed: ${result.failure}; `;
+    const problems = `${stopped}${result.corruptions} corruptions, ${result.leaks} leaked clusters, ${result.checkErrors} check errors`;
+    throw new Qcow2Error(ErrorCodes.CORRUPT, `${path.basename(file)} is not clean: ${problems}\n${result.messages.join('\n')}`);
+  }
+  return figures;
 }
