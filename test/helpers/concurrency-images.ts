@@ -55,7 +55,13 @@ async function makeQcow2Base(file: string, size: number, spec: DiskSpec): Promis
   const compat = `compat=${spec.compat}`;
   await qemuImg('convert', '-q', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${clusterSize},${compat}`, `${file}.raw`, file);
   const quarter = Math.floor(size / 4 / clusterSize) * clusterSize;
-  await qemuIo('-f', 'qcow2', '-c', `write -q -z ${quarter} ${clusterSize}`, '-c', `discard -q ${2 * quarter} ${clusterSize}`, '-c', `write -q -c -P 0x5c ${2 * quarter} ${clusterSize}`, file);
+  // A compressed write needs an unallocated cluster: the discard makes one.
+  const commands = [
+    `write -q -z ${quarter} ${clusterSize}`,
+    `discard -q ${2 * quarter} ${clusterSize}`,
+    `write -q -c -P 0x5c ${2 * quarter} ${clusterSize}`,
+  ];
+  await qemuIo('-f', 'qcow2', ...commands.flatMap((c) => ['-c', c]), file);
 }
 
 /** A qcow2 image over a raw base, with data and zeros of its own: a chain of three. */
@@ -65,7 +71,8 @@ async function makeMiddle(dir: string, spec: DiskSpec): Promise<string> {
   const mid = path.join(dir, 'mid.qcow2');
   await qemuImg('create', '-q', '-f', 'qcow2', '-o', `compat=${spec.compat}`, '-b', 'base.raw', '-F', 'raw', mid, String(spec.size));
   const eighth = Math.floor(spec.size / 8 / SECTOR) * SECTOR;
-  await qemuIo('-f', 'qcow2', '-c', `write -q -P 0x4d ${eighth + SECTOR} ${3 * eighth}`, '-c', `write -q -z ${5 * eighth} ${eighth}`, mid);
+  const commands = [`write -q -P 0x4d ${eighth + SECTOR} ${3 * eighth}`, `write -q -z ${5 * eighth} ${eighth}`];
+  await qemuIo('-f', 'qcow2', ...commands.flatMap((c) => ['-c', c]), mid);
   return 'mid.qcow2';
 }
 

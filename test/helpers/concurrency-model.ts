@@ -9,7 +9,7 @@
 export const SECTOR = 512;
 
 /** What an operation does. */
-export type OpKind = 'read' | 'write' | 'zero' | 'discard' | 'flush';
+export type OpKind = 'read' | 'write' | 'compressed' | 'zero' | 'discard' | 'flush';
 
 /** One guest operation, in sectors. */
 export interface Op {
@@ -44,7 +44,7 @@ const SETTLED = 0;
  * version 2 with a backing file, where there is no zero flag and the discard changes nothing.
  */
 export function changedSectors(op: Op, g: DiskGeometry): { first: number; end: number } | undefined {
-  if (op.kind === 'write' || op.kind === 'zero') return { first: op.sector, end: op.sector + op.count };
+  if (op.kind === 'write' || op.kind === 'compressed' || op.kind === 'zero') return { first: op.sector, end: op.sector + op.count };
   if (op.kind !== 'discard') return undefined;
   if (g.version < 3 && g.hasBacking) return undefined;
   const start = op.sector * SECTOR;
@@ -54,19 +54,26 @@ export function changedSectors(op: Op, g: DiskGeometry): { first: number; end: n
   return innerEnd > inner ? { first: inner / SECTOR, end: innerEnd / SECTOR } : undefined;
 }
 
-/** The bytes a write fills, each sector naming the operation, the sector and the run's seed. */
+/**
+ * The bytes a write fills, each sector naming the operation, the sector and the run's seed. A
+ * compressed write's sectors repeat one byte after their header, so that they do compress.
+ */
 export function writeData(op: Op, seed: number): Buffer {
   const data = Buffer.alloc(op.count * SECTOR);
-  for (let i = 0; i < op.count; i++) fillSector(data.subarray(i * SECTOR, (i + 1) * SECTOR), op.id, op.sector + i, seed);
+  for (let i = 0; i < op.count; i++) {
+    const sector = data.subarray(i * SECTOR, (i + 1) * SECTOR);
+    sector.writeUInt32BE(WRITE_MARK, 0);
+    sector.writeUInt32BE(op.id, 4);
+    sector.writeUInt32BE(op.sector + i, 8);
+    sector.writeUInt32BE(seed >>> 0, 12);
+    if (op.kind === 'compressed') sector.fill((op.id + i) % 255 + 1, 16);
+    else fillRandom(sector, op.id, op.sector + i, seed);
+  }
   return data;
 }
 
-/** One sector of a write: a header naming it, then xorshift bytes that depend on all three. */
-function fillSector(out: Buffer, opId: number, sector: number, seed: number): void {
-  out.writeUInt32BE(WRITE_MARK, 0);
-  out.writeUInt32BE(opId, 4);
-  out.writeUInt32BE(sector, 8);
-  out.writeUInt32BE(seed >>> 0, 12);
+/** The rest of a write's sector after its header: xorshift bytes that depend on the operation, the sector and the seed. */
+function fillRandom(out: Buffer, opId: number, sector: number, seed: number): void {
   let x = (Math.imul(opId, 0x9e3779b1) ^ Math.imul(sector + 1, 0x85ebca6b) ^ seed) >>> 0 || 1;
   for (let i = 16; i < SECTOR; i += 4) {
     x ^= x << 13;
@@ -225,10 +232,24 @@ export class SectorModel {
 
   /** What a sector holds, half by half, so that a torn sector shows its two sources. */
   describe(s: number, bytes: Buffer): string {
+    const misplaced = this.#misplaced(s, bytes);
+    if (misplaced) return misplaced;
     const half = SECTOR / 2;
     const first = this.#describeBytes(s, bytes.subarray(0, half), 0);
     const second = this.#describeBytes(s, bytes.subarray(half), half);
     return first === second ? first : `${first} then ${second} (torn)`;
+  }
+
+  /** A whole sector some write of this epoch wrote at another sector, if `bytes` is one. */
+  #misplaced(s: number, bytes: Buffer): string | undefined {
+    if (bytes.readUInt32BE(0) !== WRITE_MARK) return undefined;
+    const id = bytes.readUInt32BE(4);
+    const sector = bytes.readUInt32BE(8);
+    const named = this.#ops.get(id);
+    if (sector === s || !named?.data || sector < named.op.sector || sector >= named.op.sector + named.op.count) return undefined;
+    const from = (sector - named.op.sector) * SECTOR;
+    if (!named.data.subarray(from, from + SECTOR).equals(bytes)) return undefined;
+    return `sector ${sector} of ${named.op.kind} #${id} (misplaced: it was written at sector ${sector})`;
   }
 
   #describeBytes(s: number, bytes: Buffer, at: number): string {
@@ -237,10 +258,10 @@ export class SectorModel {
     for (const t of this.#ops.values()) {
       if (!t.data || t.op.sector > s || s >= t.op.sector + t.op.count) continue;
       const from = (s - t.op.sector) * SECTOR + at;
-      if (t.data.subarray(from, from + bytes.length).equals(bytes)) return `write #${t.op.id}`;
+      if (t.data.subarray(from, from + bytes.length).equals(bytes)) return `${t.op.kind} #${t.op.id}`;
     }
     if (at === 0 && bytes.readUInt32BE(0) === WRITE_MARK) {
-      return `a sector naming write #${bytes.readUInt32BE(4)} sector ${bytes.readUInt32BE(8)}`;
+      return `the start of a sector naming write #${bytes.readUInt32BE(4)} and sector ${bytes.readUInt32BE(8)}`;
     }
     return `unknown bytes ${bytes.subarray(0, 16).toString('hex')}…`;
   }

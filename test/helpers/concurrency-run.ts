@@ -8,10 +8,21 @@ import type { Image } from '../../ts/index.js';
 import { DiskGeometry, Mismatch, Op, OpKind, SECTOR, SectorModel, random, writeData } from './concurrency-model.js';
 
 /** What the proof needs of an image. */
-export type ProvedImage = Pick<Image, 'read' | 'write' | 'writeZeroes' | 'discard' | 'flush'>;
+export type ProvedImage = Pick<Image, 'read' | 'write' | 'writeZeroes' | 'discard' | 'flush'> & {
+  /** Whole clusters written compressed (qcow2 only); without it the run has no compressed writes. */
+  writeCompressed?(buffer: Uint8Array, offset: number): Promise<void>;
+};
+
+/** Relative weights of the kinds of operation. */
+export type OpMix = Record<OpKind, number>;
+
+/** A third reads, a third writes (a few compressed), the rest zero writes and discards, and a few flushes. */
+export const DEFAULT_MIX: OpMix = { read: 34, write: 30, compressed: 4, zero: 14, discard: 14, flush: 4 };
 
 /** How one run goes. */
 export interface RunPlan {
+  /** The kinds of operation (default DEFAULT_MIX). */
+  mix?: OpMix;
   seed: number;
   /** Operations in all (about; the last epoch is cut short). */
   operations: number;
@@ -40,6 +51,7 @@ export class OpSource {
   constructor(
     seed: number,
     readonly geometry: DiskGeometry,
+    readonly mix: OpMix,
   ) {
     this.#rnd = random(seed);
   }
@@ -68,25 +80,33 @@ export class OpSource {
         sector -= sector % cs;
         length = cs * (1 + this.#int(4));
       }
+      const kind = this.#kind();
+      if (kind === 'compressed') {
+        // Whole clusters only; the last one may end at the disk end.
+        sector -= sector % cs;
+        length = cs * (1 + this.#int(2));
+      }
       length = Math.min(length, sectors - sector);
-      ops.push({ id: this.#nextId++, kind: this.#kind(), sector, count: length });
-      if (ops[i].kind === 'zero') ops[i].unmap = this.#rnd() < 0.5;
+      ops.push({ id: this.#nextId++, kind, sector, count: length });
+      if (kind === 'zero') ops[i].unmap = this.#rnd() < 0.5;
     }
     return ops;
   }
 
   #kind(): OpKind {
-    const roll = this.#rnd();
-    if (roll < 0.34) return 'read';
-    if (roll < 0.68) return 'write';
-    if (roll < 0.82) return 'zero';
-    if (roll < 0.96) return 'discard';
-    return 'flush';
+    const kinds = Object.keys(this.mix) as OpKind[];
+    let roll = this.#rnd() * kinds.reduce((sum, k) => sum + this.mix[k], 0);
+    for (const kind of kinds) {
+      roll -= this.mix[kind];
+      if (roll < 0) return kind;
+    }
+    return kinds[kinds.length - 1];
   }
 }
 
 function describeOp(op: Op): string {
-  return `${op.kind}${op.unmap ? ' unmap' : ''} #${op.id} sectors ${op.sector}+${op.count} (bytes ${op.sector * SECTOR}+${op.count * SECTOR})`;
+  const bytes = `${op.sector * SECTOR}+${op.count * SECTOR}`;
+  return `${op.kind}${op.unmap ? ' unmap' : ''} #${op.id} sectors ${op.sector}+${op.count} (bytes ${bytes})`;
 }
 
 /** Runs epochs of random operations against `image` and the model. */
@@ -94,7 +114,7 @@ export class ConcurrencyRun {
   readonly model: SectorModel;
   readonly stats: RunStats = {
     epochs: 0,
-    byKind: { read: 0, write: 0, zero: 0, discard: 0, flush: 0 },
+    byKind: { read: 0, write: 0, compressed: 0, zero: 0, discard: 0, flush: 0 },
     maxInflight: 0,
     racingReads: 0,
   };
@@ -114,7 +134,12 @@ export class ConcurrencyRun {
     initial: Buffer,
   ) {
     this.model = new SectorModel(geometry, plan.seed, initial);
-    this.#source = new OpSource(plan.seed, geometry);
+    const mix = { ...(plan.mix ?? DEFAULT_MIX) };
+    if (!image.writeCompressed) {
+      mix.write += mix.compressed;
+      mix.compressed = 0;
+    }
+    this.#source = new OpSource(plan.seed, geometry, mix);
   }
 
   /** Run every epoch; throws a ProofFailure naming the seed on the first disagreement. Returns the last full read of the disk. */
@@ -168,12 +193,13 @@ export class ConcurrencyRun {
   }
 
   async #change(op: Op): Promise<void> {
-    const data = op.kind === 'write' ? writeData(op, this.plan.seed) : undefined;
+    const data = op.kind === 'write' || op.kind === 'compressed' ? writeData(op, this.plan.seed) : undefined;
     this.model.beginChange(op, data);
     this.#changing.set(op.id, op);
     const offset = op.sector * SECTOR;
     const length = op.count * SECTOR;
-    if (data) await this.image.write(data, offset);
+    if (op.kind === 'compressed') await this.image.writeCompressed!(data!, offset);
+    else if (data) await this.image.write(data, offset);
     else if (op.kind === 'zero') await this.image.writeZeroes(offset, length, { unmap: op.unmap });
     else await this.image.discard(offset, length);
     this.#changing.delete(op.id);
@@ -182,9 +208,13 @@ export class ConcurrencyRun {
 
   /** With nothing in flight: flush, read the whole disk, check it and adopt it. */
   async #flushPoint(): Promise<Buffer> {
-    await this.image.flush();
     const disk = Buffer.alloc(this.geometry.size);
-    await this.image.read(disk, 0);
+    try {
+      await this.image.flush();
+      await this.image.read(disk, 0);
+    } catch (error) {
+      throw this.#failure(`the flush point failed: ${(error as Error).stack ?? String(error)}`);
+    }
     const bad = this.model.settle(disk);
     if (bad) throw this.#failure(bad);
     return disk;
