@@ -2,7 +2,7 @@
 import path from 'node:path';
 
 import type { CompareResult, ImageInfo } from '../index.js';
-import { CheckFigures, DemoRun, FileSize, LayerAllocation, StepFigures, StepReport, WriteTotals, runDemo } from '../tools/demo.js';
+import { CheckFigures, DemoRun, FileSize, LayerAllocation, StepFailure, StepFigures, StepReport, WriteTotals, runDemo } from '../tools/demo.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
 import { TextSink, hasFlag } from './common.js';
 
@@ -56,23 +56,22 @@ export async function run(argv: string[]): Promise<number> {
     process.removeListener('SIGINT', onSignal);
   }
   progress.end();
-  out.write(summary(demo));
+  out.write('\n');
+  if (demo.failure) process.stderr.write(failureText(demo, demo.failure));
+  else out.write(`All ${demo.steps.length} steps succeeded in ${formatSeconds(totalSeconds(demo))}.\n`);
+  out.write(demo.kept ? `The files are in ${demo.dir}\n` : `The temporary folder ${demo.dir} was removed (keep the files with: npm start -- --keep DIR).\n`);
   return demo.failure ? 1 : 0;
 }
 
-/** The closing lines: where the files are (or that they are gone), the total time, and the failure if any. */
-function summary(demo: DemoRun): string {
-  const seconds = demo.steps.reduce((sum, step) => sum + step.seconds, 0);
-  const lines = [''];
-  if (demo.failure) {
-    const index = demo.steps.length + 1;
-    lines.push(`FAILED at step ${index} (${demo.failure.step}: ${demo.failure.title})`);
-    lines.push(`${INDENT}${demo.failure.error.code}: ${demo.failure.error.message.replace(/\n/g, `\n${INDENT}`)}`);
-  } else {
-    lines.push(`All ${demo.steps.length} steps succeeded in ${formatSeconds(seconds)}.`);
-  }
-  lines.push(demo.kept ? `The files are in ${demo.dir}` : `The temporary folder ${demo.dir} was removed (keep the files with: npm start -- --keep DIR).`);
-  return lines.join('\n') + '\n';
+function totalSeconds(demo: DemoRun): number {
+  return demo.steps.reduce((sum, step) => sum + step.seconds, 0);
+}
+
+/** Which step failed, and why, for stderr. */
+function failureText(demo: DemoRun, failure: StepFailure): string {
+  const index = demo.steps.length + 1;
+  const message = failure.error.message.replace(/\n/g, `\n${INDENT}`);
+  return `FAILED at step ${index} (${failure.step}: ${failure.title})\n${INDENT}${failure.error.code}: ${message}\n`;
 }
 
 // ---- One step's figures ----------------------------------------------------------------------
