@@ -6,7 +6,7 @@
  * afresh every few rounds.
  */
 import { spawn } from 'node:child_process';
-import { copyFile, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import { open } from '../../../ts/index.js';
@@ -134,6 +134,15 @@ function runChild(config: ChildConfig, plan: KillPlan): Promise<ChildOutcome> {
   });
 }
 
+/**
+ * Copy an image keeping its holes: the engine grows files far ahead of their data, and whole
+ * copies of that slack, several per round, would write hundreds of MiB a second.
+ */
+async function copyImage(from: string, to: string): Promise<void> {
+  const r = await runProgram('cp', ['--sparse=always', from, to]);
+  if (r.code !== 0) throw new Error(`cp ${from} ${to}: ${r.stderr}`);
+}
+
 /** qemu-img check --output=json (optionally with -r), and its exit code. */
 async function qemuCheck(file: string, repair?: 'leaks' | 'all'): Promise<CheckCounts & { code: number; text: string }> {
   const r = await runProgram('qemu-img', ['check', '--output=json', ...(repair ? ['-r', repair] : []), file]);
@@ -163,11 +172,11 @@ async function compareChecks(file: string, check: OurCheck, qemu: CheckCounts, w
 /** Both repairs, qemu-img check -r and our check with `repair`, each on a copy, must leave an image qemu-img check finds clean. */
 async function checkRepairs(file: string, dir: string, check: OurCheck, repair: 'leaks' | 'all'): Promise<void> {
   const copy = path.join(dir, 'repair.qcow2');
-  await copyFile(file, copy);
+  await copyImage(file, copy);
   await qemuCheck(copy, repair);
   const afterQemu = await qemuCheck(copy);
   if (afterQemu.code !== 0) fail(`qemu-img check -r ${repair} left problems: ${afterQemu.text}`);
-  await copyFile(file, copy);
+  await copyImage(file, copy);
   await check(copy, repair);
   const afterOurs = await qemuCheck(copy);
   if (afterOurs.code !== 0) fail(`our check with repair '${repair}' left problems qemu-img check sees: ${afterOurs.text}`);
@@ -246,7 +255,7 @@ async function runRound(options: LaneOptions, state: LaneState, round: number, f
   const config: ChildConfig = { image: files.image, log: files.log, seed, size: state.size, geometry: variant.geometry };
   await writeFile(files.log, '');
   await writeFile(files.config, JSON.stringify(config) + '\n');
-  await copyFile(files.image, files.before);
+  await copyImage(files.image, files.before);
   const byQemu = variant.qemuCrashes === true && round % 2 === 0;
   // QEMU writes compressed clusters only where nothing is allocated yet.
   const geometry = byQemu ? { ...variant.geometry, compressed: false } : variant.geometry;
@@ -260,7 +269,7 @@ async function runRound(options: LaneOptions, state: LaneState, round: number, f
     log = parseLog(await readFile(files.log, 'utf8'));
   }
   const childMs = Date.now() - spawned;
-  await copyFile(files.image, files.killed);
+  await copyImage(files.image, files.killed);
   const { leaks, dirty } = await checkIntegrity(files.image, options.dir, options.check, byQemu, state.leaks);
   const actual = await readDisk(files.image, options.dir);
   const expect = expectRound(state.baseline, state.size, seed, geometry, log, byQemu);
@@ -342,6 +351,6 @@ async function keepFailure(options: LaneOptions, round: number, files: RoundFile
     [files.config, 'child.json'],
     [path.join(options.dir, 'base.qcow2'), 'base.qcow2'],
   ];
-  for (const [from, name] of names) await copyFile(from, path.join(target, name)).catch(() => undefined);
+  for (const [from, name] of names) await copyImage(from, path.join(target, name)).catch(() => undefined);
   return target;
 }

@@ -149,7 +149,8 @@ async function main(): Promise<number> {
     console.log(`${name.padEnd(30)} ${String(t.kills).padStart(5)}  ${String(t.withLeaks).padStart(10)}  ${String(t.dirty).padStart(5)}  ${String(t.byQemu).padStart(10)}  ${(t.ms / t.kills).toFixed(0).padStart(8)}`);
   }
   const failures = results.filter((r) => r.failure);
-  console.log(`\n${done} kills passed in ${seconds.toFixed(0)} s (seed ${options.seed}); ${failures.length} lane(s) failed`);
+  const seed = options.laneSeed === undefined ? `seed ${options.seed}` : `lane seed ${options.laneSeed}`;
+  console.log(`\n${done} kills passed in ${seconds.toFixed(0)} s (${seed}); ${failures.length} lane(s) failed`);
   for (const f of failures) console.log(`  ${f.failure}`);
   return failures.length === 0 && done === options.kills ? 0 : 1;
 }
