@@ -40,6 +40,8 @@ interface Variant {
   seed: number;
   /** The kinds of operation, when not the default mix. */
   mix?: OpMix;
+  /** Bytes per model sector, when not 512: smaller ones make requests that are not sector-aligned. */
+  sectorSize?: number;
 }
 
 /**
@@ -91,10 +93,23 @@ const VARIANTS: Variant[] = [
     spec: { size: MiB, clusterSize: 4 * KiB, compat: '0.10', base: 'none' },
     seed: 808,
   },
+  {
+    name: 'requests not sector-aligned (64-byte units), 4 KiB clusters, over a qcow2 base',
+    spec: { size: 512 * KiB, clusterSize: 4 * KiB, compat: '1.1', base: 'qcow2' },
+    seed: 909,
+    sectorSize: 64,
+  },
+  {
+    name: 'requests not sector-aligned (64-byte units), extended L2, 32 KiB clusters, over a raw base',
+    spec: { size: MiB, clusterSize: 32 * KiB, compat: '1.1', extendedL2: true, base: 'raw' },
+    seed: 1010,
+    sectorSize: 64,
+  },
 ];
 
-function geometryOf(spec: DiskSpec): DiskGeometry {
-  return { size: spec.size, clusterSize: spec.clusterSize, version: spec.compat === '0.10' ? 2 : 3, hasBacking: spec.base !== 'none' };
+function geometryOf(spec: DiskSpec, sectorSize = SECTOR): DiskGeometry {
+  const version = spec.compat === '0.10' ? 2 : 3;
+  return { sectorSize, size: spec.size, clusterSize: spec.clusterSize, version, hasBacking: spec.base !== 'none' };
 }
 
 /** The disk as qemu-img reads it. */
@@ -131,7 +146,7 @@ for (const v of VARIANTS) {
     const image = await open(file, { followFileNames: true });
     t.true(image instanceof Qcow2Image, 'a qcow2 image');
     const plan = { seed, operations: OPERATIONS, depth, mix: MIX_OVERRIDE ?? v.mix };
-    const run = new ConcurrencyRun(image as Qcow2Image, geometryOf(v.spec), plan, initial);
+    const run = new ConcurrencyRun(image as Qcow2Image, geometryOf(v.spec, v.sectorSize), plan, initial);
     let last: Buffer;
     try {
       last = await run.run();
@@ -150,7 +165,7 @@ for (const v of VARIANTS) {
 }
 
 test('the proof passes a correct in-memory disk and catches torn sectors, lost writes and ignored discards', async (t) => {
-  const geometry: DiskGeometry = { size: 256 * KiB, clusterSize: 4 * KiB, version: 3, hasBacking: false };
+  const geometry: DiskGeometry = { sectorSize: SECTOR, size: 256 * KiB, clusterSize: 4 * KiB, version: 3, hasBacking: false };
   const initial = Buffer.alloc(geometry.size, 0x3c);
   const plan = { seed: 77, operations: 1500, depth: 48 };
   const correct = new ConcurrencyRun(new FakeDisk(geometry, 'none', 1, initial), geometry, plan, initial);

@@ -3,7 +3,7 @@
  * of a request in random turns) and can be made faulty, so that the concurrency proof shows it
  * passes a correct disk and catches torn sectors, lost writes and ignored discards.
  */
-import { DiskGeometry, SECTOR, changedSectors, random } from './concurrency-model.js';
+import { DiskGeometry, changedSectors, random } from './concurrency-model.js';
 import type { ProvedImage } from './concurrency-run.js';
 
 /** A fault the fake disk can have. */
@@ -33,14 +33,14 @@ export class FakeDisk implements ProvedImage {
 
   async read(buffer: Uint8Array, offset: number): Promise<void> {
     const out = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
-    for (let at = 0; at < out.length; at += SECTOR) {
+    for (let at = 0; at < out.length; at += this.geometry.sectorSize) {
       await this.#yield();
       if (this.fault === 'torn-read') {
-        this.bytes.copy(out, at, offset + at, offset + at + SECTOR / 2);
+        this.bytes.copy(out, at, offset + at, offset + at + this.geometry.sectorSize / 2);
         await this.#yield();
-        this.bytes.copy(out, at + SECTOR / 2, offset + at + SECTOR / 2, offset + at + SECTOR);
+        this.bytes.copy(out, at + this.geometry.sectorSize / 2, offset + at + this.geometry.sectorSize / 2, offset + at + this.geometry.sectorSize);
       } else {
-        this.bytes.copy(out, at, offset + at, offset + at + SECTOR);
+        this.bytes.copy(out, at, offset + at, offset + at + this.geometry.sectorSize);
       }
     }
   }
@@ -49,20 +49,20 @@ export class FakeDisk implements ProvedImage {
     const data = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
     const n = ++this.#writes;
     if (this.fault === 'lost-write' && n % 50 === 0) return;
-    await this.#apply(offset / SECTOR, data.length / SECTOR, (s, at) => {
-      const end = this.fault === 'torn-write' && n % 50 === 0 && at === 0 ? SECTOR / 2 : SECTOR;
-      data.copy(this.bytes, s * SECTOR, at, at + end);
+    await this.#apply(offset / this.geometry.sectorSize, data.length / this.geometry.sectorSize, (s, at) => {
+      const end = this.fault === 'torn-write' && n % 50 === 0 && at === 0 ? this.geometry.sectorSize / 2 : this.geometry.sectorSize;
+      data.copy(this.bytes, s * this.geometry.sectorSize, at, at + end);
     });
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
-    await this.#apply(offset / SECTOR, length / SECTOR, (s) => this.bytes.fill(0, s * SECTOR, (s + 1) * SECTOR));
+    await this.#apply(offset / this.geometry.sectorSize, length / this.geometry.sectorSize, (s) => this.bytes.fill(0, s * this.geometry.sectorSize, (s + 1) * this.geometry.sectorSize));
   }
 
   async discard(offset: number, length: number): Promise<void> {
     if (this.fault === 'ignored-discard') return;
-    const range = changedSectors({ id: 0, kind: 'discard', sector: offset / SECTOR, count: length / SECTOR }, this.geometry);
-    if (range) await this.#apply(range.first, range.end - range.first, (s) => this.bytes.fill(0, s * SECTOR, (s + 1) * SECTOR));
+    const range = changedSectors({ id: 0, kind: 'discard', sector: offset / this.geometry.sectorSize, count: length / this.geometry.sectorSize }, this.geometry);
+    if (range) await this.#apply(range.first, range.end - range.first, (s) => this.bytes.fill(0, s * this.geometry.sectorSize, (s + 1) * this.geometry.sectorSize));
   }
 
   async flush(): Promise<void> {
@@ -78,7 +78,7 @@ export class FakeDisk implements ProvedImage {
     }
     for (const i of order) {
       await this.#yield();
-      put(first + i, i * SECTOR);
+      put(first + i, i * this.geometry.sectorSize);
     }
   }
 }

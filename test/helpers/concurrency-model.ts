@@ -5,13 +5,13 @@
  * lost write) is an error.
  */
 
-/** The unit of the model: operations are whole sectors, and each sector changes atomically. */
+/** The sector of qemu-io and of most runs: 512 bytes. */
 export const SECTOR = 512;
 
 /** What an operation does. */
 export type OpKind = 'read' | 'write' | 'compressed' | 'zero' | 'discard' | 'flush';
 
-/** One guest operation, in sectors. */
+/** One guest operation, in the model's sectors. */
 export interface Op {
   /** Unique in a run, from 1; it is written into every sector a write fills. */
   id: number;
@@ -22,8 +22,13 @@ export interface Op {
   unmap?: boolean;
 }
 
-/** What the image is, as far as the meaning of discard goes. */
+/** What the image is, as far as the meaning of discard goes, and the model's sector. */
 export interface DiskGeometry {
+  /**
+   * Bytes per model sector: the unit operations are made of and that changes atomically. 512, or
+   * less (at least 32, for a write's header) to prove requests that are not sector-aligned.
+   */
+  sectorSize: number;
   /** Virtual size in bytes (a multiple of the sector). */
   size: number;
   clusterSize: number;
@@ -47,21 +52,21 @@ export function changedSectors(op: Op, g: DiskGeometry): { first: number; end: n
   if (op.kind === 'write' || op.kind === 'compressed' || op.kind === 'zero') return { first: op.sector, end: op.sector + op.count };
   if (op.kind !== 'discard') return undefined;
   if (g.version < 3 && g.hasBacking) return undefined;
-  const start = op.sector * SECTOR;
-  const stop = start + op.count * SECTOR;
+  const start = op.sector * g.sectorSize;
+  const stop = start + op.count * g.sectorSize;
   const inner = Math.ceil(start / g.clusterSize) * g.clusterSize;
   const innerEnd = stop === g.size ? stop : Math.floor(stop / g.clusterSize) * g.clusterSize;
-  return innerEnd > inner ? { first: inner / SECTOR, end: innerEnd / SECTOR } : undefined;
+  return innerEnd > inner ? { first: inner / g.sectorSize, end: innerEnd / g.sectorSize } : undefined;
 }
 
 /**
  * The bytes a write fills, each sector naming the operation, the sector and the run's seed. A
  * compressed write's sectors repeat one byte after their header, so that they do compress.
  */
-export function writeData(op: Op, seed: number): Buffer {
-  const data = Buffer.alloc(op.count * SECTOR);
+export function writeData(op: Op, seed: number, sectorSize: number): Buffer {
+  const data = Buffer.alloc(op.count * sectorSize);
   for (let i = 0; i < op.count; i++) {
-    const sector = data.subarray(i * SECTOR, (i + 1) * SECTOR);
+    const sector = data.subarray(i * sectorSize, (i + 1) * sectorSize);
     sector.writeUInt32BE(WRITE_MARK, 0);
     sector.writeUInt32BE(op.id, 4);
     sector.writeUInt32BE(op.sector + i, 8);
@@ -75,7 +80,7 @@ export function writeData(op: Op, seed: number): Buffer {
 /** The rest of a write's sector after its header: xorshift bytes that depend on the operation, the sector and the seed. */
 function fillRandom(out: Buffer, opId: number, sector: number, seed: number): void {
   let x = (Math.imul(opId, 0x9e3779b1) ^ Math.imul(sector + 1, 0x85ebca6b) ^ seed) >>> 0 || 1;
-  for (let i = 16; i < SECTOR; i += 4) {
+  for (let i = 16; i < out.length; i += 4) {
     x ^= x << 13;
     x >>>= 0;
     x ^= x >>> 17;
@@ -123,6 +128,9 @@ export interface ReadTicket {
 /** The model of one disk; not thread-aware: JS calls begin/complete in the order things happen. */
 export class SectorModel {
   readonly sectors: number;
+  /** Bytes per model sector. */
+  readonly unit: number;
+  #zero: Buffer;
   #settled: Buffer;
   #clock = 0;
   /** Per sector: contents completed operations may have left (no order among overlapping ones). */
@@ -137,7 +145,9 @@ export class SectorModel {
     readonly seed: number,
     settled: Buffer,
   ) {
-    this.sectors = geometry.size / SECTOR;
+    this.unit = geometry.sectorSize;
+    this.sectors = geometry.size / this.unit;
+    this.#zero = Buffer.alloc(this.unit);
     this.#settled = Buffer.from(settled);
     this.#done = Array.from({ length: this.sectors }, () => [{ id: SETTLED, end: -1 }]);
     this.#inflight = Array.from({ length: this.sectors }, () => []);
@@ -187,7 +197,7 @@ export class SectorModel {
     for (let i = 0; i < op.count; i++) {
       const s = op.sector + i;
       const ids = [...ticket.candidates[i], ...later.filter((t) => t.first <= s && s < t.end).map((t) => t.op.id)];
-      const bad = this.#mismatch(s, data.subarray(i * SECTOR, (i + 1) * SECTOR), ids);
+      const bad = this.#mismatch(s, data.subarray(i * this.unit, (i + 1) * this.unit), ids);
       if (bad) return { sector: s, message: `read #${op.id} of sectors ${op.sector}+${op.count}: ${bad}` };
     }
     return undefined;
@@ -200,7 +210,7 @@ export class SectorModel {
   settle(disk: Buffer): Mismatch | undefined {
     for (let s = 0; s < this.sectors; s++) {
       if (this.#inflight[s].length > 0) return { sector: s, message: `sector ${s} has operations in flight at a flush point` };
-      const bad = this.#mismatch(s, disk.subarray(s * SECTOR, (s + 1) * SECTOR), this.#done[s].map((c) => c.id));
+      const bad = this.#mismatch(s, disk.subarray(s * this.unit, (s + 1) * this.unit), this.#done[s].map((c) => c.id));
       if (bad) return { sector: s, message: `flush point: ${bad}` };
     }
     disk.copy(this.#settled);
@@ -213,15 +223,15 @@ export class SectorModel {
   #mismatch(s: number, bytes: Buffer, ids: number[]): string | undefined {
     for (const id of ids) if (this.#content(id, s).equals(bytes)) return undefined;
     const allowed = [...new Set(ids)].map((id) => this.#describeCandidate(id)).join(', ');
-    return `sector ${s} (byte ${s * SECTOR}) holds ${this.describe(s, bytes)}; allowed: ${allowed}`;
+    return `sector ${s} (byte ${s * this.unit}) holds ${this.describe(s, bytes)}; allowed: ${allowed}`;
   }
 
   #content(id: number, s: number): Buffer {
-    if (id === SETTLED) return this.#settled.subarray(s * SECTOR, (s + 1) * SECTOR);
+    if (id === SETTLED) return this.#settled.subarray(s * this.unit, (s + 1) * this.unit);
     const tracked = this.#ops.get(id)!;
-    if (!tracked.data) return ZERO_SECTOR;
-    const at = (s - tracked.op.sector) * SECTOR;
-    return tracked.data.subarray(at, at + SECTOR);
+    if (!tracked.data) return this.#zero;
+    const at = (s - tracked.op.sector) * this.unit;
+    return tracked.data.subarray(at, at + this.unit);
   }
 
   #describeCandidate(id: number): string {
@@ -234,7 +244,7 @@ export class SectorModel {
   describe(s: number, bytes: Buffer): string {
     const misplaced = this.#misplaced(s, bytes);
     if (misplaced) return misplaced;
-    const half = SECTOR / 2;
+    const half = this.unit / 2;
     const first = this.#describeBytes(s, bytes.subarray(0, half), 0);
     const second = this.#describeBytes(s, bytes.subarray(half), half);
     return first === second ? first : `${first} then ${second} (torn)`;
@@ -247,17 +257,18 @@ export class SectorModel {
     const sector = bytes.readUInt32BE(8);
     const named = this.#ops.get(id);
     if (sector === s || !named?.data || sector < named.op.sector || sector >= named.op.sector + named.op.count) return undefined;
-    const from = (sector - named.op.sector) * SECTOR;
-    if (!named.data.subarray(from, from + SECTOR).equals(bytes)) return undefined;
+    const from = (sector - named.op.sector) * this.unit;
+    if (!named.data.subarray(from, from + this.unit).equals(bytes)) return undefined;
     return `sector ${sector} of ${named.op.kind} #${id} (misplaced: it was written at sector ${sector})`;
   }
 
   #describeBytes(s: number, bytes: Buffer, at: number): string {
     if (isZero(bytes)) return 'zeros';
-    if (this.#settled.subarray(s * SECTOR + at, s * SECTOR + at + bytes.length).equals(bytes)) return 'the settled content';
+    const start = s * this.unit + at;
+    if (this.#settled.subarray(start, start + bytes.length).equals(bytes)) return 'the settled content';
     for (const t of this.#ops.values()) {
       if (!t.data || t.op.sector > s || s >= t.op.sector + t.op.count) continue;
-      const from = (s - t.op.sector) * SECTOR + at;
+      const from = (s - t.op.sector) * this.unit + at;
       if (t.data.subarray(from, from + bytes.length).equals(bytes)) return `${t.op.kind} #${t.op.id}`;
     }
     if (at === 0 && bytes.readUInt32BE(0) === WRITE_MARK) {
@@ -267,7 +278,6 @@ export class SectorModel {
   }
 }
 
-const ZERO_SECTOR = Buffer.alloc(SECTOR);
 
 /** A small seeded generator (mulberry32), so that a failing run reproduces from its seed. */
 export function random(seed: number): () => number {

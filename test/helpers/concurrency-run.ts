@@ -5,7 +5,7 @@
  * read, checked and adopted as the settled state.
  */
 import type { Image } from '../../ts/index.js';
-import { DiskGeometry, Mismatch, Op, OpKind, SECTOR, SectorModel, random, writeData } from './concurrency-model.js';
+import { DiskGeometry, Mismatch, Op, OpKind, SectorModel, random, writeData } from './concurrency-model.js';
 
 /** What the proof needs of an image. */
 export type ProvedImage = Pick<Image, 'read' | 'write' | 'writeZeroes' | 'discard' | 'flush'> & {
@@ -62,8 +62,8 @@ export class OpSource {
 
   /** The operations of one epoch of `count`. */
   epoch(count: number): Op[] {
-    const sectors = this.geometry.size / SECTOR;
-    const cs = this.geometry.clusterSize / SECTOR;
+    const sectors = this.geometry.size / this.geometry.sectorSize;
+    const cs = this.geometry.clusterSize / this.geometry.sectorSize;
     const windowLength = Math.min(sectors, Math.max(4 * cs, 64));
     const windowStart = this.#int(sectors - windowLength + 1);
     const ops: Op[] = [];
@@ -104,8 +104,8 @@ export class OpSource {
   }
 }
 
-function describeOp(op: Op): string {
-  const bytes = `${op.sector * SECTOR}+${op.count * SECTOR}`;
+function describeOp(op: Op, sectorSize: number): string {
+  const bytes = `${op.sector * sectorSize}+${op.count * sectorSize}`;
   return `${op.kind}${op.unmap ? ' unmap' : ''} #${op.id} sectors ${op.sector}+${op.count} (bytes ${bytes})`;
 }
 
@@ -176,28 +176,28 @@ export class ConcurrencyRun {
       else await this.#change(op);
     } catch (error) {
       if (error instanceof ProofFailure) throw error;
-      throw this.#failure(`${describeOp(op)} failed: ${(error as Error).stack ?? String(error)}`);
+      throw this.#failure(`${describeOp(op, this.geometry.sectorSize)} failed: ${(error as Error).stack ?? String(error)}`);
     } finally {
       this.#inflight--;
     }
   }
 
   async #read(op: Op): Promise<void> {
-    const data = Buffer.alloc(op.count * SECTOR);
+    const data = Buffer.alloc(op.count * this.geometry.sectorSize);
     const racing = [...this.#changing.values()].some((c) => c.sector < op.sector + op.count && op.sector < c.sector + c.count);
     if (racing) this.stats.racingReads++;
     const ticket = this.model.beginRead(op);
-    await this.image.read(data, op.sector * SECTOR);
+    await this.image.read(data, op.sector * this.geometry.sectorSize);
     const bad = this.model.checkRead(ticket, data);
     if (bad) throw this.#failure(bad);
   }
 
   async #change(op: Op): Promise<void> {
-    const data = op.kind === 'write' || op.kind === 'compressed' ? writeData(op, this.plan.seed) : undefined;
+    const data = op.kind === 'write' || op.kind === 'compressed' ? writeData(op, this.plan.seed, this.geometry.sectorSize) : undefined;
     this.model.beginChange(op, data);
     this.#changing.set(op.id, op);
-    const offset = op.sector * SECTOR;
-    const length = op.count * SECTOR;
+    const offset = op.sector * this.geometry.sectorSize;
+    const length = op.count * this.geometry.sectorSize;
     if (op.kind === 'compressed') await this.image.writeCompressed!(data!, offset);
     else if (data) await this.image.write(data, offset);
     else if (op.kind === 'zero') await this.image.writeZeroes(offset, length, { unmap: op.unmap });
@@ -230,7 +230,8 @@ export class ConcurrencyRun {
       const touching = this.#epochOps.filter(
         (op) => op.id <= this.#issued && op.kind !== 'read' && op.kind !== 'flush' && op.sector <= s && s < op.sector + op.count,
       );
-      lines.push(`operations of this epoch over sector ${s}: ${touching.map(describeOp).join('; ') || 'none'}`);
+      const listed = touching.map((op) => describeOp(op, this.geometry.sectorSize)).join('; ');
+      lines.push(`operations of this epoch over sector ${s}: ${listed || 'none'}`);
     }
     lines.push(`reproduce: QCOW2_CONCURRENCY_SEED=${this.plan.seed} (the operations follow from the seed)`);
     return new ProofFailure(lines.join('\n'));
