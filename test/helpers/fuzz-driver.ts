@@ -74,7 +74,7 @@ export class FuzzChild {
       const finish = (result: CaseResult) => {
         clearTimeout(timer);
         child.off('message', onMessage);
-        child.off('exit', onExit);
+        child.off('close', onExit);
         resolve(result);
       };
       const lost = (problem: string) => {
@@ -91,16 +91,17 @@ export class FuzzChild {
         if ('done' in message) finish({ outcomes: message.outcomes, problems: [...this.#stray.splice(0), ...message.problems], writeSide: message.writeSide });
         else step = message.step;
       };
+      // 'close', not 'exit': it comes after the IPC channel is drained, so the last step's name has arrived.
       const onExit = (code: number | null, signal: NodeJS.Signals | null) => {
         lost(`the child process died (${signal ? `signal ${signal}` : `exit code ${code}`})`);
       };
       const timer = setTimeout(() => {
-        child.off('exit', onExit);
+        child.off('close', onExit);
         child.kill('SIGKILL');
         lost(`no answer within ${this.hangAfterMs / 1000} s (a hang)`);
       }, this.hangAfterMs);
       child.on('message', onMessage);
-      child.on('exit', onExit);
+      child.on('close', onExit);
       child.send(request);
     });
   }

@@ -11,12 +11,18 @@ export const REGIONS = [
   'l1',
   'l2',
   'l2Used',
+  /** The subcluster bitmaps of used entries of extended L2 tables. */
+  'l2Bitmaps',
   'refcountTable',
   'refcountBlocks',
   'compressedDescriptors',
   'compressedData',
   'snapshotTable',
+  /** The L1 tables of internal snapshots (their L2 tables join 'l2'). */
+  'snapshotL1',
   'bitmapDirectory',
+  /** The tables of persistent bitmaps, which the bitmap directory points to. */
+  'bitmapTables',
 ] as const;
 
 /** The name of one structure mutations aim at. */
@@ -83,6 +89,7 @@ class SeedReader {
   readonly regions = new Map<RegionName, Slot[]>();
   readonly boundaries = new Set<number>();
   readonly targets = new Set<number>([0]);
+  readonly l2Seen = new Set<number>();
 
   constructor(readonly bytes: Buffer) {
     this.clusterSize = 2 ** bytes.readUInt32BE(20);
@@ -120,9 +127,18 @@ class SeedReader {
   }
 
   readBitmapDirectory(extension: number): void {
+    const count = this.bytes.readUInt32BE(extension);
     const size = Number(this.u64(extension + 8));
     const offset = Number(this.u64(extension + 16));
     this.add('bitmapDirectory', slotsOver(offset, offset + size, 4), offset, offset + size);
+    // Entries (spec, "Bitmap directory"): table offset u64, table size u32, …, name size u16 at 18, extra data size u32 at 20.
+    let at = offset;
+    for (let i = 0; i < count; i++) {
+      const table = Number(this.u64(at) & OFFSET_MASK);
+      const entries = this.bytes.readUInt32BE(at + 8);
+      if (table !== 0) this.add('bitmapTables', slotsOver(table, table + 8 * entries, 8), table, table + 8 * entries);
+      at += Math.ceil((24 + this.bytes.readUInt32BE(at + 20) + this.bytes.readUInt16BE(at + 18)) / 8) * 8;
+    }
   }
 
   readMappingTables(): void {
@@ -136,14 +152,19 @@ class SeedReader {
   }
 
   readL2Table(table: number): void {
+    if (this.l2Seen.has(table)) return;
+    this.l2Seen.add(table);
     const all = slotsOver(table, table + this.clusterSize, 8);
     this.add('l2', all, table, table + this.clusterSize);
     this.add('l2Used', all.filter((s) => this.u64(s.offset) !== 0n), table, table + this.clusterSize);
     const entryBytes = this.extendedL2 ? 16 : 8;
+    const bitmaps: Slot[] = [];
     for (let at = table; at < table + this.clusterSize; at += entryBytes) {
       const entry = this.u64(at);
       if ((entry & COMPRESSED) !== 0n) this.readCompressed(at, entry);
+      if (this.extendedL2 && (entry !== 0n || this.u64(at + 8) !== 0n)) bitmaps.push({ offset: at + 8, width: 8 });
     }
+    this.add('l2Bitmaps', bitmaps, table, table + this.clusterSize);
   }
 
   /** A compressed descriptor and the bytes of its compressed data (spec: "Compressed Clusters Descriptor"). */
@@ -171,6 +192,15 @@ class SeedReader {
     }
   }
 
+  /** A snapshot's L1 table, and the L2 tables only it points to. */
+  readSnapshotL1(offset: number, size: number): void {
+    this.add('snapshotL1', slotsOver(offset, offset + 8 * size, 8), offset, offset + 8 * size);
+    for (let i = 0; i < size; i++) {
+      const table = Number(this.u64(offset + 8 * i) & OFFSET_MASK);
+      if (table !== 0) this.readL2Table(table);
+    }
+  }
+
   /** The snapshot table: entries of 40 fixed bytes, extra data, id and name, each padded to 8. */
   readSnapshotTable(): void {
     const count = this.bytes.readUInt32BE(60);
@@ -178,6 +208,7 @@ class SeedReader {
     let at = start;
     for (let i = 0; i < count; i++) {
       const b = this.bytes;
+      this.readSnapshotL1(Number(this.u64(at)), b.readUInt32BE(at + 8));
       const length = 40 + b.readUInt32BE(at + 36) + b.readUInt16BE(at + 12) + b.readUInt16BE(at + 14);
       at += Math.ceil(length / 8) * 8;
     }

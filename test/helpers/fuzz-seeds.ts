@@ -93,7 +93,7 @@ export const SEEDS: Seed[] = [
         'write -z 2052k 4k',
       ),
     follow: false,
-    regions: ['compressedDescriptors', 'compressedData'],
+    regions: ['compressedDescriptors', 'compressedData', 'l2Bitmaps'],
   },
   {
     name: 'backing file',
@@ -114,7 +114,7 @@ export const SEEDS: Seed[] = [
       return writes(file, 'write -P 3 1M 64k');
     },
     follow: false,
-    regions: ['snapshotTable'],
+    regions: ['snapshotTable', 'snapshotL1'],
   },
   {
     name: 'persistent bitmaps',
@@ -125,7 +125,7 @@ export const SEEDS: Seed[] = [
       return writes(file, 'write -P 1 0 64k', 'write -P 2 2M 4k');
     },
     follow: false,
-    regions: ['bitmapDirectory'],
+    regions: ['bitmapDirectory', 'bitmapTables'],
   },
   {
     name: 'external data file',
