@@ -7,7 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <thread>
-#include <unordered_map>
+#include <memory>
 #include <utility>
 
 #include "qcow2/layout.h"
@@ -93,6 +93,33 @@ class WriteGuard {
   bool signaled_ = false;
 };
 
+/// Run `work(i)` for i in [0, count) on a few threads (reads of independent tables).
+template <typename Work>
+void ParallelFor(size_t count, Work work) {
+  if (count <= 1) {
+    for (size_t i = 0; i < count; i++) work(i);
+    return;
+  }
+  const size_t threads = std::min<size_t>(count, 8);
+  std::vector<std::thread> pool;
+  std::atomic<size_t> next{0};
+  for (size_t t = 0; t < threads; t++) {
+    pool.emplace_back([&] {
+      for (size_t i = next++; i < count; i = next++) work(i);
+    });
+  }
+  for (std::thread& t : pool) t.join();
+}
+
+/// Read the cluster-sized tables at `offsets` into `*out`, one after the other, in parallel.
+Status ReadTables(File& image, const std::vector<uint64_t>& offsets, uint64_t clusterSize, std::vector<uint8_t>* out) {
+  out->resize(offsets.size() * clusterSize);
+  std::vector<Status> results(offsets.size());
+  ParallelFor(offsets.size(), [&](size_t n) { results[n] = image.Read(out->data() + n * clusterSize, clusterSize, offsets[n]); });
+  for (const Status& st : results) QCOW2_TRY(st);
+  return Status::Ok();
+}
+
 /// How qemu classifies an L2 entry.
 enum class EntryType { Compressed, ZeroPlain, ZeroAlloc, Normal, Unallocated };
 
@@ -121,6 +148,7 @@ class StoredRefcounts {
   void UseTable(std::vector<uint64_t> table) {
     table_ = std::move(table);
     blocks_.clear();
+    blocks_.resize(table_.size());
     last_ = nullptr;
     lastIndex_ = UINT64_MAX;
   }
@@ -148,11 +176,11 @@ class StoredRefcounts {
   /// Write the changed blocks and flush: what depends on them is written after this.
   Status WriteDirty(WriteGuard* guard) {
     bool any = false;
-    for (auto& [index, block] : blocks_) {
-      if (!block.dirty) continue;
-      QCOW2_TRY(guard->Check(block.offset, block.bytes.size(), kMetaRefcountBlock));
-      QCOW2_TRY(image_.Write(block.bytes.data(), block.bytes.size(), block.offset));
-      block.dirty = false;
+    for (std::unique_ptr<Block>& block : blocks_) {
+      if (!block || !block->dirty) continue;
+      QCOW2_TRY(guard->Check(block->offset, block->bytes.size(), kMetaRefcountBlock));
+      QCOW2_TRY(image_.Write(block->bytes.data(), block->bytes.size(), block->offset));
+      block->dirty = false;
       any = true;
     }
     if (any) QCOW2_TRY(image_.Flush());
@@ -188,15 +216,15 @@ class StoredRefcounts {
       }
       return Stop(kIoError);
     }
-    auto found = blocks_.find(index);
-    if (found == blocks_.end()) {
-      Block block;
-      block.offset = offset;
-      block.bytes.resize(g_.clusterSize);
-      QCOW2_TRY(image_.Read(block.bytes.data(), g_.clusterSize, offset));
-      found = blocks_.emplace(index, std::move(block)).first;
+    std::unique_ptr<Block>& slot = blocks_[index];
+    if (!slot) {
+      auto block = std::make_unique<Block>();
+      block->offset = offset;
+      block->bytes.resize(g_.clusterSize);
+      QCOW2_TRY(image_.Read(block->bytes.data(), g_.clusterSize, offset));
+      slot = std::move(block);
     }
-    *out = &found->second;
+    *out = slot.get();
     return Remember(index, *out);
   }
 
@@ -211,7 +239,8 @@ class StoredRefcounts {
   uint32_t bits_;
   uint32_t blockBits_;
   std::vector<uint64_t> table_;
-  std::unordered_map<uint64_t, Block> blocks_;
+  /// Loaded blocks by table index.
+  std::vector<std::unique_ptr<Block>> blocks_;
   uint64_t lastIndex_ = UINT64_MAX;
   Block* last_ = nullptr;
   bool eventShown_ = false;
@@ -330,19 +359,12 @@ class Walker {
 
   /// Read the L2 tables of `count` L1 entries into `*out`, one cluster each, in parallel.
   Status ReadL2Batch(const uint64_t* entries, size_t count, std::vector<uint8_t>* out) {
-    out->resize(count * g_.clusterSize);
-    std::vector<Status> results(count);
-    ParallelFor(count, [&](size_t n) {
-      results[n] = image_.Read(out->data() + n * g_.clusterSize, g_.clusterSize, entries[n] & kOffsetMask);
-    });
-    for (const Status& st : results) {
-      if (!st.ok()) {
-        report_->messages.push_back("ERROR: I/O error in check_refcounts_l2");
-        report_->checkErrors++;
-        return Stop(kIoError);
-      }
-    }
-    return Status::Ok();
+    std::vector<uint64_t> offsets(count);
+    for (size_t n = 0; n < count; n++) offsets[n] = entries[n] & kOffsetMask;
+    if (ReadTables(image_, offsets, g_.clusterSize, out).ok()) return Status::Ok();
+    report_->messages.push_back("ERROR: I/O error in check_refcounts_l2");
+    report_->checkErrors++;
+    return Stop(kIoError);
   }
 
   Status WalkL2(uint64_t l2Offset, uint8_t* table, bool fragInfo, bool active) {
@@ -540,24 +562,6 @@ class Walker {
     return Inc(offset, g_.clusterSize);
   }
 
-  /// Run `work(i)` for i in [0, count) on a few threads (reads of independent tables).
-  template <typename Work>
-  void ParallelFor(size_t count, Work work) {
-    if (count <= 1) {
-      for (size_t i = 0; i < count; i++) work(i);
-      return;
-    }
-    const size_t threads = std::min<size_t>(count, 8);
-    std::vector<std::thread> pool;
-    std::atomic<size_t> next{0};
-    for (size_t t = 0; t < threads; t++) {
-      pool.emplace_back([&] {
-        for (size_t i = next++; i < count; i = next++) work(i);
-      });
-    }
-    for (std::thread& t : pool) t.join();
-  }
-
   File& image_;
   const WalkRequest& r_;
   Geometry g_;
@@ -749,42 +753,65 @@ class Checker {
     }
     std::vector<uint8_t> l1(walk_.l1Entries * 8);
     if (!l1.empty()) QCOW2_TRY(image_.Read(l1.data(), l1.size(), walk_.l1Offset));
-    std::vector<uint8_t> l2(g_.clusterSize);
+    std::vector<uint64_t> indices;
     for (uint64_t i = 0; i < walk_.l1Entries; i++) {
-      const uint64_t l1Entry = LoadBE64(l1.data() + 8 * i);
-      const uint64_t l2Offset = l1Entry & kOffsetMask;
-      if (!l2Offset) continue;
-      uint64_t refcount = 0;
-      if (!stored_.Get(l2Offset >> g_.clusterBits, &refcount).ok()) continue;
-      if ((refcount == 1) != ((l1Entry & kCopiedFlag) != 0)) {
-        report_->corruptions++;
-        report_->messages.push_back(Format("%s OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%" PRIx64
-                                           " refcount=%" PRIu64,
-                                           repair ? "Repairing" : "ERROR", static_cast<int>(i), l1Entry, refcount));
-        if (repair) {
-          uint8_t field[8];
-          StoreBE64(field, refcount == 1 ? l1Entry | kCopiedFlag : l1Entry & ~kCopiedFlag);
-          Status st = guard_.Check(walk_.l1Offset + 8 * i, 8, kMetaActiveL1);
-          if (st.ok()) st = image_.Write(field, 8, walk_.l1Offset + 8 * i);
-          if (!st.ok()) {
-            report_->checkErrors++;
-            return Stop(kIoError);
-          }
-          report_->corruptions--;
-          report_->corruptionsFixed++;
-        }
-      }
-      if (!image_.Read(l2.data(), l2.size(), l2Offset).ok()) {
+      if (LoadBE64(l1.data() + 8 * i) & kOffsetMask) indices.push_back(i);
+    }
+    // The L2 tables are read a batch at a time, in parallel, ahead of the entries that name them.
+    std::vector<uint8_t> tables;
+    for (size_t start = 0; start < indices.size(); start += kL2Batch) {
+      const size_t count = std::min(kL2Batch, indices.size() - start);
+      std::vector<uint64_t> offsets(count);
+      for (size_t n = 0; n < count; n++) offsets[n] = LoadBE64(l1.data() + 8 * indices[start + n]) & kOffsetMask;
+      if (!ReadTables(image_, offsets, g_.clusterSize, &tables).ok()) {
         report_->messages.push_back(Format("ERROR: Could not read L2 table: %s", kIoError));
         report_->checkErrors++;
         return Stop(kIoError);
       }
-      QCOW2_TRY(CheckL2CopiedFlags(l2Offset, l2.data(), repair));
+      for (size_t n = 0; n < count; n++) {
+        QCOW2_TRY(CheckCopiedFlagsAt(indices[start + n], LoadBE64(l1.data() + 8 * indices[start + n]), offsets, n,
+                                     &tables, repair));
+      }
     }
     return image_.Flush();
   }
 
-  Status CheckL2CopiedFlags(uint64_t l2Offset, uint8_t* table, bool repair) {
+  /// The COPIED flags of L1 entry `i` and of its L2 table, which is table `n` of the batch read at
+  /// `offsets` (a table it rewrites is copied to later slots holding the same table).
+  Status CheckCopiedFlagsAt(uint64_t i, uint64_t l1Entry, const std::vector<uint64_t>& offsets, size_t n,
+                            std::vector<uint8_t>* tables, bool repair) {
+    const uint64_t l2Offset = l1Entry & kOffsetMask;
+    uint8_t* l2 = tables->data() + n * g_.clusterSize;
+    uint64_t refcount = 0;
+    if (!stored_.Get(l2Offset >> g_.clusterBits, &refcount).ok()) return Status::Ok();
+    if ((refcount == 1) != ((l1Entry & kCopiedFlag) != 0)) {
+      report_->corruptions++;
+      report_->messages.push_back(Format("%s OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%" PRIx64
+                                         " refcount=%" PRIu64,
+                                         repair ? "Repairing" : "ERROR", static_cast<int>(i), l1Entry, refcount));
+      if (repair) {
+        uint8_t field[8];
+        StoreBE64(field, refcount == 1 ? l1Entry | kCopiedFlag : l1Entry & ~kCopiedFlag);
+        Status st = guard_.Check(walk_.l1Offset + 8 * i, 8, kMetaActiveL1);
+        if (st.ok()) st = image_.Write(field, 8, walk_.l1Offset + 8 * i);
+        if (!st.ok()) {
+          report_->checkErrors++;
+          return Stop(kIoError);
+        }
+        report_->corruptions--;
+        report_->corruptionsFixed++;
+      }
+    }
+    bool rewritten = false;
+    QCOW2_TRY(CheckL2CopiedFlags(l2Offset, l2, repair, &rewritten));
+    if (!rewritten) return Status::Ok();
+    for (size_t later = n + 1; later < offsets.size(); later++) {
+      if (offsets[later] == l2Offset) std::memcpy(tables->data() + later * g_.clusterSize, l2, g_.clusterSize);
+    }
+    return Status::Ok();
+  }
+
+  Status CheckL2CopiedFlags(uint64_t l2Offset, uint8_t* table, bool repair, bool* rewritten) {
     uint64_t dirty = 0;
     for (uint64_t j = 0; j < g_.l2Entries(); j++) {
       uint8_t* at = table + j * g_.entryBytes;
@@ -815,6 +842,7 @@ class Checker {
     }
     report_->corruptions -= dirty;
     report_->corruptionsFixed += dirty;
+    *rewritten = true;
     return Status::Ok();
   }
 
