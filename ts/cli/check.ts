@@ -108,16 +108,56 @@ function parseCheckArgs(argv: string[]) {
   if (args.positional.length !== 1) throw new UsageError(`Expecting one image file name${HELP_HINT}`);
   const output = lastOption(args, 'output') ?? 'human';
   if (output !== 'human' && output !== 'json') throw new UsageError('--output must be used with human or json as argument.');
+  const outputFormat: 'human' | 'json' = output;
   const cache = parseCache(lastOption(args, 'T'), 'source cache');
   return {
     help: false as const,
     file: args.positional[0],
     format: parseFormat(lastOption(args, 'f')),
     repair,
-    output,
+    output: outputFormat,
     cache,
     quiet: args.options.has('q'),
   };
+}
+
+/** What the command prints and its exit code. */
+export interface CheckOutput {
+  stdout: string;
+  stderr: string;
+  code: number;
+}
+
+/** qemu-img check's output for a result: messages on stderr, the summary (human or JSON) on stdout. */
+export function renderCheck(
+  file: string,
+  result: CheckResult,
+  options: { output: 'human' | 'json'; quiet?: boolean; repair?: RepairMode; formatGiven?: boolean },
+): CheckOutput {
+  let stdout = '';
+  let stderr = '';
+  const say = (text: string) => {
+    if (!options.quiet) stdout += text;
+  };
+  const code = checkExitCode(result);
+  if (code === 63) {
+    if (options.repair && !options.formatGiven) stderr += rawProbeWarning(file);
+    return { stdout, stderr: stderr + 'qcow2: This image format does not support checks\n', code };
+  }
+  // qemu-img ends its open warnings without a newline; the output keeps that byte for byte.
+  for (const warning of result.warnings ?? []) stderr += `qcow2: warning: ${warning}`;
+  for (const message of result.messages) stderr += message + '\n';
+  if ((result.corruptionsFixed || result.leaksFixed) && options.output === 'human') {
+    say(
+      'The following inconsistencies were found and repaired:\n\n' +
+        `    ${result.leaksFixed} leaked clusters\n    ${result.corruptionsFixed} corruptions\n\n` +
+        'Double checking the fixed image now...\n',
+    );
+  }
+  if (result.failure === undefined) say(options.output === 'json' ? jsonCheck(result) : humanCheck(result));
+  if (result.failure !== undefined) stderr += `qcow2: Check failed: ${result.failure}\n`;
+  else if (result.checkErrors) stderr += 'qcow2: Check failed\n';
+  return { stdout, stderr, code };
 }
 
 /** Run `qcow2 check`; resolves to qemu-img check's exit code. */
@@ -135,27 +175,8 @@ export async function run(argv: string[]): Promise<number> {
     const cause = asQcow2Error(error);
     throw new Qcow2Error(cause.code, `Could not open '${file}': ${cause.message}`, { cause });
   }
-  if (checkExitCode(result) === 63) {
-    if (repair && format === undefined) process.stderr.write(rawProbeWarning(file));
-    process.stderr.write('qcow2: This image format does not support checks\n');
-    return 63;
-  }
-  // qemu-img ends its open warnings without a newline; the output keeps that byte for byte.
-  for (const warning of result.warnings ?? []) process.stderr.write(`qcow2: warning: ${warning}`);
-  for (const message of result.messages) process.stderr.write(message + '\n');
-  const say = (text: string) => {
-    if (!quiet) process.stdout.write(text);
-  };
-  if ((result.corruptionsFixed || result.leaksFixed) && output === 'human') {
-    say(
-      'The following inconsistencies were found and repaired:\n\n' +
-        `    ${result.leaksFixed} leaked clusters\n    ${result.corruptionsFixed} corruptions\n\n` +
-        'Double checking the fixed image now...\n',
-    );
-  }
-  if (result.failure === undefined) say(output === 'json' ? jsonCheck(result) : humanCheck(result));
-  if (result.failure !== undefined || result.checkErrors) {
-    process.stderr.write(result.failure !== undefined ? `qcow2: Check failed: ${result.failure}\n` : 'qcow2: Check failed\n');
-  }
-  return checkExitCode(result);
+  const out = renderCheck(file, result, { output, quiet, repair, formatGiven: format !== undefined });
+  process.stderr.write(out.stderr);
+  process.stdout.write(out.stdout);
+  return out.code;
 }

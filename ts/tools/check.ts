@@ -67,7 +67,8 @@ function openFailure(error: unknown, prefix: string): Qcow2Error {
 /** qemu-img check opens the image with its backing file and data file: a missing one fails the check the same way. */
 async function openNamedFiles(path: string, header: Qcow2Header): Promise<void> {
   if (header.externalDataFile && header.dataFile !== undefined) {
-    const dataPath = combineFileName(path, cString(header.dataFile));
+    // qemu opens the data file by the name as stored: relative to the working directory, not the image.
+    const dataPath = cString(header.dataFile);
     try {
       await (await settle(native.NativeFile.open(dataPath, { writable: false }))).close();
     } catch (error) {
