@@ -124,7 +124,12 @@ function toResult(path: string, report: Qcow2CheckReport, fixed: Qcow2CheckRepor
 /** Check (and with `repair`, repair) an image, like `qemu-img check [-r leaks|all]`. */
 export async function check(path: string, options: CheckOptions = {}): Promise<CheckResult> {
   checkOptions(options);
-  const format = options.format ?? (await probeFormat(path));
+  let format = options.format;
+  try {
+    format ??= await probeFormat(path);
+  } catch (error) {
+    throw openFailure(error, `Could not open '${path}': `);
+  }
   if (format !== 'qcow2') {
     return { filename: path, format, checkErrors: 0, corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [] };
   }
