@@ -178,7 +178,7 @@ export interface Qcow2EngineConstructor {
   ): Promise<Qcow2Engine>;
   /** Lay out the refcount table and blocks, L1 (and preallocated L2 and data) in an empty image file; the header is the caller's. */
   format(file: NativeFile, params: Qcow2FormatParams, dataFile?: NativeFile | null): Promise<Qcow2FormatResult>;
-  /** Count every reference from the given L1 tables (and the header and snapshot table), write a new refcount structure past the end, point the header at it and clear the dirty bit. */
+  /** Count every reference (header, L1/L2 tables, data, snapshot table, bitmaps: the walk check does), write a new refcount structure past the end, point the header at it and clear the dirty bit. */
   rebuildRefcounts(file: NativeFile, params: Qcow2RebuildParams): Promise<{ refcountTableOffset: number; refcountTableClusters: number }>;
   /** One pass of qemu-img check (with `repair`, qemu-img check -r): counts every reference, compares with the refcounts, checks COPIED flags. */
   check(file: NativeFile, params: Qcow2CheckParams): Promise<Qcow2CheckReport>;

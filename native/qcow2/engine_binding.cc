@@ -298,8 +298,8 @@ Preallocation ParsePreallocation(const Napi::Object& o) {
   throw Napi::TypeError::New(o.Env(), "option preallocation must be 'off', 'metadata', 'falloc' or 'full', got '" + mode + "'");
 }
 
-/// The image file (argument 0) and the geometry in params (argument 1) that whole-image
-/// operations (format, refcount rebuild) take; `request` gets clusterBits and refcountOrder.
+/// The image file (argument 0) and the geometry in params (argument 1) that formatting takes;
+/// `request` gets clusterBits and refcountOrder.
 template <typename Request>
 std::shared_ptr<File> ImageArguments(const Napi::CallbackInfo& info, Request* request) {
   Napi::Env env = info.Env();
