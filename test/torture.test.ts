@@ -36,7 +36,7 @@ for (const [index, variant] of TORTURE_VARIANTS.entries()) {
       roundsPerImage: 6,
       dir: path.join(dir, 'lane'),
       failureDir: FAILURE_DIR,
-      maxRunMs: 300,
+      maxRunMs: 200,
       check: libraryCheck,
     });
     if (result.failure) t.fail(`${result.failure}\n  replay: ${replayCommand(result)}`);

@@ -190,7 +190,8 @@ async function checkRepairs(file: string, dir: string, check: OurCheck, repair: 
  * the image from round to round; the repairs are tried when their count changed (`knownLeaks`
  * is the count after the round before).
  */
-async function checkIntegrity(file: string, dir: string, check: OurCheck, leaveDirty: boolean, knownLeaks: number): Promise<{ leaks: number; dirty: boolean }> {
+async function checkIntegrity(files: RoundFiles, dir: string, check: OurCheck, leaveDirty: boolean, knownLeaks: number): Promise<{ leaks: number; dirty: boolean }> {
+  const file = files.image;
   const { header } = await readHeader(file);
   if (header.dirty) {
     if (!header.lazyRefcounts) fail('the image is dirty but lazy refcounts are off');
@@ -199,6 +200,7 @@ async function checkIntegrity(file: string, dir: string, check: OurCheck, leaveD
     await compareChecks(file, check, dirty, 'dirty image');
     await checkRepairs(file, dir, check, 'all');
     if (leaveDirty) return { leaks: dirty.leaks, dirty: true };
+    await copyImage(file, files.killed);
     const image = await open(file, { followFileNames: true });
     await image.close();
     const rebuilt = await qemuCheck(file);
@@ -256,6 +258,7 @@ async function runRound(options: LaneOptions, state: LaneState, round: number, f
   await writeFile(files.log, '');
   await writeFile(files.config, JSON.stringify(config) + '\n');
   await copyImage(files.image, files.before);
+  await rm(files.killed, { force: true });
   const byQemu = variant.qemuCrashes === true && round % 2 === 0;
   // QEMU writes compressed clusters only where nothing is allocated yet.
   const geometry = byQemu ? { ...variant.geometry, compressed: false } : variant.geometry;
@@ -269,8 +272,7 @@ async function runRound(options: LaneOptions, state: LaneState, round: number, f
     log = parseLog(await readFile(files.log, 'utf8'));
   }
   const childMs = Date.now() - spawned;
-  await copyImage(files.image, files.killed);
-  const { leaks, dirty } = await checkIntegrity(files.image, options.dir, options.check, byQemu, state.leaks);
+  const { leaks, dirty } = await checkIntegrity(files, options.dir, options.check, byQemu, state.leaks);
   const actual = await readDisk(files.image, options.dir);
   const expect = expectRound(state.baseline, state.size, seed, geometry, log, byQemu);
   const mismatch = findMismatch(expect, actual);
@@ -301,7 +303,7 @@ interface RoundFiles {
   config: string;
   /** The image before the round (for replay). */
   before: string;
-  /** The image right after the kill, before any check touched it. */
+  /** The image right after the kill, kept when a check is about to change it (our reopen rebuilding a dirty image). */
   killed: string;
 }
 
@@ -339,7 +341,7 @@ export async function runLane(options: LaneOptions): Promise<LaneResult> {
   return result;
 }
 
-/** Copy a failing round's files (image before, after the kill and now, log, child config, base) where they survive the lane. */
+/** Copy a failing round's files (image before, after the kill when it was changed since, now, log, child config, base) where they survive the lane. */
 async function keepFailure(options: LaneOptions, round: number, files: RoundFiles): Promise<string> {
   const target = path.join(options.failureDir, `${options.variant.name}-seed${options.seed}-round${round}`);
   await mkdir(target, { recursive: true });
