@@ -135,6 +135,19 @@ function firstDifference(a: Buffer, b: Buffer): number {
   return -1;
 }
 
+/** A proof failure with what qemu-img reads at its sector once the image is closed: on disk, or only in our reads? */
+async function withQemuView(error: unknown, image: Image, file: string, run: ConcurrencyRun): Promise<unknown> {
+  if (!(error instanceof ProofFailure) || error.sector === undefined) return error;
+  const unit = run.geometry.sectorSize;
+  try {
+    await image.close();
+    const seen = (await qemuView(file)).subarray(error.sector * unit, (error.sector + 1) * unit);
+    return new ProofFailure(`${error.message}\nqemu-img reads the closed image's sector as ${run.model.describe(error.sector, seen)}`);
+  } catch (qemuError) {
+    return new ProofFailure(`${error.message}\n(qemu-img could not read the closed image: ${String(qemuError)})`);
+  }
+}
+
 for (const v of VARIANTS) {
   test(`concurrent overlapping operations agree with the sector model: ${v.name}`, async (t) => {
     const seed = SEED_OVERRIDE ?? v.seed;
@@ -150,6 +163,8 @@ for (const v of VARIANTS) {
     let last: Buffer;
     try {
       last = await run.run();
+    } catch (error) {
+      throw await withQemuView(error, image, file, run);
     } finally {
       await image.close();
     }

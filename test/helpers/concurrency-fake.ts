@@ -14,6 +14,8 @@ export class FakeDisk implements ProvedImage {
   readonly bytes: Buffer;
   #rnd: () => number;
   #writes = 0;
+  /** Bytes per model sector: the unit the disk applies atomically. */
+  #unit: number;
 
   constructor(
     readonly geometry: DiskGeometry,
@@ -22,6 +24,7 @@ export class FakeDisk implements ProvedImage {
     initial: Buffer,
   ) {
     this.bytes = Buffer.from(initial);
+    this.#unit = geometry.sectorSize;
     this.#rnd = random(seed);
   }
 
@@ -33,14 +36,14 @@ export class FakeDisk implements ProvedImage {
 
   async read(buffer: Uint8Array, offset: number): Promise<void> {
     const out = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
-    for (let at = 0; at < out.length; at += this.geometry.sectorSize) {
+    for (let at = 0; at < out.length; at += this.#unit) {
       await this.#yield();
       if (this.fault === 'torn-read') {
-        this.bytes.copy(out, at, offset + at, offset + at + this.geometry.sectorSize / 2);
+        this.bytes.copy(out, at, offset + at, offset + at + this.#unit / 2);
         await this.#yield();
-        this.bytes.copy(out, at + this.geometry.sectorSize / 2, offset + at + this.geometry.sectorSize / 2, offset + at + this.geometry.sectorSize);
+        this.bytes.copy(out, at + this.#unit / 2, offset + at + this.#unit / 2, offset + at + this.#unit);
       } else {
-        this.bytes.copy(out, at, offset + at, offset + at + this.geometry.sectorSize);
+        this.bytes.copy(out, at, offset + at, offset + at + this.#unit);
       }
     }
   }
@@ -49,20 +52,21 @@ export class FakeDisk implements ProvedImage {
     const data = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
     const n = ++this.#writes;
     if (this.fault === 'lost-write' && n % 50 === 0) return;
-    await this.#apply(offset / this.geometry.sectorSize, data.length / this.geometry.sectorSize, (s, at) => {
-      const end = this.fault === 'torn-write' && n % 50 === 0 && at === 0 ? this.geometry.sectorSize / 2 : this.geometry.sectorSize;
-      data.copy(this.bytes, s * this.geometry.sectorSize, at, at + end);
+    await this.#apply(offset / this.#unit, data.length / this.#unit, (s, at) => {
+      const end = this.fault === 'torn-write' && n % 50 === 0 && at === 0 ? this.#unit / 2 : this.#unit;
+      data.copy(this.bytes, s * this.#unit, at, at + end);
     });
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
-    await this.#apply(offset / this.geometry.sectorSize, length / this.geometry.sectorSize, (s) => this.bytes.fill(0, s * this.geometry.sectorSize, (s + 1) * this.geometry.sectorSize));
+    await this.#apply(offset / this.#unit, length / this.#unit, (s) => this.bytes.fill(0, s * this.#unit, (s + 1) * this.#unit));
   }
 
   async discard(offset: number, length: number): Promise<void> {
     if (this.fault === 'ignored-discard') return;
-    const range = changedSectors({ id: 0, kind: 'discard', sector: offset / this.geometry.sectorSize, count: length / this.geometry.sectorSize }, this.geometry);
-    if (range) await this.#apply(range.first, range.end - range.first, (s) => this.bytes.fill(0, s * this.geometry.sectorSize, (s + 1) * this.geometry.sectorSize));
+    const range = changedSectors({ id: 0, kind: 'discard', sector: offset / this.#unit, count: length / this.#unit }, this.geometry);
+    if (!range) return;
+    await this.#apply(range.first, range.end - range.first, (s) => this.bytes.fill(0, s * this.#unit, (s + 1) * this.#unit));
   }
 
   async flush(): Promise<void> {
@@ -78,7 +82,7 @@ export class FakeDisk implements ProvedImage {
     }
     for (const i of order) {
       await this.#yield();
-      put(first + i, i * this.geometry.sectorSize);
+      put(first + i, i * this.#unit);
     }
   }
 }

@@ -41,7 +41,15 @@ export interface RunStats {
 }
 
 /** A failure of the proof; the message names the seed and the operations on the bad sector. */
-export class ProofFailure extends Error {}
+export class ProofFailure extends Error {
+  constructor(
+    message: string,
+    /** The model sector that held what it should not, when the failure is one. */
+    readonly sector?: number,
+  ) {
+    super(message);
+  }
+}
 
 /** Random operations of one epoch, half of them in a window of a few clusters so that they overlap. */
 export class OpSource {
@@ -121,6 +129,9 @@ export class ConcurrencyRun {
   #source: OpSource;
   #inflight = 0;
   #changing = new Map<number, Op>();
+  /** Changing operations and flushes in flight, so that a failure can wait for them to settle. */
+  #pending = new Map<number, Promise<void>>();
+  #completed = new Set<number>();
   #epochOps: Op[] = [];
   /** The id of the last operation issued (ids grow in the order operations are issued). */
   #issued = 0;
@@ -170,14 +181,17 @@ export class ConcurrencyRun {
     this.stats.byKind[op.kind]++;
     this.#inflight++;
     this.stats.maxInflight = Math.max(this.stats.maxInflight, this.#inflight);
+    const running = op.kind === 'read' ? this.#read(op) : op.kind === 'flush' ? this.image.flush() : this.#change(op);
+    // Not reads: a failing read waits for the others, and two failing reads must not wait for each other.
+    if (op.kind !== 'read') this.#pending.set(op.id, running);
     try {
-      if (op.kind === 'read') await this.#read(op);
-      else if (op.kind === 'flush') await this.image.flush();
-      else await this.#change(op);
+      await running;
+      this.#completed.add(op.id);
     } catch (error) {
       if (error instanceof ProofFailure) throw error;
       throw this.#failure(`${describeOp(op, this.geometry.sectorSize)} failed: ${(error as Error).stack ?? String(error)}`);
     } finally {
+      this.#pending.delete(op.id);
       this.#inflight--;
     }
   }
@@ -189,7 +203,39 @@ export class ConcurrencyRun {
     const ticket = this.model.beginRead(op);
     await this.image.read(data, op.sector * this.geometry.sectorSize);
     const bad = this.model.checkRead(ticket, data);
-    if (bad) throw this.#failure(bad);
+    if (bad) throw await this.#readFailure(bad);
+  }
+
+  /** A bad read, with what the sector holds once the requests in flight have settled: a stale read, or a lost write? */
+  async #readFailure(bad: Mismatch): Promise<ProofFailure> {
+    this.#stopped = true;
+    const when = this.#opsOver(bad.sector);
+    await Promise.allSettled(this.#pending.values());
+    return this.#failure(bad, `once the requests in flight settled, it reads as ${await this.#reread(bad.sector)}`, when);
+  }
+
+  /** The changing operations issued this epoch over a sector, each said completed or in flight now. */
+  #opsOver(s: number): string {
+    const touching = this.#epochOps.filter(
+      (op) => op.id <= this.#issued && op.kind !== 'read' && op.kind !== 'flush' && op.sector <= s && s < op.sector + op.count,
+    );
+    const listed = touching.map((op) => {
+      const state = this.#completed.has(op.id) ? 'completed' : 'in flight';
+      return `${describeOp(op, this.geometry.sectorSize)} ${state}`;
+    });
+    return `operations of this epoch over sector ${s}, when the failure was seen: ${listed.join('; ') || 'none'}`;
+  }
+
+  /** What a fresh read of one model sector returns, described. */
+  async #reread(sector: number): Promise<string> {
+    const unit = this.geometry.sectorSize;
+    const bytes = Buffer.alloc(unit);
+    try {
+      await this.image.read(bytes, sector * unit);
+    } catch (error) {
+      return `(the read failed: ${String(error)})`;
+    }
+    return this.model.describe(sector, bytes);
   }
 
   async #change(op: Op): Promise<void> {
@@ -216,24 +262,18 @@ export class ConcurrencyRun {
       throw this.#failure(`the flush point failed: ${(error as Error).stack ?? String(error)}`);
     }
     const bad = this.model.settle(disk);
-    if (bad) throw this.#failure(bad);
+    if (bad) throw this.#failure(bad, `read again, it holds ${await this.#reread(bad.sector)}`);
     return disk;
   }
 
-  /** The failure of a run, naming the seed and every changing operation issued this epoch over the bad sector. */
-  #failure(bad: Mismatch | string): ProofFailure {
+  /** The failure of a run: the seed, and the changing operations over the bad sector (`ops`, when listed earlier). */
+  #failure(bad: Mismatch | string, afterwards?: string, ops?: string): ProofFailure {
     this.#stopped = true;
     const message = typeof bad === 'string' ? bad : bad.message;
     const lines = [`seed ${this.plan.seed}, depth ${this.plan.depth}, epoch ${this.stats.epochs}: ${message}`];
-    if (typeof bad !== 'string') {
-      const s = bad.sector;
-      const touching = this.#epochOps.filter(
-        (op) => op.id <= this.#issued && op.kind !== 'read' && op.kind !== 'flush' && op.sector <= s && s < op.sector + op.count,
-      );
-      const listed = touching.map((op) => describeOp(op, this.geometry.sectorSize)).join('; ');
-      lines.push(`operations of this epoch over sector ${s}: ${listed || 'none'}`);
-    }
+    if (afterwards) lines.push(afterwards);
+    if (typeof bad !== 'string') lines.push(ops ?? this.#opsOver(bad.sector));
     lines.push(`reproduce: QCOW2_CONCURRENCY_SEED=${this.plan.seed} (the operations follow from the seed)`);
-    return new ProofFailure(lines.join('\n'));
+    return new ProofFailure(lines.join('\n'), typeof bad === 'string' ? undefined : bad.sector);
   }
 }
