@@ -82,7 +82,7 @@ function oracleWrappers() {
   return bin;
 }
 
-/** Run the tests with the sanitizer runtime preloaded into every node process; resolves with the exit code. */
+/** Run the tests with the sanitizer runtime preloaded into every node process; resolves with the exit code and whether stderr showed a sanitizer report. */
 function runTests(tests, logDir) {
   const env = {
     ...process.env,
@@ -91,15 +91,23 @@ function runTests(tests, logDir) {
     LD_PRELOAD: runtime('libasan.so'),
     // detect_leaks=0: node and V8 keep allocations alive until exit on purpose, so LeakSanitizer
     // reports them in every process; leaks of the addon are not what this run looks for.
-    // log_path: every report lands in a file too, so one from a child process (a fuzz child, a
-    // CLI run whose failure a test expects) cannot go unnoticed.
+    // log_path: every ASan report lands in a file, so one from a child process (a fuzz child, a
+    // CLI run whose failure a test expects) cannot go unnoticed. gcc's UBSan ignores log_path
+    // beside ASan: its reports go to stderr (scanned below) and abort the process.
     ASAN_OPTIONS: `detect_leaks=0:halt_on_error=1:abort_on_error=1:log_path=${path.join(logDir, 'asan')}`,
-    UBSAN_OPTIONS: `halt_on_error=1:abort_on_error=1:print_stacktrace=1:log_path=${path.join(logDir, 'ubsan')}`,
+    UBSAN_OPTIONS: 'halt_on_error=1:abort_on_error=1:print_stacktrace=1',
     PATH: `${oracleWrappers()}${path.delimiter}${process.env.PATH}`,
   };
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [path.join(root, 'test', 'run.mjs'), ...tests], { cwd: root, env, stdio: 'inherit' });
-    child.on('close', (code, signal) => resolve(signal ? 128 : code));
+    const child = spawn(process.execPath, [path.join(root, 'test', 'run.mjs'), ...tests], { cwd: root, env, stdio: ['inherit', 'inherit', 'pipe'] });
+    let reported = false;
+    let tail = '';
+    child.stderr.on('data', (chunk) => {
+      process.stderr.write(chunk);
+      tail = (tail + chunk.toString()).slice(-4096);
+      reported ||= /runtime error:|ERROR: AddressSanitizer/.test(tail);
+    });
+    child.on('close', (code, signal) => resolve({ code: signal ? 128 : code, reported }));
   });
 }
 
@@ -115,10 +123,11 @@ async function main() {
   rmSync(logDir, { recursive: true, force: true });
   mkdirSync(logDir);
   const tests = process.argv.length > 2 ? process.argv.slice(2) : DEFAULT_TESTS;
-  const code = await runTests(tests, logDir);
+  const { code, reported } = await runTests(tests, logDir);
   const found = reports(logDir);
   const seconds = Math.round((Date.now() - started) / 1000);
   if (found.length > 0) fail(`${found.length} sanitizer report(s):\n${found.join('\n')}`);
+  if (reported) fail('a sanitizer report on stderr (above)');
   if (code !== 0) fail(`the tests failed (exit ${code}) after ${seconds} s`);
   process.stdout.write(`test:asan: no sanitizer report, tests passed, ${seconds} s\n`);
 }
