@@ -600,8 +600,11 @@ Status Engine::GrowFileAhead(uint64_t end) {
   if (end <= grownTo_) return Status::Ok();
   // Writes inside the file's size do not change it: the file system then need not serialise them.
   const uint64_t target = end + std::max<uint64_t>(kGrowStep, end / 8);
-  QCOW2_TRY(image_->Truncate(target));
-  grownTo_ = target;
+  uint64_t size = 0;
+  QCOW2_TRY(image_->Size(&size));
+  // A cluster reused near the start of a large file must never cut the file short.
+  if (size < target) QCOW2_TRY(image_->Truncate(target));
+  grownTo_ = std::max(size, target);
   return Status::Ok();
 }
 
