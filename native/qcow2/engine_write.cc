@@ -891,6 +891,12 @@ Status Engine::WriteCompressedCluster(const uint8_t* data, uint64_t bytes, Guest
   {
     std::lock_guard<std::mutex> lock(metaMu_);
     QCOW2_TRY(Fail(TableFor(plan.entry, &plan.table, &frees)));
+    if (compressedNext_ < compressedEnd_) {
+      // Narrow refcounts (1 bit) cannot count another cluster packed into the last one: start afresh.
+      uint64_t refs = 0;
+      QCOW2_TRY(Fail(refcounts_->Get((compressedEnd_ - 1) >> g.clusterBits, &refs)));
+      if (refs >= refcounts_->maxValue()) compressedNext_ = compressedEnd_ = 0;
+    }
     if (compressedNext_ + bytes <= compressedEnd_) {
       // Packed behind the previous compressed cluster: one more reference to the host cluster.
       host = compressedNext_;

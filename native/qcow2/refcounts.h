@@ -59,6 +59,8 @@ class Refcounts {
   uint64_t perBlock() const { return perBlock_; }
   /// Clusters below this index may be in use (the file's size at load, and every allocation since).
   uint64_t highWater() const { return highWater_; }
+  /// The largest refcount an entry can hold.
+  uint64_t maxValue() const { return maxValue_; }
 
  private:
   Refcounts() = default;
