@@ -225,6 +225,22 @@ Status File::Write(const void* buf, size_t len, uint64_t off) {
   return RawPwrite(buf, len, off);
 }
 
+bool File::BeginSubmittedWrite(const void* buf, size_t len, uint64_t off) {
+  if (!options_.writable || fd() < 0 || !Aligned(buf, len, off)) return false;
+  if (off + len > sizeHint_.load(std::memory_order_acquire)) return false;
+  if (!direct_) return true;
+  std::lock_guard<std::mutex> lock(rangeMu_);
+  for (const auto& [s, e] : lockedRanges_) {
+    if (s < off + len && off < e) return false;
+  }
+  lockedRanges_.emplace_back(off, off + len);
+  return true;
+}
+
+void File::EndSubmittedWrite(size_t len, uint64_t off) {
+  if (direct_) Unlock(off, off + len);
+}
+
 Status File::ExtendingWrite(const void* buf, size_t len, uint64_t off) {
   if (!direct_ || Aligned(buf, len, off)) {
     std::shared_lock<std::shared_mutex> extend(extendMu_);

@@ -61,6 +61,13 @@ class File {
   Status ReadExact(void* buf, size_t len, uint64_t off);
   /// Write `len` bytes at `off` from any buffer; unaligned edges do read-modify-write.
   Status Write(const void* buf, size_t len, uint64_t off);
+  /// For a write that another mechanism (an io_uring) performs: true, with the range held as
+  /// Write() would hold it, when the write can go straight to the descriptor without waiting —
+  /// writable, aligned for O_DIRECT, inside the known size, no read-modify-write on those blocks.
+  /// Call EndSubmittedWrite() once the write is done.
+  bool BeginSubmittedWrite(const void* buf, size_t len, uint64_t off);
+  /// Release what BeginSubmittedWrite() took.
+  void EndSubmittedWrite(size_t len, uint64_t off);
   /// Vectored forms of Read and Write, the iovecs filling a contiguous range at `off`.
   Status Readv(const struct iovec* iov, int count, uint64_t off);
   Status Writev(const struct iovec* iov, int count, uint64_t off);

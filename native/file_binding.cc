@@ -1,6 +1,7 @@
 #include "file_binding.h"
 
 #include "js.h"
+#include "qcow2/direct_reads.h"
 
 namespace qcow2 {
 
@@ -83,6 +84,8 @@ Napi::Value FileWrap::Write(const Napi::CallbackInfo& info) {
   PinnedBytes buf = args.Bytes(0, "buffer", &keep);
   uint64_t off = args.Offset(1, "offset");
   auto file = Live(info.Env());
+  Napi::Value direct = TryDirectWrite(info.Env(), file, buf.data, buf.length, off, info[0]);
+  if (!direct.IsEmpty()) return direct;
   return RunAsync(info.Env(), [=] { return file->Write(buf.data, buf.length, off); }, nullptr, std::move(keep));
 }
 

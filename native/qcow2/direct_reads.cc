@@ -21,14 +21,32 @@ constexpr unsigned kRingEntries = 256;
 /// IORING_OP_READ takes a 32-bit length; larger requests take the pool.
 constexpr uint64_t kMaxDirectRead = 1u << 30;
 
+/// An entry of the ring, told its result on the JS thread.
+struct RingOp {
+  virtual ~RingOp() = default;
+  /// `result`: bytes transferred, or -errno (also for an entry the kernel never took).
+  virtual void Done(Napi::Env env, int result) = 0;
+};
+
+/// What one submission queue entry asks.
+struct RingEntry {
+  uint8_t opcode;
+  int fd;
+  uint64_t addr;
+  uint64_t length;
+  uint64_t offset;
+  RingOp* op;
+};
+
 struct PendingRead;
 
 /// One host read of a request: what an io_uring entry points at.
-struct PieceRead {
-  PendingRead* request;
-  uint8_t* data;
-  uint64_t length;
-  uint64_t host;
+struct PieceRead : RingOp {
+  PendingRead* request = nullptr;
+  uint8_t* data = nullptr;
+  uint64_t length = 0;
+  uint64_t host = 0;
+  void Done(Napi::Env env, int result) override;
 };
 
 /// A request in flight: settles when its last piece is done. Lives on the JS thread only.
@@ -72,6 +90,72 @@ class FinishPieceJob : public Job {
   Status status_;
 };
 
+void PieceRead::Done(Napi::Env env, int result) {
+  if (result >= 0 && static_cast<uint64_t>(result) == length) {
+    PieceDone(env, this, Status::Ok());
+    return;
+  }
+  // A short read, or a failure (an old kernel without IORING_OP_READ says EINVAL): the pool's
+  // File::Read does the rest and has the last word on errors.
+  PoolOf(env).Submit(new FinishPieceJob(this, result > 0 ? static_cast<uint64_t>(result) : 0));
+}
+
+/// A write of a NativeFile in the ring; holds the file's range as File::Write would.
+struct PendingWrite : RingOp {
+  PendingWrite(Napi::Env env, std::shared_ptr<File> f, const uint8_t* d, uint64_t len, uint64_t off, Napi::Value keep)
+      : deferred(Napi::Promise::Deferred::New(env)),
+        buffer(Napi::Reference<Napi::Value>::New(keep, 1)),
+        file(std::move(f)),
+        data(d),
+        length(len),
+        offset(off) {}
+
+  void Done(Napi::Env env, int result) override;
+
+  /// Settle the promise and free the request (JS thread).
+  void Settle(Napi::Env env, const Status& status) {
+    if (status.ok()) {
+      deferred.Resolve(env.Undefined());
+    } else {
+      deferred.Reject(MakeError(env, status).Value());
+    }
+    delete this;
+  }
+
+  Napi::Promise::Deferred deferred;
+  Napi::Reference<Napi::Value> buffer;
+  std::shared_ptr<File> file;
+  const uint8_t* data;
+  uint64_t length;
+  uint64_t offset;
+};
+
+/// Finishes, on a worker, a write the ring returned short, failed or never took: File::Write
+/// does the rest (after the range is released, since it takes it itself) and has the last word on errors.
+class FinishWriteJob : public Job {
+ public:
+  FinishWriteJob(PendingWrite* write, uint64_t done) : write_(write), done_(done) {}
+  void Execute() override {
+    write_->file->EndSubmittedWrite(write_->length, write_->offset);
+    status_ = write_->file->Write(write_->data + done_, write_->length - done_, write_->offset + done_);
+  }
+  void Complete(Napi::Env env) override { write_->Settle(env, status_); }
+
+ private:
+  PendingWrite* write_;
+  uint64_t done_;
+  Status status_;
+};
+
+void PendingWrite::Done(Napi::Env env, int result) {
+  if (result >= 0 && static_cast<uint64_t>(result) == length) {
+    file->EndSubmittedWrite(length, offset);
+    Settle(env, Status::Ok());
+    return;
+  }
+  PoolOf(env).Submit(new FinishWriteJob(this, result > 0 ? static_cast<uint64_t>(result) : 0));
+}
+
 /// An io_uring without a submission thread: the JS thread submits, and the kernel signals
 /// completions on an eventfd that the event loop polls.
 class Ring {
@@ -90,29 +174,28 @@ class Ring {
     return nullptr;
   }
 
-  /// Queue the pieces of `request`, reading `fd`; false (nothing queued) when the ring lacks room.
-  /// Pieces the kernel then refuses are read by the pool.
-  bool Submit(Napi::Env env, PendingRead* request, int fd) {
-    const unsigned count = static_cast<unsigned>(request->remaining);
+  /// Queue `count` entries; false (nothing queued) when the ring lacks room. Entries the kernel
+  /// then refuses are told so (Done with a negative result) and take the pool.
+  bool Submit(Napi::Env env, const RingEntry* entries, unsigned count) {
     if (inflight_ + queued_ + count > cqEntries_) return false;
     unsigned tail = *sqTail_;
     if (tail - __atomic_load_n(sqHead_, __ATOMIC_ACQUIRE) + count > sqEntries_) return false;
     for (unsigned i = 0; i < count; i++, tail++) {
-      const PieceRead& piece = request->pieces[i];
+      const RingEntry& entry = entries[i];
       const unsigned index = tail & *sqMask_;
       io_uring_sqe* sqe = &sqes_[index];
       std::memset(sqe, 0, sizeof *sqe);
-      sqe->opcode = IORING_OP_READ;
-      sqe->fd = fd;
-      sqe->addr = reinterpret_cast<uint64_t>(piece.data);
-      sqe->len = static_cast<uint32_t>(piece.length);
-      sqe->off = piece.host;
-      sqe->user_data = reinterpret_cast<uint64_t>(&piece);
+      sqe->opcode = entry.opcode;
+      sqe->fd = entry.fd;
+      sqe->addr = entry.addr;
+      sqe->len = static_cast<uint32_t>(entry.length);
+      sqe->off = entry.offset;
+      sqe->user_data = reinterpret_cast<uint64_t>(entry.op);
       sqArray_[index] = index;
     }
     __atomic_store_n(sqTail_, tail, __ATOMIC_RELEASE);
     queued_ += count;
-    // Reads that promise reactions start while completions are handled go in one batch.
+    // Requests that promise reactions start while completions are handled go in one batch.
     if (!draining_) SubmitQueued(env);
     return true;
   }
@@ -230,8 +313,8 @@ class Ring {
       if (head == tail) break;
       for (; head != tail; head++) {
         const io_uring_cqe& cqe = cqes_[head & *cqMask_];
-        Complete(env, reinterpret_cast<PieceRead*>(cqe.user_data), cqe.res);
         inflight_--;
+        reinterpret_cast<RingOp*>(cqe.user_data)->Done(env, cqe.res);
       }
       __atomic_store_n(cqHead_, head, __ATOMIC_RELEASE);
     }
@@ -248,21 +331,10 @@ class Ring {
     queued_ = 0;
     const unsigned head = __atomic_load_n(sqHead_, __ATOMIC_ACQUIRE);
     const unsigned tail = *sqTail_;
-    for (unsigned i = head; i != tail; i++) {
-      auto* piece = reinterpret_cast<PieceRead*>(sqes_[sqArray_[i & *sqMask_]].user_data);
-      PoolOf(env).Submit(new FinishPieceJob(piece, 0));
-    }
     __atomic_store_n(sqTail_, head, __ATOMIC_RELEASE);
-  }
-
-  void Complete(Napi::Env env, PieceRead* piece, int result) {
-    if (result >= 0 && static_cast<uint64_t>(result) == piece->length) {
-      PieceDone(env, piece, Status::Ok());
-      return;
+    for (unsigned i = head; i != tail; i++) {
+      reinterpret_cast<RingOp*>(sqes_[sqArray_[i & *sqMask_]].user_data)->Done(env, -EAGAIN);
     }
-    // A short read, or a failure (an old kernel without IORING_OP_READ says EINVAL): the pool's
-    // File::Read does the rest and has the last word on errors.
-    PoolOf(env).Submit(new FinishPieceJob(piece, result > 0 ? static_cast<uint64_t>(result) : 0));
   }
 
   napi_env env_;
@@ -323,12 +395,19 @@ Napi::Value TryDirectRead(Napi::Env env, const std::shared_ptr<Engine>& engine, 
   }
   auto* request = new PendingRead{Napi::Promise::Deferred::New(env), Napi::Reference<Napi::Value>::New(keep, 1), engine,
                                   plan.file};
+  RingEntry entries[DirectPlan::kMaxPieces];
   for (size_t i = 0; i < plan.count; i++) {
     const DirectPlan::Piece& p = plan.pieces[i];
-    if (!p.zero) request->pieces[request->remaining++] = {request, buf + p.at, p.length, p.host};
+    if (p.zero) continue;
+    PieceRead& piece = request->pieces[request->remaining];
+    piece.request = request;
+    piece.data = buf + p.at;
+    piece.length = p.length;
+    piece.host = p.host;
+    entries[request->remaining++] = {IORING_OP_READ, plan.fd, reinterpret_cast<uint64_t>(piece.data), p.length, p.host, &piece};
   }
   if (reads == 0) engine->EndRead();
-  if (reads > 0 && !ring->Submit(env, request, plan.fd)) {
+  if (reads > 0 && !ring->Submit(env, entries, static_cast<unsigned>(reads))) {
     engine->EndRead();
     delete request;
     return Napi::Value();
@@ -342,6 +421,24 @@ Napi::Value TryDirectRead(Napi::Env env, const std::shared_ptr<Engine>& engine, 
   if (reads == 0) {
     request->deferred.Resolve(env.Undefined());
     delete request;
+  }
+  return promise;
+}
+
+Napi::Value TryDirectWrite(Napi::Env env, const std::shared_ptr<File>& file, const uint8_t* buf, uint64_t len, uint64_t off,
+                           Napi::Value keep) {
+  if (!DirectReadsEnabled() || len == 0 || len > kMaxDirectRead) return Napi::Value();
+  const int fd = file->fd();
+  Ring* ring = fd >= 0 ? RingOf(env) : nullptr;
+  if (!ring || !file->BeginSubmittedWrite(buf, len, off)) return Napi::Value();
+  auto* write = new PendingWrite(env, file, buf, len, off, keep);
+  const RingEntry entry{IORING_OP_WRITE, fd, reinterpret_cast<uint64_t>(buf), len, off, write};
+  // Taken from the request before Submit, which may already hand a refused entry to the pool.
+  Napi::Promise promise = write->deferred.Promise();
+  if (!ring->Submit(env, &entry, 1)) {
+    file->EndSubmittedWrite(len, off);
+    delete write;
+    return Napi::Value();
   }
   return promise;
 }
