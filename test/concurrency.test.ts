@@ -34,6 +34,7 @@ const OPERATIONS = Number(process.env.QCOW2_CONCURRENCY_OPS ?? 3000);
 /** Replaces the mix of operations (JSON weights per kind, as OpMix), to reproduce a failure or to aim at one kind. */
 const MIX_OVERRIDE = process.env.QCOW2_CONCURRENCY_MIX ? (JSON.parse(process.env.QCOW2_CONCURRENCY_MIX) as OpMix) : undefined;
 
+/** One disk the proof runs on, with the seed of its operations. */
 interface Variant {
   name: string;
   spec: DiskSpec;
@@ -42,6 +43,7 @@ interface Variant {
   sectorSize?: number;
 }
 
+/** Cluster sizes 512 B to 64 KiB, extended L2, refcount widths 1 and 16, both versions, raw and qcow2 backing, a chain of three. */
 const VARIANTS: Variant[] = [
   {
     name: '64 KiB clusters over a qcow2 base',
@@ -97,6 +99,7 @@ const VARIANTS: Variant[] = [
   },
 ];
 
+/** What the model needs to know of a disk. */
 function geometryOf(spec: DiskSpec, sectorSize = SECTOR): DiskGeometry {
   const version = spec.compat === '0.10' ? 2 : 3;
   return { sectorSize, size: spec.size, clusterSize: spec.clusterSize, version, hasBacking: spec.base !== 'none' };
