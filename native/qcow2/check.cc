@@ -36,6 +36,12 @@ constexpr size_t kL2Batch = 64;
 
 Status Stop(const char* reason) { return Status::Error(kCheckFailed, reason); }
 
+/// The strerror text ending a failed system call's message ("File too large").
+std::string ReasonOf(const Status& st) {
+  const size_t at = st.message.rfind(": ");
+  return at == std::string::npos ? kIoError : st.message.substr(at + 2);
+}
+
 std::string Format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 std::string Format(const char* fmt, ...) {
   char buf[512];
@@ -549,11 +555,16 @@ class Walker {
     const bool repair = fix_ & kFixErrors;
     Corruption(Format("%s refcount block %" PRId64 " is outside image", repair ? "Repairing" : "ERROR", index));
     if (!repair) return Status::Ok();
-    Status st = image_.Truncate(offset + g_.clusterSize);
-    if (st.ok()) st = image_.Size(&fileSize_);
-    if (!st.ok()) {
+    std::string reason = kInvalid;
+    if (offset <= static_cast<uint64_t>(INT64_MAX) - g_.clusterSize) {
+      Status st = image_.Truncate(offset + g_.clusterSize);
+      if (!st.ok()) report_->messages.push_back("qcow2: Could not resize file: " + (reason = ReasonOf(st)));
+      if (st.ok()) st = image_.Size(&fileSize_);
+      if (st.ok()) reason.clear();
+    }
+    if (!reason.empty()) {
       *rebuild = true;
-      report_->messages.push_back("ERROR could not resize image: " + std::string(kIoError));
+      report_->messages.push_back("ERROR could not resize image: " + reason);
       return Status::Ok();
     }
     counts_->Resize(std::max(counts_->size(), DivUp(fileSize_, g_.clusterSize)));
