@@ -16,6 +16,7 @@ import {
   Qcow2Error,
   Qcow2OpenOptions,
   allocAligned,
+  check,
   compareImages,
   convert,
   info,
@@ -39,6 +40,8 @@ export interface FuzzRequest {
   tinyCache: boolean;
   /** Run the write side with these requests instead of the read side. */
   writeOps?: WriteOp[];
+  /** Write side: leave out check -r all (see fuzz-known-bugs.ts). */
+  skipRepair?: boolean;
   /** Instead of reading the image, fail the way the harness must catch, to prove that it does. */
   selfTest?: 'crash' | 'hang' | 'uncoded error';
 }
@@ -63,7 +66,7 @@ export interface FuzzReport {
   /** Errors without a code, non-Qcow2Error throws, unhandled rejections, inconsistent results. */
   problems: string[];
   /** Write side: whether qemu-img check found the image clean before and after, and whether a request changed it. */
-  writeSide?: { cleanBefore: boolean; cleanAfter?: boolean; wrote: boolean };
+  writeSide?: { cleanBefore: boolean; cleanAfter?: boolean; wrote: boolean; checkAgreed?: boolean };
 }
 
 const CHUNK = 1 << 20;
@@ -123,6 +126,7 @@ class CaseRun {
     if (this.request.writeOps) return this.runWriteSide(options, this.request.writeOps);
     await this.attempt('info', async () => void (await info(file)));
     if (follow) await this.attempt('infoChain', async () => void (await infoChain(file)));
+    await this.attempt('check', async () => void (await check(file, { format: 'qcow2' })));
     let image: Image | undefined;
     await this.attempt('open', async () => {
       image = await open(file, options);
@@ -134,9 +138,9 @@ class CaseRun {
   }
 
   async runWriteSide(options: Qcow2OpenOptions, ops: WriteOp[]): Promise<void> {
-    const side = new WriteSide(this, this.request.image, options, ops);
+    const side = new WriteSide(this, this.request.image, options, ops, this.request.skipRepair ?? false);
     const { before, after, wrote } = await side.run();
-    this.writeSide = { cleanBefore: isClean(before), cleanAfter: after && isClean(after), wrote };
+    this.writeSide = { cleanBefore: isClean(before), cleanAfter: after && isClean(after), wrote, checkAgreed: side.checkAgreed };
   }
 
   async failOnPurpose(how: NonNullable<FuzzRequest['selfTest']>): Promise<void> {

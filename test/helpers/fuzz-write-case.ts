@@ -1,14 +1,16 @@
 /**
- * The write side of a fuzz case, run in the fuzz child: qemu-img check judges the mutated image,
- * the image is opened writable and gets writes, zero writes, discards, flushes and resizes, and
- * qemu-img check judges it again. An image qemu-img check found free of corruption must stay so,
- * and when every request succeeded, qemu reads back exactly what was written.
+ * The write side of a fuzz case, run in the fuzz child: qemu-img check and our check judge the
+ * mutated image, the image is opened writable and gets writes, zero writes, discards, flushes and
+ * resizes, qemu-img check judges it again, and our `check -r all` repairs it. An image qemu-img
+ * check found free of corruption must stay so; when every request succeeded, qemu reads back
+ * exactly what was written; our check never calls clean what qemu-img check calls corrupt; and an
+ * image our repair calls clean is clean for qemu-img check too.
  */
 import { execFile } from 'node:child_process';
 
 import fc from 'fast-check';
 
-import { Image, Qcow2OpenOptions, allocAligned, open, resizeImage } from '../../ts/index.js';
+import { CheckResult, Image, Qcow2OpenOptions, allocAligned, check, open, resizeImage } from '../../ts/index.js';
 
 /** One request on the writable image. Positions are fractions (of 2^32) of the window the requests stay in. */
 export interface WriteOp {
@@ -80,6 +82,17 @@ export async function qemuCheck(file: string): Promise<QemuVerdict> {
   return { checked: true, corruptions: count('corruptions'), leaks: count('leaks'), checkErrors: count('check-errors'), summary };
 }
 
+/** Our check's result in qemu-img check's terms; a check that stopped early ("Check failed") counts as a check error. */
+function verdictOf(result: CheckResult): QemuVerdict {
+  const checkErrors = result.checkErrors + (result.failure !== undefined ? 1 : 0);
+  return { checked: true, corruptions: result.corruptions, leaks: result.leaks, checkErrors, summary: JSON.stringify(result).slice(0, 600) };
+}
+
+/** The two checks found the same numbers of corruptions, leaks and check errors. */
+function sameCounts(a: QemuVerdict, b: QemuVerdict): boolean {
+  return a.corruptions === b.corruptions && a.leaks === b.leaks && a.checkErrors === b.checkErrors;
+}
+
 /** The steps of a case as the fuzz child runs them (see fuzz-child.ts). */
 export interface StepRunner {
   /** Run `step`; a failure must be a Qcow2Error with a code. Returns whether it succeeded. */
@@ -146,18 +159,22 @@ export class WriteSide {
   allSucceeded = true;
   /** At least one request that changes the image succeeded. */
   wrote = false;
+  /** Our check of the mutated image found what qemu-img check found (undefined: one of them could not check it). */
+  checkAgreed: boolean | undefined;
 
   constructor(
     readonly runner: StepRunner,
     readonly file: string,
     readonly options: Qcow2OpenOptions,
     readonly ops: readonly WriteOp[],
+    readonly skipRepair: boolean,
   ) {}
 
   /** The whole side; returns the verdicts before and after, for the parent's statistics. */
   async run(): Promise<{ before: QemuVerdict; after?: QemuVerdict; wrote: boolean }> {
     await this.runner.announce('qemu-img check (before)');
     const before = await qemuCheck(this.file);
+    await this.checkLikeQemu(before);
     let image: Image | undefined;
     await this.runner.attempt('open writable', async () => {
       image = await open(this.file, { ...this.options, readOnly: false });
@@ -171,7 +188,38 @@ export class WriteSide {
       this.runner.problems.push(`qemu-img check found the image clean before (${before.summary}) and not after our requests (${after.summary})`);
     }
     if (isClean(before) && this.allSucceeded && this.wrote) await this.readBackWithQemu(image.size);
+    if (after.checked && !this.skipRepair) await this.repairAll();
     return { before, after, wrote: this.wrote };
+  }
+
+  /** Our check of the mutated image: an image qemu-img check calls corrupt is never called clean. */
+  async checkLikeQemu(qemu: QemuVerdict): Promise<void> {
+    let result: CheckResult | undefined;
+    await this.runner.attempt('check', async () => {
+      result = await check(this.file, { format: 'qcow2' });
+    });
+    if (!result || !qemu.checked) return;
+    const ours = verdictOf(result);
+    this.checkAgreed = sameCounts(ours, qemu);
+    if (qemu.corruptions > 0 && ours.corruptions === 0 && ours.checkErrors === 0) {
+      this.runner.problems.push(`qemu-img check finds corruption (${qemu.summary}), our check finds none: ${ours.summary}`);
+    }
+  }
+
+  /** check -r all; when it calls the result clean, qemu-img check must agree. */
+  async repairAll(): Promise<void> {
+    let result: CheckResult | undefined;
+    await this.runner.attempt('check -r all', async () => {
+      result = await check(this.file, { format: 'qcow2', repair: 'all' });
+    });
+    if (!result) return;
+    const ours = verdictOf(result);
+    if (ours.corruptions + ours.leaks + ours.checkErrors > 0) return;
+    await this.runner.announce('qemu-img check (after our repair)');
+    const qemu = await qemuCheck(this.file);
+    if (!qemu.checked || qemu.corruptions + qemu.leaks + qemu.checkErrors > 0) {
+      this.runner.problems.push(`check -r all calls the image clean (${ours.summary}), qemu-img check does not: ${qemu.summary}`);
+    }
   }
 
   async apply(image: Image, clean: boolean): Promise<void> {
