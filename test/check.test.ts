@@ -168,6 +168,23 @@ const CASES: Case[] = [
       return image;
     },
   },
+  ...[
+    { what: 'an unaligned L1 table offset', at: 0, value: (offset: bigint) => offset + 0x200n, bytes: 8 },
+    { what: 'an L1 table past the end of the file', at: 0, value: () => FAR, bytes: 8 },
+    { what: 'an L1 table too large', at: 8, value: () => 0x800000n, bytes: 4 },
+  ].map(({ what, at, value, bytes }) => ({
+    name: `a snapshot with ${what}`,
+    async make(dir: string) {
+      const image = await made(dir, 'img.qcow2', '', ['write -P 1 0 1M']);
+      const file = path.join(dir, image);
+      await qemuImg('snapshot', '-c', 'snap', file);
+      const entry = Number(await readU64(file, 64));
+      const buf = Buffer.alloc(8);
+      buf.writeBigUInt64BE(value(await readU64(file, entry + at)));
+      await writeAt(file, entry + at, bytes === 8 ? buf : buf.subarray(4));
+      return image;
+    },
+  })),
   {
     name: 'persistent bitmaps, one in use, one table entry on a free cluster',
     bitmapsRewritten: true,

@@ -79,13 +79,8 @@ function safeU64(buf: Buffer, at: number, what: string, index: number): number {
   return Number(value);
 }
 
-/** Decode the entry at `at` of `buf` (the whole entry is present); `index` and `header` for checks. */
-function decodeEntry(buf: Buffer, at: number, index: number, header: Qcow2Header, fileSize: number): SnapshotEntry {
-  const l1TableOffset = safeU64(buf, at, 'L1 table offset', index);
-  const l1Size = buf.readUInt32BE(at + 8);
-  const idSize = buf.readUInt16BE(at + 12);
-  const nameSize = buf.readUInt16BE(at + 14);
-  const extraSize = buf.readUInt32BE(at + 36);
+/** A snapshot's L1 table must be bounded, aligned and inside the file. */
+function checkL1Table(l1TableOffset: number, l1Size: number, index: number, header: Qcow2Header, fileSize: number): void {
   if (l1Size * 8 > MAX_L1_BYTES) throw corrupt(`snapshot ${index}: L1 table size ${l1Size} entries exceeds the ${MAX_L1_BYTES} byte limit`);
   if (l1TableOffset % header.clusterSize !== 0) {
     throw corrupt(`snapshot ${index}: L1 table offset ${l1TableOffset} is not aligned to the cluster size ${header.clusterSize}`);
@@ -93,6 +88,16 @@ function decodeEntry(buf: Buffer, at: number, index: number, header: Qcow2Header
   if (l1Size > 0 && (l1TableOffset < header.clusterSize || l1TableOffset + l1Size * 8 > fileSize)) {
     throw corrupt(`snapshot ${index}: L1 table at ${l1TableOffset} (+${l1Size * 8} bytes) lies outside ${header.clusterSize}..${fileSize}`);
   }
+}
+
+/** Decode the entry at `at` of `buf` (the whole entry is present); `index` and `header` for checks. */
+function decodeEntry(buf: Buffer, at: number, index: number, header: Qcow2Header, fileSize: number, checkL1: boolean): SnapshotEntry {
+  const l1TableOffset = safeU64(buf, at, 'L1 table offset', index);
+  const l1Size = buf.readUInt32BE(at + 8);
+  const idSize = buf.readUInt16BE(at + 12);
+  const nameSize = buf.readUInt16BE(at + 14);
+  const extraSize = buf.readUInt32BE(at + 36);
+  if (checkL1) checkL1Table(l1TableOffset, l1Size, index, header, fileSize);
   const extraStart = at + FIXED_ENTRY_SIZE;
   const extraData = Buffer.from(buf.subarray(extraStart, extraStart + extraSize));
   const idStart = extraStart + extraSize;
@@ -116,8 +121,11 @@ function decodeEntry(buf: Buffer, at: number, index: number, header: Qcow2Header
   return entry;
 }
 
-/** Read the snapshot table the header points at; the whole table must lie inside the file. */
-export async function readSnapshots(file: MetadataFile, header: Qcow2Header): Promise<SnapshotTable> {
+/**
+ * Read the snapshot table the header points at; the whole table must lie inside the file. With
+ * `checkL1` false the snapshots' L1 tables are left unchecked (qemu-img check reports them itself).
+ */
+export async function readSnapshots(file: MetadataFile, header: Qcow2Header, checkL1 = true): Promise<SnapshotTable> {
   const reader = new TableReader(file, header.snapshotsOffset);
   const entries: SnapshotEntry[] = [];
   let at = 0;
@@ -130,7 +138,7 @@ export async function readSnapshots(file: MetadataFile, header: Qcow2Header): Pr
     const length = FIXED_ENTRY_SIZE + extraSize + buf.readUInt16BE(at + 12) + buf.readUInt16BE(at + 14);
     // qemu-img leaves the last entry's padding out of the file: only the entry itself must be there.
     buf = await reader.ensure(at + length, `entry ${index}`);
-    entries.push(decodeEntry(buf, at, index, header, file.size));
+    entries.push(decodeEntry(buf, at, index, header, file.size, checkL1));
     at += align8(length);
   }
   return { entries, byteLength: at };

@@ -19,7 +19,7 @@ function snapshotTableBytes(table: SnapshotTable): number {
 export async function walkParams(imagePath: string, header: Qcow2Header): Promise<Qcow2WalkParams> {
   const metadata = await openMetadataFile(imagePath);
   try {
-    const snapshots = await readSnapshots(metadata, header);
+    const snapshots = await readSnapshots(metadata, header, false);
     const params: Qcow2WalkParams = {
       clusterBits: header.clusterBits,
       refcountOrder: header.refcountOrder,
