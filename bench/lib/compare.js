@@ -19,6 +19,7 @@ function describeFailure(result) {
  * Run `ours` and `theirs` `runs` times each, alternating (the side that goes first swaps every round
  * so drift in the machine hits both equally). A side that fails is not run again; the other goes on.
  * Options: runs (5), dropCaches (false), before (async hook run before every timed run, untimed),
+ * afterDrop (async hook run after the page cache was dropped, untimed: e.g. to load the programs back),
  * stdout ('ignore', a file path, or { ours, theirs } paths), watch (see runMeasured), check (async (side, result) => error string or '' after each run),
  * log (function for progress lines).
  * Resolves { ours, theirs, ratio } where ratio = median(ours) / median(theirs).
@@ -36,6 +37,7 @@ async function compareCommands(ours, theirs, options = {}) {
       if (side.failed) continue;
       if (options.before) await options.before(name);
       if (options.dropCaches && !dropCaches()) cachesDropped = false;
+      if (options.afterDrop) await options.afterDrop(name);
       const result = await runMeasured(commands[name], { stdout: options.stdout?.[name] ?? options.stdout, watch: options.watch });
       let error = result.code === 0 ? '' : describeFailure(result);
       if (!error && options.check) error = await options.check(name, result);

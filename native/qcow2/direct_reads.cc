@@ -20,6 +20,9 @@ namespace {
 constexpr unsigned kRingEntries = 256;
 /// IORING_OP_READ takes a 32-bit length; larger requests take the pool.
 constexpr uint64_t kMaxDirectRead = 1u << 30;
+/// Larger writes take the pool: a worker hand-off is noise next to them, and the kernel runs ring
+/// writes that must allocate blocks one file at a time, while pool threads overlap them.
+constexpr uint64_t kMaxDirectWrite = 256u << 10;
 
 /// An entry of the ring, told its result on the JS thread.
 struct RingOp {
@@ -427,7 +430,7 @@ Napi::Value TryDirectRead(Napi::Env env, const std::shared_ptr<Engine>& engine, 
 
 Napi::Value TryDirectWrite(Napi::Env env, const std::shared_ptr<File>& file, const uint8_t* buf, uint64_t len, uint64_t off,
                            Napi::Value keep) {
-  if (!DirectReadsEnabled() || len == 0 || len > kMaxDirectRead) return Napi::Value();
+  if (!DirectReadsEnabled() || len == 0 || len > kMaxDirectWrite) return Napi::Value();
   const int fd = file->fd();
   Ring* ring = fd >= 0 ? RingOf(env) : nullptr;
   if (!ring || !file->BeginSubmittedWrite(buf, len, off)) return Napi::Value();

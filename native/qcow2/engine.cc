@@ -334,6 +334,7 @@ Status Engine::Map(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns,
   }
   const uint32_t dataFlags = config_.externalDataFile ? uint32_t{kRunDataFile} : 0u;
   const uint64_t end = at.value + len;
+  mapper_->AdviseTables(at, len);
   for (uint64_t pos = at.value; pos < end && out->size() < maxRuns;) {
     Segment seg;
     QCOW2_TRY(mapper_->Resolve(GuestOffset{pos}, end - pos, &seg, /*scan=*/true));

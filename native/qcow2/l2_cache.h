@@ -46,6 +46,8 @@ class L2Cache {
   Status Get(uint64_t offset, std::shared_ptr<const L2Slice>* out, uint64_t tableOffset = 0, size_t tableBytes = 0);
   /// The slice at `offset` when it is cached, without loading it.
   bool Peek(uint64_t offset, std::shared_ptr<const L2Slice>* out) { return Lookup(offset, out, false); }
+  /// The file the tables are read from.
+  const File& file() const { return *file_; }
   L2CacheStats Stats();
   /// Put `slice` (an updated copy, already written to disk) in place of the slice at `offset`.
   void Replace(uint64_t offset, std::shared_ptr<const L2Slice> slice);

@@ -1,5 +1,7 @@
 #include "qcow2/mapper.h"
 
+#include <fcntl.h>
+
 #include <algorithm>
 
 namespace qcow2 {
@@ -64,6 +66,28 @@ Status Mapper::Load(const Geometry& geometry, const HostBounds& bounds, uint64_t
   for (uint64_t i = 0; i < l1Entries; i++) mapper->l1_[i].store(LoadBE64(table.data() + 8 * i));
   *out = std::move(mapper);
   return Status::Ok();
+}
+
+namespace {
+/// Bytes of L2 tables one AdviseTables() call may ask the kernel to read ahead.
+constexpr uint64_t kMaxAdvisedBytes = 32u << 20;
+}  // namespace
+
+void Mapper::AdviseTables(GuestOffset at, uint64_t length) {
+  const File& file = cache_.file();
+  if (length == 0 || file.direct() || file.fd() < 0) return;
+  const uint64_t first = geometry_.L1Index(at);
+  const uint64_t end = std::min(l1Count_, geometry_.L1Index(GuestOffset{at.value + length - 1}) + 1);
+  uint64_t advised = 0;
+  for (uint64_t i = first; i < end && advised + geometry_.clusterSize <= kMaxAdvisedBytes; i++) {
+    uint64_t l2Offset = 0;
+    // A bad entry fails the request that resolves through it, not this hint.
+    if (!DecodeL1Entry(geometry_, Bounds(), i, L1Raw(i), &l2Offset).ok() || l2Offset == 0) continue;
+    std::shared_ptr<const L2Slice> slice;
+    if (cache_.Peek(l2Offset, &slice)) continue;
+    posix_fadvise(file.fd(), static_cast<off_t>(l2Offset), static_cast<off_t>(geometry_.clusterSize), POSIX_FADV_WILLNEED);
+    advised += geometry_.clusterSize;
+  }
 }
 
 Status Mapper::L2SliceFor(GuestOffset at, uint64_t l2Offset, bool scan, bool cachedOnly,

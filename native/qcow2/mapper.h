@@ -39,6 +39,10 @@ class Mapper {
   /// The segment starting at `at`, at most `maxLength` bytes long (which must not pass the disk end).
   /// `scan` says the caller walks a long range: L2 tables missing from the cache load whole.
   Status Resolve(GuestOffset at, uint64_t maxLength, Segment* out, bool scan = false);
+  /// Ask the kernel to start reading the L2 tables of [at, at + length) missing from the cache, all
+  /// at once, so that a long walk (map) finds them in the page cache instead of waiting for each
+  /// in turn. Only for files read through the page cache; at most kMaxAdvisedBytes per call.
+  void AdviseTables(GuestOffset at, uint64_t length);
   /// Resolve() from cached tables only: false when that would need I/O or finds an error.
   bool ResolveCached(GuestOffset at, uint64_t maxLength, Segment* out);
 
