@@ -31,8 +31,11 @@ constexpr uint64_t kBitmapEntryReservedMask = 0xff000000000001feull;
 constexpr uint64_t kBitmapAllOnes = 1;
 /// qemu's bound on a snapshot's L1 table, in entries.
 constexpr uint64_t kMaxL1Entries = kMaxL1Bytes / 8;
-/// Reading L2 tables in groups keeps the disk busy without holding every table in memory.
-constexpr size_t kL2Batch = 64;
+/// Reading L2 tables in groups of this many bytes keeps the disk busy without holding every table in memory.
+constexpr size_t kL2BatchBytes = 4u << 20;
+
+/// L2 tables per group: 64 of 64 KiB, 2 of 2 MiB.
+size_t L2Batch(uint64_t clusterSize) { return std::max<size_t>(1, kL2BatchBytes / clusterSize); }
 
 Status Stop(const char* reason) { return Status::Error(kCheckFailed, reason); }
 
@@ -344,8 +347,9 @@ class Walker {
       if (entry) pending.push_back(entry);
     }
     std::vector<uint8_t> tables;
-    for (size_t start = 0; start < pending.size(); start += kL2Batch) {
-      const size_t count = std::min(kL2Batch, pending.size() - start);
+    const size_t batch = L2Batch(g_.clusterSize);
+    for (size_t start = 0; start < pending.size(); start += batch) {
+      const size_t count = std::min(batch, pending.size() - start);
       QCOW2_TRY(ReadL2Batch(pending.data() + start, count, &tables));
       for (size_t n = 0; n < count; n++) {
         const uint64_t entry = pending[start + n];
@@ -770,8 +774,9 @@ class Checker {
     }
     // The L2 tables are read a batch at a time, in parallel, ahead of the entries that name them.
     std::vector<uint8_t> tables;
-    for (size_t start = 0; start < indices.size(); start += kL2Batch) {
-      const size_t count = std::min(kL2Batch, indices.size() - start);
+    const size_t batch = L2Batch(g_.clusterSize);
+    for (size_t start = 0; start < indices.size(); start += batch) {
+      const size_t count = std::min(batch, indices.size() - start);
       std::vector<uint64_t> offsets(count);
       for (size_t n = 0; n < count; n++) offsets[n] = LoadBE64(l1.data() + 8 * indices[start + n]) & kOffsetMask;
       if (!ReadTables(image_, offsets, g_.clusterSize, &tables).ok()) {
@@ -960,20 +965,29 @@ class BlockWriter {
 
 ReferenceCounts::ReferenceCounts(uint32_t refcountOrder) {
   const uint32_t bits = 1u << refcountOrder;
+  narrow_ = bits <= 16;
   max_ = bits >= 32 ? UINT32_MAX : (1ull << bits) - 1;
 }
 
 void ReferenceCounts::Set(uint64_t cluster, uint64_t value) {
   if (cluster >= size_) Resize(cluster + 1);
-  counts_[cluster] = static_cast<uint32_t>(value);
+  if (narrow_) {
+    counts16_[cluster] = static_cast<uint16_t>(value);
+  } else {
+    counts32_[cluster] = static_cast<uint32_t>(value);
+  }
 }
 
 void ReferenceCounts::Resize(uint64_t clusters) {
   size_ = clusters;
-  if (counts_.size() < clusters) counts_.resize(clusters, 0);
+  if (narrow_ && counts16_.size() < clusters) counts16_.resize(clusters, 0);
+  if (!narrow_ && counts32_.size() < clusters) counts32_.resize(clusters, 0);
 }
 
-void ReferenceCounts::Clear() { std::fill(counts_.begin(), counts_.end(), 0); }
+void ReferenceCounts::Clear() {
+  std::fill(counts16_.begin(), counts16_.end(), 0);
+  std::fill(counts32_.begin(), counts32_.end(), 0);
+}
 
 Status CountReferences(File& image, const WalkRequest& request, bool countRefcountStructure, ReferenceCounts* counts,
                        CheckReport* report, bool* rebuild) {

@@ -80,11 +80,15 @@ struct CheckReport {
   std::string failure;
 };
 
-/// References per host cluster as the walker counts them, saturating at the image's refcount maximum.
+/// References per host cluster as the walker counts them, saturating at the image's refcount maximum;
+/// 16 bits a cluster when the refcounts are that narrow, 32 otherwise.
 class ReferenceCounts {
  public:
   explicit ReferenceCounts(uint32_t refcountOrder);
-  uint64_t Get(uint64_t cluster) const { return cluster < counts_.size() ? counts_[cluster] : 0; }
+  uint64_t Get(uint64_t cluster) const {
+    if (cluster >= size_) return 0;
+    return narrow_ ? counts16_[cluster] : counts32_[cluster];
+  }
   void Set(uint64_t cluster, uint64_t value);
   /// Clusters the array covers (qemu's nb_clusters: grows as references past the end are met).
   uint64_t size() const { return size_; }
@@ -93,7 +97,9 @@ class ReferenceCounts {
   uint64_t max() const { return max_; }
 
  private:
-  std::vector<uint32_t> counts_;
+  bool narrow_ = true;
+  std::vector<uint16_t> counts16_;
+  std::vector<uint32_t> counts32_;
   uint64_t size_ = 0;
   uint64_t max_ = 0;
 };
