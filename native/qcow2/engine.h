@@ -249,6 +249,10 @@ class Engine {
   /// Write zeros over [from, to) as data.
   Status WriteZeroBytes(uint64_t from, uint64_t to);
   Status GrowL1(uint64_t entries);
+  /// Drop the clusters of [from, oldSize) (the disk shrinks), and the L2 tables of L1 entries from `keep` on.
+  Status DropPast(uint64_t from, uint64_t oldSize, uint64_t keep);
+  /// After a shrink: drop the refcount blocks past the last cluster in use and cut the file there.
+  Status TrimToLastCluster();
   /// Map every unallocated cluster of [from, to) to a data cluster of its own, as qemu-img resize --preallocation does.
   Status Preallocate(uint64_t from, uint64_t to, Preallocation mode);
   /// Contiguous clusters from the allocator; `fresh` ones read as zeros.

@@ -578,17 +578,18 @@ Status Engine::ReleaseFreed() {
 }
 
 Status Engine::AllocateRuns(uint64_t count, std::vector<AllocatedRun>* runs) {
-  // New refcount blocks sit at the first cluster they describe, so fresh space has free runs of
-  // at most a block's reach less one: larger requests take several runs.
-  const uint64_t maxRun = std::max<uint64_t>(1, refcounts_->perBlock() / 2);
+  // The first free clusters, however they are split (holes get filled, as QEMU does).
   uint64_t end = 0;
   for (uint64_t left = count; left > 0;) {
     AllocatedRun run;
-    run.count = std::min(left, maxRun);
-    QCOW2_TRY(refcounts_->Allocate(run.count, &run.first, &run.fresh));
+    QCOW2_TRY(refcounts_->AllocateUpTo(left, &run.first, &run.count, &run.fresh));
     // Refcounts that miss a structure would hand out its clusters.
     QCOW2_TRY(Guard(run.first << geometry().clusterBits, run.count << geometry().clusterBits));
-    runs->push_back(run);
+    if (!runs->empty() && runs->back().first + runs->back().count == run.first && runs->back().fresh == run.fresh) {
+      runs->back().count += run.count;
+    } else {
+      runs->push_back(run);
+    }
     end = std::max(end, (run.first + run.count) << geometry().clusterBits);
     left -= run.count;
   }
@@ -1011,6 +1012,76 @@ Status Engine::Preallocate(uint64_t from, uint64_t to, Preallocation mode) {
   return Publish(std::move(updates), std::move(frees));
 }
 
+Status Engine::DropPast(uint64_t from, uint64_t oldSize, uint64_t keep) {
+  const Geometry& g = geometry();
+  std::vector<L2Update> updates;
+  std::vector<HostFree> frees, dropped;
+  for (uint64_t c = from >> g.clusterBits; c <= (oldSize - 1) >> g.clusterBits; c++) {
+    Mapper::RawEntry e;
+    QCOW2_TRY(mapper_->EntryAt(GuestOffset{c << g.clusterBits}, &e));
+    if (e.l2Offset == 0 || (e.raw == 0 && e.bitmap == 0)) continue;
+    const bool shared = !(e.l1Raw & kCopiedFlag);
+    // A whole table past the end goes with what it maps; a table shared with a snapshot and what it
+    // maps each lose the reference the active L1 held.
+    const bool whole = e.l1Index >= keep;
+    const L2Entry& l2 = e.entry;
+    if ((l2.compressed || l2.hostAllocated) && !config_.externalDataFile) {
+      (whole ? dropped : frees).push_back({l2.host, l2.compressed ? l2.compressedBytes : g.clusterSize, false});
+    }
+    if (whole) continue;
+    if (shared) {
+      std::lock_guard<std::mutex> lock(metaMu_);
+      uint64_t table = 0;
+      QCOW2_TRY(TableFor(e, &table, &frees));
+    }
+    updates.push_back({e.l1Index, g.L2Index(GuestOffset{c << g.clusterBits}), 0, 0});
+  }
+  QCOW2_TRY(Publish(std::move(updates), std::move(frees)));
+  std::vector<uint64_t> tables;
+  for (uint64_t i = keep; i < mapper_->l1Entries(); i++) {
+    if (mapper_->L1Raw(i) & kOffsetMask) tables.push_back(i);
+  }
+  if (tables.empty()) return Status::Ok();
+  // The L1 entries are gone on disk before the tables and what they alone map may be reused
+  // (the table sizes stay, as QEMU keeps l1_size).
+  QCOW2_TRY(Flush());
+  for (uint64_t i : tables) {
+    const uint8_t zero[8] = {};
+    QCOW2_TRY(Guard(config_.l1TableOffset + 8 * i, 8, kMetaActiveL1));
+    QCOW2_TRY(image_->Write(zero, 8, config_.l1TableOffset + 8 * i));
+  }
+  QCOW2_TRY(image_->Flush());
+  std::lock_guard<std::mutex> lock(metaMu_);
+  for (uint64_t i : tables) {
+    const uint64_t table = mapper_->L1Raw(i) & kOffsetMask;
+    mapper_->SetL1(i, 0);
+    metadata_->Remove(kMetaActiveL2, table, g.clusterSize);
+    dropped.push_back({table, g.clusterSize, false});
+  }
+  pendingFrees_.insert(pendingFrees_.end(), dropped.begin(), dropped.end());
+  return Status::Ok();
+}
+
+Status Engine::TrimToLastCluster() {
+  uint64_t end = 0, fileSize = 0;
+  {
+    std::lock_guard<std::mutex> lock(metaMu_);
+    QCOW2_TRY(refcounts_->DropEmptyTail(&end));
+  }
+  // The blocks dropped from the table are no longer referenced on disk once written.
+  QCOW2_TRY(WriteRefcountChanges());
+  QCOW2_TRY(image_->Flush());
+  const uint64_t bytes = end << geometry().clusterBits;
+  QCOW2_TRY(image_->Size(&fileSize));
+  if (end == 0 || bytes >= fileSize) return Status::Ok();
+  // The file ends with its last cluster in use, as after QEMU's shrink.
+  QCOW2_TRY(image_->Truncate(bytes));
+  std::lock_guard<std::mutex> lock(metaMu_);
+  imageFileSize_ = bytes;
+  grownTo_ = 0;
+  return Status::Ok();
+}
+
 Status Engine::Resize(uint64_t newSize, bool shrink, Preallocation preallocation) {
   QCOW2_TRY(Writable());
   std::unique_lock<std::shared_mutex> resizing(resizeMu_);
@@ -1023,23 +1094,7 @@ Status Engine::Resize(uint64_t newSize, bool shrink, Preallocation preallocation
   if (newSize < oldSize) {
     // Clusters wholly past the new end lose their data, as QEMU's shrink discards them.
     const uint64_t from = (newSize + g.clusterSize - 1) & ~(g.clusterSize - 1);
-    if (from < oldSize) {
-      const Geometry& geo = geometry();
-      const uint64_t first = from >> geo.clusterBits, last = (oldSize - 1) >> geo.clusterBits;
-      std::vector<L2Update> updates;
-      std::vector<HostFree> frees;
-      for (uint64_t c = first; c <= last; c++) {
-        Mapper::RawEntry e;
-        QCOW2_TRY(Fail(mapper_->EntryAt(GuestOffset{c << geo.clusterBits}, &e)));
-        if (e.l2Offset == 0 || (e.raw == 0 && e.bitmap == 0)) continue;
-        const L2Entry& l2 = e.entry;
-        updates.push_back({e.l1Index, geo.L2Index(GuestOffset{c << geo.clusterBits}), 0, 0});
-        if ((l2.compressed || l2.hostAllocated) && !config_.externalDataFile) {
-          frees.push_back({l2.host, l2.compressed ? l2.compressedBytes : geo.clusterSize, false});
-        }
-      }
-      QCOW2_TRY(Publish(std::move(updates), std::move(frees)));
-    }
+    if (from < oldSize) QCOW2_TRY(Fail(DropPast(from, oldSize, Geometry::Make(g.clusterBits, g.extendedL2, newSize).L1EntriesNeeded())));
   }
   const Geometry grown = Geometry::Make(g.clusterBits, g.extendedL2, newSize);
   if (grown.L1EntriesNeeded() > mapper_->l1Entries()) QCOW2_TRY(Fail(GrowL1(grown.L1EntriesNeeded())));
@@ -1049,6 +1104,7 @@ Status Engine::Resize(uint64_t newSize, bool shrink, Preallocation preallocation
   StoreBE64(field, newSize);
   QCOW2_TRY(WriteHeaderField(kHeaderSize, field, sizeof field));
   mapper_->SetVirtualSize(newSize);
+  if (newSize < oldSize) QCOW2_TRY(Fail(TrimToLastCluster()));
   return Status::Ok();
 }
 

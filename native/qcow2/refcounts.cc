@@ -102,19 +102,61 @@ Status Refcounts::LoadBlock(uint64_t index, Block** out) {
 }
 
 Status Refcounts::MakeBlock(uint64_t index, Block** out) {
-  if (index >= table_.size()) QCOW2_TRY(GrowTable(index + 1));
-  const uint64_t self = index * perBlock_;
+  if (index >= table_.size()) {
+    QCOW2_TRY(GrowTable(index + 1));
+    // Allocating the grown table's clusters may have made this very block already: keep its counts.
+    if (table_[index] != 0) return LoadBlock(index, out);
+  }
+  *out = &PlaceBlock(index, index * perBlock_);
+  SetRefcount((*out)->bytes.data(), bits_, 0, 1);
+  return Status::Ok();
+}
+
+Refcounts::Block& Refcounts::PlaceBlock(uint64_t index, uint64_t cluster) {
   Block& block = blocks_[index];
   block.bytes.assign(clusterSize_, 0);
-  SetRefcount(block.bytes.data(), bits_, 0, 1);
   block.Touch(0, clusterSize_);
-  highWater_ = std::max(highWater_, self + 1);
-  table_[index] = self << clusterBits_;
-  newEntries_.push_back({index, self << clusterBits_});
-  if (ranges_) ranges_->Add(kMetaRefcountBlock, self << clusterBits_, clusterSize_);
-  fileSize_ = std::max(fileSize_, (self + 1) << clusterBits_);
-  *out = &block;
-  return Status::Ok();
+  highWater_ = std::max(highWater_, cluster + 1);
+  table_[index] = cluster << clusterBits_;
+  newEntries_.push_back({index, cluster << clusterBits_});
+  if (ranges_) ranges_->Add(kMetaRefcountBlock, cluster << clusterBits_, clusterSize_);
+  fileSize_ = std::max(fileSize_, (cluster + 1) << clusterBits_);
+  return block;
+}
+
+Status Refcounts::AllocateLong(uint64_t count, uint64_t* first) {
+  for (;;) {
+    // Past everything in use, the blocks describing the run go first, then the run: `k` clusters of
+    // blocks, enough for the blocks missing over [start, start + k + count).
+    const uint64_t start = highWater_;
+    uint64_t k = 0;
+    for (;;) {
+      uint64_t missing = 0;
+      for (uint64_t i = start / perBlock_; i <= (start + k + count - 1) / perBlock_; i++) {
+        missing += i >= table_.size() || table_[i] == 0;
+      }
+      if (missing <= k) break;
+      k = missing;
+    }
+    const uint64_t lastIndex = (start + k + count - 1) / perBlock_;
+    if (lastIndex >= table_.size()) {
+      // The grown table takes clusters of its own: plan again past them.
+      QCOW2_TRY(GrowTable(lastIndex + 1));
+      continue;
+    }
+    std::vector<uint64_t> placed;
+    for (uint64_t i = start / perBlock_; i <= lastIndex; i++) {
+      if (table_[i] != 0) continue;
+      placed.push_back(start + placed.size());
+      PlaceBlock(i, placed.back());
+    }
+    for (uint64_t c : placed) QCOW2_TRY(Add(c, 1));
+    for (uint64_t c = start + k; c < start + k + count; c++) QCOW2_TRY(Add(c, 1));
+    highWater_ = std::max(highWater_, start + k + count);
+    fileSize_ = std::max(fileSize_, (start + k + count) << clusterBits_);
+    *first = start + k;
+    return Status::Ok();
+  }
 }
 
 Status Refcounts::BlockFor(uint64_t cluster, bool create, Block** out) {
@@ -153,6 +195,12 @@ Status Refcounts::Add(uint64_t cluster, int64_t delta) {
 }
 
 Status Refcounts::Allocate(uint64_t count, uint64_t* first, bool* fresh) {
+  // New blocks sit at the first cluster they describe, so fresh space holds no free run much longer
+  // than half a block's reach: longer runs (large tables) are placed past the end with their blocks before them.
+  if (count > std::max<uint64_t>(1, perBlock_ / 2)) {
+    if (fresh) *fresh = true;
+    return AllocateLong(count, first);
+  }
   for (;;) {
     uint64_t start = cursor_, firstFree = UINT64_MAX;
     bool madeBlock = false;
@@ -181,6 +229,80 @@ Status Refcounts::Allocate(uint64_t count, uint64_t* first, bool* fresh) {
     *first = start;
     return Status::Ok();
   }
+}
+
+Status Refcounts::AllocateUpTo(uint64_t most, uint64_t* first, uint64_t* got, bool* fresh) {
+  for (;;) {
+    uint64_t c = cursor_;
+    Block* block = nullptr;
+    bool madeBlock = false;
+    for (;; c++) {
+      const uint64_t index = c / perBlock_;
+      if (index >= table_.size() || table_[index] == 0) {
+        // A new block takes the first cluster it describes, which may be `c` itself: look again.
+        QCOW2_TRY(MakeBlock(index, &block));
+        madeBlock = true;
+        break;
+      }
+      QCOW2_TRY(LoadBlock(index, &block));
+      if (GetRefcount(block->bytes.data(), bits_, c % perBlock_) == 0) break;
+    }
+    if (madeBlock) continue;
+    // The run ends where a cluster is in use or its block is missing (the next call makes that block).
+    uint64_t n = 1;
+    for (; n < most; n++) {
+      const uint64_t index = (c + n) / perBlock_;
+      if (index >= table_.size() || table_[index] == 0) break;
+      QCOW2_TRY(LoadBlock(index, &block));
+      if (GetRefcount(block->bytes.data(), bits_, (c + n) % perBlock_) != 0) break;
+    }
+    for (uint64_t i = c; i < c + n; i++) QCOW2_TRY(Add(i, 1));
+    cursor_ = c + n;
+    *fresh = c >= highWater_;
+    highWater_ = std::max(highWater_, c + n);
+    fileSize_ = std::max(fileSize_, (c + n) << clusterBits_);
+    *first = c;
+    *got = n;
+    return Status::Ok();
+  }
+}
+
+Status Refcounts::DropEmptyTail(uint64_t* end) {
+  *end = 0;
+  for (uint64_t i = table_.size(); i-- > 0;) {
+    const uint64_t offset = table_[i] & kOffsetMask;
+    if (offset == 0) continue;
+    Block* block = nullptr;
+    QCOW2_TRY(LoadBlock(i, &block));
+    const uint64_t self = offset >> clusterBits_;
+    const bool selfDescribed = self / perBlock_ == i;
+    uint64_t last = 0;
+    bool others = false;
+    for (uint64_t j = perBlock_; j-- > 0;) {
+      if (GetRefcount(block->bytes.data(), bits_, j) == 0) continue;
+      if (last == 0) last = i * perBlock_ + j + 1;
+      if (i * perBlock_ + j != self) {
+        others = true;
+        break;
+      }
+    }
+    // A block counting nothing lies in space another block counts: that one says where the end is.
+    if (last == 0) continue;
+    if (selfDescribed && !others) {
+      // A block that counts nothing but itself describes free space only: it leaves the table.
+      table_[i] = 0;
+      newEntries_.push_back({i, 0});
+      blocks_.erase(i);
+      if (ranges_) ranges_->Remove(kMetaRefcountBlock, offset, clusterSize_);
+      continue;
+    }
+    *end = last;
+    break;
+  }
+  highWater_ = std::min(highWater_, *end);
+  fileSize_ = *end << clusterBits_;
+  cursor_ = std::min(cursor_, *end);
+  return Status::Ok();
 }
 
 Status Refcounts::GrowTable(uint64_t minEntries) {

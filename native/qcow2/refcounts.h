@@ -48,6 +48,12 @@ class Refcounts {
   /// through `growTable`, which the engine runs with its own ordering and barriers).
   /// `*fresh` says the clusters lie past everything the file ever held: they read as zeros.
   Status Allocate(uint64_t count, uint64_t* first, bool* fresh = nullptr);
+  /// Allocate the first free clusters, as many (up to `most`) as lie contiguous there: `*got` of them
+  /// from `*first`; `*fresh` as for Allocate(). Fills holes that a run of `most` would skip.
+  Status AllocateUpTo(uint64_t most, uint64_t* first, uint64_t* got, bool* fresh);
+  /// Drop the blocks at the top that count only themselves, and say where the clusters in use end
+  /// (`*end`, in clusters): what a shrunk image's file keeps.
+  Status DropEmptyTail(uint64_t* end);
   /// Take the dirty blocks and new table entries for the next commit, marking them clean.
   void TakeDirty(std::vector<RefcountBlockWrite>* blocks, std::vector<RefcountTableWrite>* entries);
   /// A table grown in memory that must be written and flushed before the header points at it.
@@ -80,6 +86,10 @@ class Refcounts {
   Status LoadBlock(uint64_t index, Block** out);
   /// Make the missing block `index`, placed at the first cluster it describes (free, since no block counts it).
   Status MakeBlock(uint64_t index, Block** out);
+  /// Make the missing block `index` at host cluster `cluster`, with no counts yet (not even its own).
+  Block& PlaceBlock(uint64_t index, uint64_t cluster);
+  /// Allocate a run longer than fresh space between blocks holds: past the end, its blocks just before it.
+  Status AllocateLong(uint64_t count, uint64_t* first);
   Status GrowTable(uint64_t minEntries);
 
   std::shared_ptr<File> image_;

@@ -59,8 +59,6 @@ interface CopyPlan {
   segments: Segment[];
   target: Qcow2Image;
   clusterSize: number;
-  /** Bytes one write request may cover at most (see requestLimit). */
-  maxRequest: number;
   /** Zero stretches need no write: the target reads as zero wherever it is not written. */
   zeroInit: boolean;
   /** The target has a backing file: what the sources' top layers leave unallocated stays unallocated. */
@@ -94,7 +92,6 @@ export async function convertToQcow2(inputs: Image[], target: string, size: numb
       segments: segmentsOf(inputs),
       target: image,
       clusterSize: image.header.clusterSize,
-      maxRequest: requestLimit(image.header.clusterSize, image.header.refcountOrder),
       zeroInit: options.skipCreate ? options.targetIsZero === true : !hasBacking,
       keepUnallocated: hasBacking,
       compress: qcow2.compress ?? false,
@@ -144,22 +141,6 @@ async function openFailureReason(target: string, cause: Qcow2Error): Promise<str
   );
   if (backing === undefined) return `Could not open '${target}': ${text}`;
   return `Could not open backing file: Could not open '${combineFileName(target, backing)}': ${text}`;
-}
-
-/**
- * The engine allocates all the clusters of a request together, and a request needing about as
- * many clusters as one refcount block describes does not settle (seen with 512-byte and 1 KiB
- * clusters); a quarter of a refcount block's reach keeps well clear of that. At the default
- * geometry (64 KiB clusters, 16-bit refcounts) the limit is 512 MiB and never cuts a window.
- */
-function requestLimit(clusterSize: number, refcountOrder: number): number {
-  const entriesPerBlock = (clusterSize * 8) / 2 ** refcountOrder;
-  return clusterSize * Math.max(1, Math.floor(entriesPerBlock / 4));
-}
-
-/** Run `write(piece, offset)` over `data` in pieces of at most `limit` bytes, one after the other. */
-async function inPieces(data: Buffer, offset: number, limit: number, write: (piece: Buffer, at: number) => Promise<void>): Promise<void> {
-  for (let pos = 0; pos < data.length; pos += limit) await write(data.subarray(pos, Math.min(data.length, pos + limit)), offset + pos);
 }
 
 function segmentsOf(inputs: Image[]): Segment[] {
@@ -330,11 +311,11 @@ function alignUp(n: number, alignment: number): number {
 /** Data at target offset `offset`: written whole, or without its zero stretches when the target reads as zero. */
 async function writeData(plan: CopyPlan, data: Buffer, offset: number): Promise<void> {
   if (!plan.zeroInit || plan.sparseSize === 0) {
-    await inPieces(data, offset, plan.maxRequest, (piece, at) => plan.target.write(piece, at));
+    await plan.target.write(data, offset);
     return;
   }
   for (const run of dataAndZeroRuns(data, offset, plan.sparseSize)) {
-    if (run.data) await inPieces(data.subarray(run.start, run.end), offset + run.start, plan.maxRequest, (piece, at) => plan.target.write(piece, at));
+    if (run.data) await plan.target.write(data.subarray(run.start, run.end), offset + run.start);
   }
 }
 
@@ -350,7 +331,7 @@ async function writeCompressedClusters(plan: CopyPlan, copies: Span[], view: Buf
   const flushRun = async () => {
     if (runStart >= 0) {
       const run = view.subarray(runStart - viewOffset, next - viewOffset);
-      await inPieces(run, runStart, plan.maxRequest, (piece, at) => target.writeCompressed(piece, at));
+      await target.writeCompressed(run, runStart);
     }
     runStart = -1;
   };
