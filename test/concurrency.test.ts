@@ -138,7 +138,7 @@ async function withQemuView(error: unknown, image: Image, file: string, run: Con
   try {
     await image.close();
     const check = await runProgram('qemu-img', ['check', file]);
-    const problems = check.stdout.split('\n').filter((line) => /ERROR|Leaked|errors were found/.test(line));
+    const problems = `${check.stdout}\n${check.stderr}`.split('\n').filter((line) => /ERROR|Leaked|errors were found/.test(line));
     lines.push(`qemu-img check of the closed image exits ${check.code}: ${problems.slice(0, 6).join('; ') || 'no errors'}`);
     if (error.sector !== undefined) {
       const unit = run.geometry.sectorSize;
