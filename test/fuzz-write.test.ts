@@ -84,6 +84,7 @@ for (const seed of SEEDS) {
       if (result.writeSide?.cleanBefore && result.writeSide.wrote) counts.cleanAndWritten++;
       if (result.writeSide?.checkAgreed !== undefined) counts.checksCompared++;
       if (result.writeSide?.checkAgreed) counts.checksAgreed++;
+      if (result.writeSide?.checkDisagreement) t.log(`checks differ on '${seed.name}' with changes:\n${describeMutated(mutated)}\n${result.writeSide.checkDisagreement}`);
     });
     // No shrinking: each shrink step could be another hang.
     await fc.assert(property, { seed: fcSeed(seed.name), numRuns: RUNS, endOnFailure: true, includeErrorInReport: true });

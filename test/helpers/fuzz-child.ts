@@ -5,7 +5,6 @@
  * a native crash or a hang is seen by the parent, which knows the case, instead of killing the
  * test worker. Protocol (IPC): FuzzRequest in; FuzzProgress while working, then FuzzReport.
  */
-import { execFile } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
 import { constants } from 'node:os';
 
@@ -24,7 +23,7 @@ import {
   mapImage,
   open,
 } from '../../ts/index.js';
-import { QemuVerdict, WriteOp, WriteSide, isClean, qemuCheck } from './fuzz-write-case.js';
+import { QemuVerdict, WriteOp, WriteSide, isClean, qemuCheck, runQemu } from './fuzz-write-case.js';
 
 /** What to do with one image. */
 export interface FuzzRequest {
@@ -66,7 +65,7 @@ export interface FuzzReport {
   /** Errors without a code, non-Qcow2Error throws, unhandled rejections, inconsistent results. */
   problems: string[];
   /** Write side: whether qemu-img check found the image clean before and after, and whether a request changed it. */
-  writeSide?: { cleanBefore: boolean; cleanAfter?: boolean; wrote: boolean; checkAgreed?: boolean };
+  writeSide?: { cleanBefore: boolean; cleanAfter?: boolean; wrote: boolean; checkAgreed?: boolean; checkDisagreement?: string };
 }
 
 const CHUNK = 1 << 20;
@@ -140,7 +139,8 @@ class CaseRun {
   async runWriteSide(options: Qcow2OpenOptions, ops: WriteOp[]): Promise<void> {
     const side = new WriteSide(this, this.request.image, options, ops, this.request.skipRepair ?? false);
     const { before, after, wrote } = await side.run();
-    this.writeSide = { cleanBefore: isClean(before), cleanAfter: after && isClean(after), wrote, checkAgreed: side.checkAgreed };
+    const { checkAgreed, checkDisagreement } = side;
+    this.writeSide = { cleanBefore: isClean(before), cleanAfter: after && isClean(after), wrote, checkAgreed, checkDisagreement };
   }
 
   async failOnPurpose(how: NonNullable<FuzzRequest['selfTest']>): Promise<void> {
@@ -234,12 +234,10 @@ class CaseRun {
       return;
     }
     await this.announce('qemu-img compare of the two conversions');
-    const compared = await new Promise<string | undefined>((resolve) =>
-      execFile('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', target, out], { encoding: 'utf8' }, (error, stdout, stderr) =>
-        resolve(error ? `exit ${String(error.code)}: ${stdout}${stderr}` : undefined),
-      ),
-    );
-    if (compared) this.problems.push(`qemu-img compare finds the qcow2 and raw conversions different: ${compared.trim()}`);
+    const compared = await runQemu('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', target, out]);
+    if (compared.code !== 0) {
+      this.problems.push(`qemu-img compare finds the qcow2 and raw conversions different: exit ${compared.code}: ${(compared.stdout + compared.stderr).trim()}`);
+    }
   }
 }
 

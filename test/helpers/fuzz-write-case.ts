@@ -58,7 +58,8 @@ export function isClean(verdict: QemuVerdict): boolean {
   return verdict.checked && verdict.corruptions === 0 && verdict.checkErrors === 0;
 }
 
-function runQemu(program: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+/** Run qemu-img or qemu-io; resolves with the exit code (-1 when killed) and the output. */
+export function runQemu(program: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
     execFile(program, args, { encoding: 'utf8', timeout: QEMU_TIMEOUT_MS, maxBuffer: 1 << 26 }, (error, stdout, stderr) => {
       const code = error ? (typeof error.code === 'number' ? error.code : -1) : 0;
@@ -161,6 +162,8 @@ export class WriteSide {
   wrote = false;
   /** Our check of the mutated image found what qemu-img check found (undefined: one of them could not check it). */
   checkAgreed: boolean | undefined;
+  /** When they differ: both results, for the log (the counts may differ where qemu's own are debatable). */
+  checkDisagreement: string | undefined;
 
   constructor(
     readonly runner: StepRunner,
@@ -201,6 +204,7 @@ export class WriteSide {
     if (!result || !qemu.checked) return;
     const ours = verdictOf(result);
     this.checkAgreed = sameCounts(ours, qemu);
+    if (!this.checkAgreed) this.checkDisagreement = `qemu-img check: ${qemu.summary}\nour check: ${ours.summary}`;
     if (qemu.corruptions > 0 && ours.corruptions === 0 && ours.checkErrors === 0) {
       this.runner.problems.push(`qemu-img check finds corruption (${qemu.summary}), our check finds none: ${ours.summary}`);
     }
