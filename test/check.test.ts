@@ -151,6 +151,16 @@ const CASES: Case[] = [
     const l2 = (await readU64(f, await l1EntryOffset(f, 0))) & OFFSET_MASK;
     await writeU64(f, await refcountTableEntryOffset(f, 1), l2 + 0x200n);
   }),
+  {
+    name: 'an unaligned refcount block in use (4 KiB clusters): a corruption event, fatal with -r',
+    async make(dir) {
+      const image = await made(dir, 'img.qcow2', 'cluster_size=4k', ['write -P 1 0 9M'], '16M');
+      const file = path.join(dir, image);
+      const at = await refcountTableEntryOffset(file, 1);
+      await writeU64(file, at, (await readU64(file, at)) + 0x200n);
+      return image;
+    },
+  },
   broken('the dirty bit with a leak', async (f) => {
     await setRefcount(f, await hostCluster(f, 0), 3);
     await setIncompatibleBits(f, 1n);

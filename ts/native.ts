@@ -233,6 +233,8 @@ export interface Qcow2CheckReport {
   fragmentedClusters: number;
   compressedClusters: number;
   failure?: string;
+  /** A corruption event on the writable image made it unusable for the rest of the run, as in qemu. */
+  unusable?: boolean;
 }
 
 /** Everything the addon exports. */

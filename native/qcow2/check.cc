@@ -65,12 +65,16 @@ void StoreBE64(uint8_t* p, uint64_t v) {
 
 uint64_t DivUp(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 
-/// Repair writes go through qemu's overlap check: a write onto metadata of another kind is refused,
-/// the image is marked corrupt (once, with qemu's message) and the check stops.
+/// qemu's corruption events and overlap check. Repair writes onto metadata of another kind are
+/// refused and the check stops. An event on a writable image marks it corrupt and makes it unusable
+/// (refcount changes not yet written are lost, the double check cannot run); on a read-only one it
+/// is only shown. Either way only the first event is shown.
 class WriteGuard {
  public:
-  WriteGuard(File& image, uint32_t clusterBits, uint64_t incompatibleFeatures, std::vector<std::string>* messages)
-      : image_(image), ranges_(clusterBits), features_(incompatibleFeatures), messages_(messages) {}
+  WriteGuard(File& image, uint32_t clusterBits, uint64_t incompatibleFeatures, bool writable,
+             std::vector<std::string>* messages)
+      : image_(image), ranges_(clusterBits), features_(incompatibleFeatures), writable_(writable),
+        messages_(messages) {}
 
   MetadataRanges& ranges() { return ranges_; }
 
@@ -79,27 +83,38 @@ class WriteGuard {
   Status Check(uint64_t offset, uint64_t bytes, uint32_t allowed) {
     Status st = ranges_.Check(offset, bytes, allowed);
     if (st.ok()) return st;
+    const std::string prefix = "Marking image as corrupt: ";
     const size_t cut = st.message.find("): ");
-    MarkCorrupt(st.message.substr(0, cut + 1));
+    Signal(st.message.substr(prefix.size(), cut + 1 - prefix.size()));
     return Stop(kIoError);
   }
 
-  /// qemu's corruption event: the first one is shown and sets the corrupt bit on disk.
-  void MarkCorrupt(const std::string& event) {
-    if (signaled_) return;
+  /// A corruption event saying `what` (qemu's qcow2_signal_corruption).
+  void Signal(const std::string& what) {
+    if (signaled_ && (!writable_ || dead_)) return;
     signaled_ = true;
-    messages_->push_back("qcow2: " + event + "; further corruption events will be suppressed");
+    if (!writable_) {
+      messages_->push_back("qcow2: Image is corrupt: " + what + "; further non-fatal corruption events will be suppressed");
+      return;
+    }
+    messages_->push_back("qcow2: Marking image as corrupt: " + what + "; further corruption events will be suppressed");
+    dead_ = true;
     uint8_t field[8];
     StoreBE64(field, features_ | 2);
     if (image_.Write(field, 8, 72).ok()) (void)image_.Flush();
   }
 
+  /// A fatal event happened: qemu's image is unusable from here on.
+  bool dead() const { return dead_; }
+
  private:
   File& image_;
   MetadataRanges ranges_;
   uint64_t features_;
+  bool writable_;
   std::vector<std::string>* messages_;
   bool signaled_ = false;
+  bool dead_ = false;
 };
 
 /// Run `work(i)` for i in [0, count) on a few threads (reads of independent tables).
@@ -196,8 +211,8 @@ class StoredRefcounts {
     return Status::Ok();
   }
 
-  /// A message like qemu's when the first unaligned block is met ("" after that).
-  std::string TakeCorruptionEvent() { return std::exchange(corruptionEvent_, ""); }
+  /// What the last failed Get() met, for a corruption event.
+  const std::string& problem() const { return problem_; }
 
  private:
   struct Block {
@@ -217,12 +232,7 @@ class StoredRefcounts {
     const uint64_t offset = table_[index] & ~kReftableReservedMask;
     if (offset == 0) return Remember(index, nullptr);
     if (offset & (g_.clusterSize - 1)) {
-      if (!eventShown_) {
-        eventShown_ = true;
-        corruptionEvent_ = Format("qcow2: Image is corrupt: Refblock offset %s unaligned (reftable index: %s); further "
-                                  "non-fatal corruption events will be suppressed",
-                                  AltHex(offset).c_str(), AltHex(index).c_str());
-      }
+      problem_ = Format("Refblock offset %s unaligned (reftable index: %s)", AltHex(offset).c_str(), AltHex(index).c_str());
       return Stop(kIoError);
     }
     std::unique_ptr<Block>& slot = blocks_[index];
@@ -252,8 +262,7 @@ class StoredRefcounts {
   std::vector<std::unique_ptr<Block>> blocks_;
   uint64_t lastIndex_ = UINT64_MAX;
   Block* last_ = nullptr;
-  bool eventShown_ = false;
-  std::string corruptionEvent_;
+  std::string problem_;
 };
 
 /// The one walker over every structure that references clusters (qemu's calculate_refcounts).
@@ -609,7 +618,7 @@ class Checker {
       : image_(image), req_(request), walk_(request.walk),
         g_(Geometry::Make(walk_.clusterBits, walk_.extendedL2, walk_.virtualSize)), report_(report),
         counts_(walk_.refcountOrder), stored_(image, g_, walk_.refcountOrder),
-        guard_(image, walk_.clusterBits, request.incompatibleFeatures, &report->messages) {}
+        guard_(image, walk_.clusterBits, request.incompatibleFeatures, request.fix != 0, &report->messages) {}
 
   Status Run() {
     uint64_t fileSize = 0;
@@ -635,9 +644,11 @@ class Checker {
         QCOW2_TRY(Compare(req_.fix, &rebuild));
       }
     }
-    QCOW2_TRY(stored_.WriteDirty(&guard_));
+    // After a fatal event qemu's refcount cache is never written back.
+    if (!guard_.dead()) QCOW2_TRY(stored_.WriteDirty(&guard_));
     QCOW2_TRY(CheckCopiedFlags());
     report_->imageEndOffset = (highest_ + 1) << g_.clusterBits;
+    report_->unusable = guard_.dead();
     if (req_.fix && !report_->checkErrors && !report_->corruptions) QCOW2_TRY(MarkCleanAndConsistent());
     return Status::Ok();
   }
@@ -683,8 +694,7 @@ class Checker {
       Status st = stored_.Get(i, &stored);
       if (!st.ok()) {
         if (st.code != kCheckFailed) return st;
-        std::string event = stored_.TakeCorruptionEvent();
-        if (!event.empty()) report_->messages.push_back(event);
+        guard_.Signal(stored_.problem());
         report_->messages.push_back(Format("Can't get refcount for cluster %" PRId64 ": %s", i, kIoError));
         report_->checkErrors++;
         continue;

@@ -76,6 +76,9 @@ struct CheckReport {
   uint64_t allocatedClusters = 0;
   uint64_t fragmentedClusters = 0;
   uint64_t compressedClusters = 0;
+  /// A corruption event made the image unusable for the rest of this run (qemu drops the image:
+  /// a double check fails with "No medium found").
+  bool unusable = false;
   /// Set when the check stopped early (qemu's "Check failed: <reason>"): the reason, e.g. "Input/output error".
   std::string failure;
 };

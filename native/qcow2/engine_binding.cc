@@ -434,6 +434,7 @@ Napi::Value CheckReportToJs(Napi::Env env, const CheckReport& r) {
   out.Set("fragmentedClusters", static_cast<double>(r.fragmentedClusters));
   out.Set("compressedClusters", static_cast<double>(r.compressedClusters));
   if (!r.failure.empty()) out.Set("failure", r.failure);
+  if (r.unusable) out.Set("unusable", true);
   return out;
 }
 

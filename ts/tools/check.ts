@@ -141,6 +141,9 @@ export async function check(path: string, options: CheckOptions = {}): Promise<C
     let result;
     if (first.failure !== undefined || (first.corruptionsFixed === 0 && first.leaksFixed === 0)) {
       result = toResult(path, first, first, first.messages);
+    } else if (first.unusable) {
+      // qemu marked the image corrupt and dropped it during the repair: its double check cannot run.
+      result = toResult(path, { ...first, failure: 'No medium found' }, first, first.messages);
     } else {
       // Like qemu-img: what was repaired is counted, and the result is that of a fresh check.
       const second = await checkPass(path, file, undefined);
