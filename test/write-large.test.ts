@@ -8,6 +8,8 @@ import path from 'node:path';
 import test, { ExecutionContext } from 'ava';
 
 import { openQcow2, readHeader } from '../ts/index.js';
+import { native } from '../ts/native.js';
+import { HEADER_FIELD_OFFSETS } from '../ts/qcow2/header.js';
 import { patternBytes, qcow2Cli, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
 
 const MiB = 1 << 20;
@@ -113,4 +115,32 @@ test('shrink frees the L2 tables and clusters past the end and cuts the file lik
 test('shrink of an image with a snapshot: shared tables and clusters lose the active reference only', async (t) => {
   await shrinkBoth(t, 'cluster_size=4096', '256M', ['write -P 1 0 1M', 'write -P 2 200M 1M', 'write -c -P 3 100M 64k'], '30M', true);
   await shrinkBoth(t, 'cluster_size=512', '40M', ['write -P 1 0 1M', 'write -P 2 30M 1M', 'write -c -P 3 20M 64k'], '24M', true);
+});
+
+test('header fields the engine writes come from ts/qcow2/header.ts: a writable engine without them is refused', async (t) => {
+  const file = path.join(await tempDir(t), 'img.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', file, '1M');
+  const { header } = await readHeader(file);
+  const handle = await native.NativeFile.open(file, { writable: true, cache: 'writeback' });
+  try {
+    const params = {
+      clusterBits: header.clusterBits,
+      size: header.size,
+      l1TableOffset: header.l1TableOffset,
+      l1Size: header.l1Size,
+      refcountOrder: header.refcountOrder,
+      writable: true,
+      version: header.version,
+      refcountTableOffset: header.refcountTableOffset,
+      refcountTableClusters: header.refcountTableClusters,
+    };
+    t.throws(() => native.Qcow2Engine.open(handle, params), { instanceOf: TypeError, message: /headerFields/ });
+    const engine = await native.Qcow2Engine.open(handle, { ...params, headerFields: HEADER_FIELD_OFFSETS });
+    await engine.resize(2 * MiB);
+    await engine.close();
+  } finally {
+    await handle.close();
+  }
+  t.is((await readHeader(file)).header.size, 2 * MiB);
+  await checkClean(t, file);
 });

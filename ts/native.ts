@@ -80,6 +80,18 @@ export interface Qcow2EngineParams {
   incompatibleFeatures?: number;
   /** Structures decoded in TypeScript that writes must never land on (writable opens). */
   structures?: Qcow2Structure[];
+  /** Where the header fields the engine updates itself lie (writable opens): ts/qcow2/header.ts HEADER_FIELD_OFFSETS. */
+  headerFields?: Qcow2HeaderFields;
+}
+
+/** Byte offsets of the header fields native code writes. */
+export interface Qcow2HeaderFields {
+  size: number;
+  l1Size: number;
+  l1TableOffset: number;
+  refcountTableOffset: number;
+  refcountTableClusters: number;
+  incompatibleFeatures: number;
 }
 
 /** A metadata structure's place in the image file, for the engine's overlap check. */

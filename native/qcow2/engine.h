@@ -13,6 +13,7 @@
 #include "file.h"
 #include "qcow2/compress.h"
 #include "qcow2/format.h"
+#include "qcow2/header_fields.h"
 #include "qcow2/mapper.h"
 #include "qcow2/overlap.h"
 #include "qcow2/refcounts.h"
@@ -41,6 +42,8 @@ struct EngineConfig {
   uint64_t refcountTableClusters = 0;
   /// The incompatible feature bits as stored, to set the corrupt bit beside them.
   uint64_t incompatibleFeatures = 0;
+  /// Where the header fields the engine updates lie (from ts/qcow2/header.ts).
+  HeaderFields header;
   /// A structure decoded in TypeScript (snapshot table, snapshot L1 tables, bitmap directory) that writes must not touch.
   struct Structure {
     MetadataKind kind;

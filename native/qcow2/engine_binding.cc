@@ -154,6 +154,7 @@ EngineConfig ParseConfig(const Napi::Object& o) {
     c.refcountTableClusters = RequiredOffset(o, "refcountTableClusters");
     c.incompatibleFeatures = OptionOffset(o, "incompatibleFeatures", 0);
     c.structures = ParseStructures(o);
+    c.header = ParseHeaderFields(o);
   }
   return c;
 }

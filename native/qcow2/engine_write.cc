@@ -24,11 +24,6 @@ uint32_t SubclusterMask(uint32_t first, uint32_t end) {
   const uint64_t upTo = end >= 32 ? 0xffffffffull : (1ull << end) - 1;
   return static_cast<uint32_t>(upTo & ~((1ull << first) - 1));
 }
-/// Byte offsets of header fields the engine updates.
-constexpr uint64_t kHeaderSize = 24;
-constexpr uint64_t kHeaderL1 = 36;
-constexpr uint64_t kHeaderRefcountTable = 48;
-constexpr uint64_t kHeaderIncompatible = 72;
 constexpr uint64_t kCorruptBit = 2;
 /// Changed L2 slices and pending frees held in memory before a commit writes them back.
 constexpr size_t kMaxDirtySlices = 1024;
@@ -140,7 +135,7 @@ Status Engine::Fail(Status status) {
     failure_.message = "the image was marked corrupt and accepts no more writes: " + status.message;
     uint8_t bits[8];
     StoreBE64(bits, config_.incompatibleFeatures | kCorruptBit);
-    if (image_->Write(bits, 8, kHeaderIncompatible).ok()) image_->Flush();
+    if (image_->Write(bits, 8, config_.header.incompatibleFeatures).ok()) image_->Flush();
   }
   return status;
 }
@@ -500,10 +495,12 @@ Status Engine::WriteRefcountChanges() {
     }
     // The new table and its blocks are durable before the header points at them.
     QCOW2_TRY(image_->Flush());
-    uint8_t field[12];
+    // The offset first: with the old count it still describes a valid (larger) table.
+    uint8_t field[8];
     StoreBE64(field, offset);
-    StoreBE32(field + 8, static_cast<uint32_t>(clusters));
-    QCOW2_TRY(WriteHeaderField(kHeaderRefcountTable, field, sizeof field));
+    QCOW2_TRY(WriteHeaderField(config_.header.refcountTableOffset, field, 8));
+    StoreBE32(field, static_cast<uint32_t>(clusters));
+    QCOW2_TRY(WriteHeaderField(config_.header.refcountTableClusters, field, 4));
     config_.refcountTableOffset = offset;
     config_.refcountTableClusters = clusters;
     std::lock_guard<std::mutex> lock(metaMu_);
@@ -948,10 +945,12 @@ Status Engine::GrowL1(uint64_t entries) {
   // Refcounts and table are durable before the header points at the table.
   QCOW2_TRY(WriteRefcountChanges());
   QCOW2_TRY(image_->Flush());
-  uint8_t field[12];
+  // The offset first: with the old size it still describes a valid prefix of the new table.
+  uint8_t field[8];
+  StoreBE64(field, offset);
+  QCOW2_TRY(WriteHeaderField(config_.header.l1TableOffset, field, 8));
   StoreBE32(field, static_cast<uint32_t>(entries));
-  StoreBE64(field + 4, offset);
-  QCOW2_TRY(WriteHeaderField(kHeaderL1, field, sizeof field));
+  QCOW2_TRY(WriteHeaderField(config_.header.l1Size, field, 4));
   const uint64_t oldOffset = config_.l1TableOffset;
   metadata_->Add(kMetaActiveL1, offset, entries * 8);
   metadata_->Remove(kMetaActiveL1, oldOffset, mapper_->l1Entries() * 8);
@@ -1102,7 +1101,7 @@ Status Engine::Resize(uint64_t newSize, bool shrink, Preallocation preallocation
   QCOW2_TRY(Flush());
   uint8_t field[8];
   StoreBE64(field, newSize);
-  QCOW2_TRY(WriteHeaderField(kHeaderSize, field, sizeof field));
+  QCOW2_TRY(WriteHeaderField(config_.header.size, field, sizeof field));
   mapper_->SetVirtualSize(newSize);
   if (newSize < oldSize) QCOW2_TRY(Fail(TrimToLastCluster()));
   return Status::Ok();

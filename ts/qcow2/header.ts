@@ -37,6 +37,32 @@ export const MIN_CLUSTER_BITS = 9;
 export const MAX_CLUSTER_BITS = 21;
 /** Extended L2 entries need clusters of at least 16 KiB (spec). */
 export const MIN_CLUSTER_BITS_EXTENDED_L2 = 14;
+/**
+ * Byte offsets of the header fields (spec: docs/interop/qcow2.txt), written down here only: the
+ * native engine is handed the ones it updates itself (Qcow2EngineParams.headerFields).
+ */
+export const HEADER_FIELD_OFFSETS = {
+  magic: 0,
+  version: 4,
+  backingFileOffset: 8,
+  backingFileSize: 16,
+  clusterBits: 20,
+  size: 24,
+  cryptMethod: 32,
+  l1Size: 36,
+  l1TableOffset: 40,
+  refcountTableOffset: 48,
+  refcountTableClusters: 56,
+  nbSnapshots: 60,
+  snapshotsOffset: 64,
+  incompatibleFeatures: 72,
+  compatibleFeatures: 80,
+  autoclearFeatures: 88,
+  refcountOrder: 96,
+  headerLength: 100,
+  compressionType: 104,
+} as const;
+const F = HEADER_FIELD_OFFSETS;
 /** Length of a version 2 header. */
 export const V2_HEADER_LENGTH = 72;
 /** The least header_length a version 3 header may have. */
@@ -114,15 +140,15 @@ export function requiredL1Entries(size: number, clusterBits: number, extendedL2:
  * reader needs to know how much to read.
  */
 export function probeClusterSize(buf: Buffer): number {
-  if (buf.length < 4 || buf.readUInt32BE(0) !== QCOW2_MAGIC) {
+  if (buf.length < 4 || buf.readUInt32BE(F.magic) !== QCOW2_MAGIC) {
     throw new Qcow2Error(ErrorCodes.WRONG_FORMAT, 'Image is not in qcow2 format');
   }
   if (buf.length < V2_HEADER_LENGTH) throw invalid(`qcow2 header too short: ${buf.length} bytes, at least ${V2_HEADER_LENGTH} needed`);
-  const version = buf.readUInt32BE(4);
+  const version = buf.readUInt32BE(F.version);
   if (version !== 2 && version !== 3) {
     throw new Qcow2Error(ErrorCodes.UNSUPPORTED_VERSION, `Unsupported qcow2 version ${version} (only 2 and 3 are supported)`);
   }
-  const clusterBits = buf.readUInt32BE(20);
+  const clusterBits = buf.readUInt32BE(F.clusterBits);
   if (clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) {
     throw invalid(`cluster_bits ${clusterBits} is outside ${MIN_CLUSTER_BITS}..${MAX_CLUSTER_BITS}`);
   }
@@ -136,7 +162,7 @@ export function parseHeader(buf: Buffer, fileSize: number): Qcow2Header {
   if (buf.length < Math.min(clusterSize, fileSize)) {
     throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `parseHeader needs the first cluster (${clusterSize} bytes), got ${buf.length}`);
   }
-  const version = buf.readUInt32BE(4) as 2 | 3;
+  const version = buf.readUInt32BE(F.version) as 2 | 3;
   const headerLength = readHeaderLength(buf, version, firstCluster);
   const h = decodeFixedFields(buf, version, clusterSize, headerLength);
   checkFeatureFields(h, buf);
@@ -164,7 +190,7 @@ function readHeaderLength(buf: Buffer, version: 2 | 3, firstCluster: number): nu
   if (buf.length < V3_MIN_HEADER_LENGTH) {
     throw invalid(`qcow2 header too short: ${buf.length} bytes, a version 3 header needs ${V3_MIN_HEADER_LENGTH}`);
   }
-  const length = buf.readUInt32BE(100);
+  const length = buf.readUInt32BE(F.headerLength);
   if (length < V3_MIN_HEADER_LENGTH) throw invalid(`header_length ${length} is below the minimum ${V3_MIN_HEADER_LENGTH}`);
   if (length % 8 !== 0) throw invalid(`header_length ${length} is not a multiple of 8`);
   if (length > firstCluster) throw invalid(`header_length ${length} exceeds the first cluster (${firstCluster} bytes)`);
@@ -175,35 +201,35 @@ type FixedFields = Omit<Qcow2Header, 'featureNames' | 'extensions'>;
 
 function decodeFixedFields(buf: Buffer, version: 2 | 3, clusterSize: number, headerLength: number): FixedFields {
   const v3 = version === 3;
-  const size = buf.readBigUInt64BE(24);
+  const size = buf.readBigUInt64BE(F.size);
   if (size > BigInt(Number.MAX_SAFE_INTEGER)) throw invalid(`virtual size ${size} exceeds 2^53`);
-  const cryptMethod = buf.readUInt32BE(32);
+  const cryptMethod = buf.readUInt32BE(F.cryptMethod);
   if (cryptMethod !== 0) {
     const kind = cryptMethod === 1 ? 'AES' : cryptMethod === 2 ? 'LUKS' : 'unknown';
     throw new Qcow2Error(ErrorCodes.ENCRYPTED, `encrypted images are not supported (crypt_method ${cryptMethod}: ${kind})`);
   }
-  const incompatibleFeatures = v3 ? buf.readBigUInt64BE(72) : 0n;
-  const compatibleFeatures = v3 ? buf.readBigUInt64BE(80) : 0n;
-  const autoclearFeatures = v3 ? buf.readBigUInt64BE(88) : 0n;
-  const compressionByte = v3 && headerLength > 104 ? buf[104] : 0;
+  const incompatibleFeatures = v3 ? buf.readBigUInt64BE(F.incompatibleFeatures) : 0n;
+  const compatibleFeatures = v3 ? buf.readBigUInt64BE(F.compatibleFeatures) : 0n;
+  const autoclearFeatures = v3 ? buf.readBigUInt64BE(F.autoclearFeatures) : 0n;
+  const compressionByte = v3 && headerLength > F.compressionType ? buf[F.compressionType] : 0;
   return {
     version,
-    backingFileOffset: readSafeU64(buf, 8, 'backing_file_offset'),
-    backingFileSize: buf.readUInt32BE(16),
-    clusterBits: buf.readUInt32BE(20),
+    backingFileOffset: readSafeU64(buf, F.backingFileOffset, 'backing_file_offset'),
+    backingFileSize: buf.readUInt32BE(F.backingFileSize),
+    clusterBits: buf.readUInt32BE(F.clusterBits),
     clusterSize,
     size: Number(size),
     cryptMethod,
-    l1Size: buf.readUInt32BE(36),
-    l1TableOffset: readSafeU64(buf, 40, 'l1_table_offset'),
-    refcountTableOffset: readSafeU64(buf, 48, 'refcount_table_offset'),
-    refcountTableClusters: buf.readUInt32BE(56),
-    nbSnapshots: buf.readUInt32BE(60),
-    snapshotsOffset: readSafeU64(buf, 64, 'snapshots_offset'),
+    l1Size: buf.readUInt32BE(F.l1Size),
+    l1TableOffset: readSafeU64(buf, F.l1TableOffset, 'l1_table_offset'),
+    refcountTableOffset: readSafeU64(buf, F.refcountTableOffset, 'refcount_table_offset'),
+    refcountTableClusters: buf.readUInt32BE(F.refcountTableClusters),
+    nbSnapshots: buf.readUInt32BE(F.nbSnapshots),
+    snapshotsOffset: readSafeU64(buf, F.snapshotsOffset, 'snapshots_offset'),
     incompatibleFeatures,
     compatibleFeatures,
     autoclearFeatures,
-    refcountOrder: v3 ? buf.readUInt32BE(96) : 4,
+    refcountOrder: v3 ? buf.readUInt32BE(F.refcountOrder) : 4,
     headerLength,
     compressionType: compressionTypeName(compressionByte),
     dirty: hasBit(incompatibleFeatures, IncompatibleBit.DIRTY),
@@ -226,7 +252,7 @@ function compressionTypeName(byte: number): 'zlib' | 'zstd' {
 function checkFeatureFields(h: FixedFields, buf: Buffer): void {
   if (h.refcountOrder > MAX_REFCOUNT_ORDER) throw invalid(`refcount_order ${h.refcountOrder} exceeds ${MAX_REFCOUNT_ORDER} (64-bit refcounts)`);
   const compressionBit = hasBit(h.incompatibleFeatures, IncompatibleBit.COMPRESSION_TYPE);
-  const compressionByte = h.headerLength > 104 ? buf[104] : 0;
+  const compressionByte = h.headerLength > F.compressionType ? buf[F.compressionType] : 0;
   if (compressionBit && compressionByte === 0) {
     throw invalid('compression type bit (incompatible bit 3) is set, but compression_type is 0 (zlib) or absent');
   }
@@ -395,24 +421,24 @@ export function serializeHeader(header: Qcow2Header, clusterSize: number = heade
     throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `compression type ${h.compressionType} needs header_length > 104, got ${length}`);
   }
   const fixed = Buffer.alloc(length);
-  fixed.writeUInt32BE(QCOW2_MAGIC, 0);
-  fixed.writeUInt32BE(h.version, 4);
-  fixed.writeUInt32BE(h.clusterBits, 20);
-  fixed.writeBigUInt64BE(BigInt(h.size), 24);
-  fixed.writeUInt32BE(h.cryptMethod, 32);
-  fixed.writeUInt32BE(h.l1Size, 36);
-  fixed.writeBigUInt64BE(BigInt(h.l1TableOffset), 40);
-  fixed.writeBigUInt64BE(BigInt(h.refcountTableOffset), 48);
-  fixed.writeUInt32BE(h.refcountTableClusters, 56);
-  fixed.writeUInt32BE(h.nbSnapshots, 60);
-  fixed.writeBigUInt64BE(BigInt(h.snapshotsOffset), 64);
+  fixed.writeUInt32BE(QCOW2_MAGIC, F.magic);
+  fixed.writeUInt32BE(h.version, F.version);
+  fixed.writeUInt32BE(h.clusterBits, F.clusterBits);
+  fixed.writeBigUInt64BE(BigInt(h.size), F.size);
+  fixed.writeUInt32BE(h.cryptMethod, F.cryptMethod);
+  fixed.writeUInt32BE(h.l1Size, F.l1Size);
+  fixed.writeBigUInt64BE(BigInt(h.l1TableOffset), F.l1TableOffset);
+  fixed.writeBigUInt64BE(BigInt(h.refcountTableOffset), F.refcountTableOffset);
+  fixed.writeUInt32BE(h.refcountTableClusters, F.refcountTableClusters);
+  fixed.writeUInt32BE(h.nbSnapshots, F.nbSnapshots);
+  fixed.writeBigUInt64BE(BigInt(h.snapshotsOffset), F.snapshotsOffset);
   if (v3) {
-    fixed.writeBigUInt64BE(incompatible, 72);
-    fixed.writeBigUInt64BE(compatible, 80);
-    fixed.writeBigUInt64BE(autoclear, 88);
-    fixed.writeUInt32BE(h.refcountOrder, 96);
-    fixed.writeUInt32BE(length, 100);
-    if (length > 104) fixed[104] = h.compressionType === 'zstd' ? 1 : 0;
+    fixed.writeBigUInt64BE(incompatible, F.incompatibleFeatures);
+    fixed.writeBigUInt64BE(compatible, F.compatibleFeatures);
+    fixed.writeBigUInt64BE(autoclear, F.autoclearFeatures);
+    fixed.writeUInt32BE(h.refcountOrder, F.refcountOrder);
+    fixed.writeUInt32BE(length, F.headerLength);
+    if (length > F.compressionType) fixed[F.compressionType] = h.compressionType === 'zstd' ? 1 : 0;
     h.unknownHeaderFields.copy(fixed, 105, 0, Math.max(0, length - 105));
   }
   const extensions = encodeExtensionArea(extensionsToWrite(h));
@@ -421,8 +447,8 @@ export function serializeHeader(header: Qcow2Header, clusterSize: number = heade
     throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `backing file name is ${backing.length} bytes, more than ${MAX_BACKING_FILE_NAME}`);
   }
   const backingOffset = backing.length > 0 ? length + extensions.length : 0;
-  fixed.writeBigUInt64BE(BigInt(backingOffset), 8);
-  fixed.writeUInt32BE(backing.length, 16);
+  fixed.writeBigUInt64BE(BigInt(backingOffset), F.backingFileOffset);
+  fixed.writeUInt32BE(backing.length, F.backingFileSize);
   const out = Buffer.concat([fixed, extensions, backing]);
   if (out.length > clusterSize) {
     throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `header area of ${out.length} bytes does not fit in the first cluster (${clusterSize} bytes)`);

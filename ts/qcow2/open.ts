@@ -6,7 +6,7 @@ import type { Image } from '../image.js';
 import { CacheMode, NativeFile, Qcow2EngineBacking, Qcow2EngineParams, Qcow2Structure, native } from '../native.js';
 import { DEFAULT_MAX_CHAIN_DEPTH, OpenOptions, checkOpenOptions, probeFormat } from '../open.js';
 import { RawImage } from '../raw.js';
-import { Qcow2Header, clearUnknownAutoclear, readHeader } from './header.js';
+import { HEADER_FIELD_OFFSETS, Qcow2Header, clearUnknownAutoclear, readHeader } from './header.js';
 import { Qcow2Image } from './image.js';
 import { openMetadataFile } from './metadata-file.js';
 import { readSnapshots } from './snapshots.js';
@@ -132,6 +132,7 @@ function engineParams(header: Qcow2Header, options: Qcow2OpenOptions, structures
           refcountTableClusters: header.refcountTableClusters,
           incompatibleFeatures: Number(header.incompatibleFeatures),
           structures,
+          headerFields: HEADER_FIELD_OFFSETS,
         }
       : {}),
   };
@@ -167,9 +168,6 @@ async function rebuildRefcounts(imagePath: string, file: NativeFile, header: Qco
   return (await readHeader(imagePath)).header;
 }
 
-/** Byte offset of the autoclear feature bits in a version 3 header. */
-const AUTOCLEAR_OFFSET = 88;
-
 /**
  * A writable open clears the autoclear bits this package does not keep valid: unknown ones, and the
  * bitmaps bit (bitmaps are not updated by writes here), as the spec asks of any writer.
@@ -179,7 +177,7 @@ async function clearAutoclear(file: NativeFile, header: Qcow2Header): Promise<Qc
   if (header.version < 3 || cleared.autoclearFeatures === header.autoclearFeatures) return header;
   const field = Buffer.alloc(8);
   field.writeBigUInt64BE(cleared.autoclearFeatures);
-  await settle(file.write(field, AUTOCLEAR_OFFSET));
+  await settle(file.write(field, HEADER_FIELD_OFFSETS.autoclearFeatures));
   await settle(file.flush());
   return cleared;
 }
