@@ -33,7 +33,10 @@ export function hitsAllocationHang(bytes: Buffer): boolean {
   return !INCLUDE_KNOWN_BUGS && entries.length > 0 && (entries[0] & OFFSET_MASK) === 0n;
 }
 
-/** check -r all dies of std::bad_alloc (ReferenceCounts::Resize) when a refcount table entry points terabytes away. */
+/**
+ * check -r all sizes its reference counts by a refcount table entry that points terabytes away
+ * (ReferenceCounts::Resize): std::bad_alloc kills the process, or it fills gigabytes of memory.
+ */
 export function hitsRepairBadAlloc(bytes: Buffer): boolean {
   return !INCLUDE_KNOWN_BUGS && refcountTableEntries(bytes).some((e) => (e & OFFSET_MASK) >= HUGE_REFCOUNT_BLOCK_OFFSET);
 }
