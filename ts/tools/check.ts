@@ -135,7 +135,12 @@ export async function check(path: string, options: CheckOptions = {}): Promise<C
   }
   const { header } = await readHeader(path);
   await openNamedFiles(path, header);
-  const file = await settle(native.NativeFile.open(path, { writable: options.repair !== undefined, cache: options.cache ?? 'writeback' }));
+  let file: NativeFile;
+  try {
+    file = await settle(native.NativeFile.open(path, { writable: options.repair !== undefined, cache: options.cache ?? 'writeback' }));
+  } catch (error) {
+    throw openFailure(error, `Could not open '${path}': `);
+  }
   try {
     const first = await checkPass(path, file, options.repair);
     let result;
