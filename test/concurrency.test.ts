@@ -17,7 +17,8 @@ import test, { ExecutionContext } from 'ava';
 
 import { Image, Qcow2Image, open } from '../ts/index.js';
 import { DiskSpec, makeDisk } from './helpers/concurrency-images.js';
-import { DiskGeometry, Op, SECTOR, changedSectors, random } from './helpers/concurrency-model.js';
+import { DiskGeometry, Op, SECTOR, changedSectors } from './helpers/concurrency-model.js';
+import { random } from './helpers/random.js';
 import { Fault, FakeDisk } from './helpers/concurrency-fake.js';
 import { ConcurrencyRun, OpMix, OpSource, ProofFailure } from './helpers/concurrency-run.js';
 import { qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';

@@ -3,7 +3,8 @@
  * of a request in random turns) and can be made faulty, so that the concurrency proof shows it
  * passes a correct disk and catches torn sectors, lost writes and ignored discards.
  */
-import { DiskGeometry, changedSectors, random } from './concurrency-model.js';
+import { DiskGeometry, changedSectors } from './concurrency-model.js';
+import { random } from './random.js';
 import type { ProvedImage } from './concurrency-run.js';
 
 /** A fault the fake disk can have. */

@@ -5,7 +5,8 @@
  * read, checked and adopted as the settled state.
  */
 import type { Image } from '../../ts/index.js';
-import { DiskGeometry, Mismatch, Op, OpKind, SectorModel, random, writeData } from './concurrency-model.js';
+import { DiskGeometry, Mismatch, Op, OpKind, SectorModel, writeData } from './concurrency-model.js';
+import { random } from './random.js';
 
 /** What the proof needs of an image. */
 export type ProvedImage = Pick<Image, 'read' | 'write' | 'writeZeroes' | 'discard' | 'flush'> & {

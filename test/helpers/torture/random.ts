@@ -1,16 +1,6 @@
 /** Seeded randomness for the crash torture: every sequence and kill moment follows from one number. */
 
-/** A small seeded generator (mulberry32) giving floats in [0, 1). */
-export function random(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { random } from '../random.js';
 
 /** A seed derived from others, so that each lane, round and operation has its own stream. */
 export function deriveSeed(...parts: number[]): number {
