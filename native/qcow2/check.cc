@@ -144,6 +144,28 @@ Status ReadTables(File& image, const std::vector<uint64_t>& offsets, uint64_t cl
   return Status::Ok();
 }
 
+/// Active L2 tables held from the walk for the COPIED pass, when they take at most this much memory.
+constexpr uint64_t kMaxHeldL2Bytes = 64ull << 20;
+
+/// The active L2 tables as the walk read (and repaired) them, so the COPIED pass need not read them again.
+struct ActiveTables {
+  /// Every active table is held (false: the COPIED pass reads them itself).
+  bool complete = false;
+  /// Slot of each L1 index whose table is held.
+  std::unordered_map<uint64_t, size_t> slotOf;
+  std::vector<uint64_t> offsets;
+  std::vector<uint8_t> bytes;
+
+  uint8_t* Table(size_t slot, uint64_t clusterSize) { return bytes.data() + slot * clusterSize; }
+  /// A table was rewritten: every held copy of the table at `offset` becomes `table`.
+  void Update(uint64_t offset, const uint8_t* table, uint64_t clusterSize) {
+    for (size_t slot = 0; slot < offsets.size(); slot++) {
+      uint8_t* copy = Table(slot, clusterSize);
+      if (offsets[slot] == offset && copy != table) std::memcpy(copy, table, clusterSize);
+    }
+  }
+};
+
 /// How qemu classifies an L2 entry.
 enum class EntryType { Compressed, ZeroPlain, ZeroAlloc, Normal, Unallocated };
 
@@ -269,10 +291,11 @@ class StoredRefcounts {
 class Walker {
  public:
   /// `guard` checks the writes of repairs (null when `fix` is 0: nothing is written).
+  /// `keep`, when given, receives the active L2 tables if they are few enough.
   Walker(File& image, const WalkRequest& r, uint32_t fix, WriteGuard* guard, ReferenceCounts* counts,
-         CheckReport* report)
+         CheckReport* report, ActiveTables* keep = nullptr)
       : image_(image), r_(r), g_(Geometry::Make(r.clusterBits, r.extendedL2, r.virtualSize)), fix_(fix),
-        guard_(guard), counts_(counts), report_(report) {}
+        guard_(guard), counts_(counts), report_(report), keep_(keep) {}
 
   Status Run(bool countRefcountStructure, bool* rebuild) {
     QCOW2_TRY(image_.Size(&fileSize_));
@@ -350,11 +373,15 @@ class Walker {
     std::vector<uint8_t> raw(entries * 8);
     QCOW2_TRY(ReadOrFail(raw.data(), raw.size(), offset, "ERROR: I/O error in check_refcounts_l1"));
     // The L2 tables are read a batch at a time ahead of the entries that name them.
-    std::vector<uint64_t> pending;
+    std::vector<uint64_t> pending, indices;
     for (uint64_t i = 0; i < entries; i++) {
       const uint64_t entry = LoadBE64(raw.data() + 8 * i);
-      if (entry) pending.push_back(entry);
+      if (!entry) continue;
+      pending.push_back(entry);
+      indices.push_back(i);
     }
+    const bool keep = active && keep_ && pending.size() * g_.clusterSize <= kMaxHeldL2Bytes;
+    if (keep) keep_->complete = true;
     std::vector<uint8_t> tables;
     const size_t batch = L2Batch(g_.clusterSize);
     for (size_t start = 0; start < pending.size(); start += batch) {
@@ -370,10 +397,26 @@ class Walker {
         if (l2 & (g_.clusterSize - 1)) {
           Corruption(Format("ERROR l2_offset=%" PRIx64 ": Table is not cluster aligned; L1 entry corrupted", l2));
         }
-        QCOW2_TRY(WalkL2(l2, tables.data() + n * g_.clusterSize, fragInfo, active));
+        bool repaired = false;
+        QCOW2_TRY(WalkL2(l2, tables.data() + n * g_.clusterSize, fragInfo, active, &repaired));
+        // A repaired table is what the later entries naming it read, as they would from disk.
+        for (size_t later = n + 1; repaired && later < count; later++) {
+          if ((pending[start + later] & kOffsetMask) != l2) continue;
+          std::memcpy(tables.data() + later * g_.clusterSize, tables.data() + n * g_.clusterSize, g_.clusterSize);
+        }
       }
+      if (keep) Keep(indices.data() + start, pending.data() + start, count, tables);
     }
     return Status::Ok();
+  }
+
+  /// Hold a batch of active L2 tables for the COPIED pass.
+  void Keep(const uint64_t* indices, const uint64_t* entries, size_t count, const std::vector<uint8_t>& tables) {
+    for (size_t n = 0; n < count; n++) {
+      keep_->slotOf[indices[n]] = keep_->offsets.size();
+      keep_->offsets.push_back(entries[n] & kOffsetMask);
+    }
+    keep_->bytes.insert(keep_->bytes.end(), tables.begin(), tables.begin() + count * g_.clusterSize);
   }
 
   /// Read the L2 tables of `count` L1 entries into `*out`, one cluster each, in parallel.
@@ -386,7 +429,7 @@ class Walker {
     return Stop(kIoError);
   }
 
-  Status WalkL2(uint64_t l2Offset, uint8_t* table, bool fragInfo, bool active) {
+  Status WalkL2(uint64_t l2Offset, uint8_t* table, bool fragInfo, bool active, bool* repaired) {
     uint64_t nextContiguous = 0;
     const uint32_t shift = g_.CompressedOffsetBits();
     const uint64_t sizeMask = (1ull << (g_.clusterBits - 8)) - 1;
@@ -436,7 +479,10 @@ class Walker {
           if (offset & (g_.clusterSize - 1)) {
             bool skip = false;
             QCOW2_TRY(Unaligned(l2Offset, i, at, entry, bitmap, active, &skip));
-            if (skip) continue;
+            if (skip) {
+              *repaired = true;
+              continue;
+            }
           }
           if (fragInfo) {
             report_->allocatedClusters++;
@@ -593,6 +639,7 @@ class Walker {
   WriteGuard* guard_;
   ReferenceCounts* counts_;
   CheckReport* report_;
+  ActiveTables* keep_;
   uint64_t fileSize_ = 0;
 };
 
@@ -628,7 +675,7 @@ class Checker {
     QCOW2_TRY(stored_.Load(walk_.refcountTableOffset, walk_.refcountTableClusters));
     if (req_.fix) QCOW2_TRY(NoteMetadata());
     bool rebuild = false;
-    QCOW2_TRY(Walker(image_, walk_, req_.fix, &guard_, &counts_, report_).Run(true, &rebuild));
+    QCOW2_TRY(Walker(image_, walk_, req_.fix, &guard_, &counts_, report_, &active_).Run(true, &rebuild));
     const Counters beforeCompare = Save(*report_);
     QCOW2_TRY(Compare(0, &rebuild));
     if (rebuild && (req_.fix & kFixErrors)) {
@@ -782,6 +829,16 @@ class Checker {
     for (uint64_t i = 0; i < walk_.l1Entries; i++) {
       if (LoadBE64(l1.data() + 8 * i) & kOffsetMask) indices.push_back(i);
     }
+    if (active_.complete) {
+      for (uint64_t i : indices) {
+        const size_t slot = active_.slotOf.at(i);
+        uint8_t* l2 = active_.Table(slot, g_.clusterSize);
+        bool rewritten = false;
+        QCOW2_TRY(CheckCopiedFlagsAt(i, LoadBE64(l1.data() + 8 * i), l2, repair, &rewritten));
+        if (rewritten) active_.Update(active_.offsets[slot], l2, g_.clusterSize);
+      }
+      return image_.Flush();
+    }
     // The L2 tables are read a batch at a time, in parallel, ahead of the entries that name them.
     std::vector<uint8_t> tables;
     const size_t batch = L2Batch(g_.clusterSize);
@@ -795,19 +852,22 @@ class Checker {
         return Stop(kIoError);
       }
       for (size_t n = 0; n < count; n++) {
-        QCOW2_TRY(CheckCopiedFlagsAt(indices[start + n], LoadBE64(l1.data() + 8 * indices[start + n]), offsets, n,
-                                     &tables, repair));
+        uint8_t* l2 = tables.data() + n * g_.clusterSize;
+        bool rewritten = false;
+        QCOW2_TRY(CheckCopiedFlagsAt(indices[start + n], LoadBE64(l1.data() + 8 * indices[start + n]), l2, repair,
+                                     &rewritten));
+        // A rewritten table is what the later entries naming it read, as they would from disk.
+        for (size_t later = n + 1; rewritten && later < count; later++) {
+          if (offsets[later] == offsets[n]) std::memcpy(tables.data() + later * g_.clusterSize, l2, g_.clusterSize);
+        }
       }
     }
     return image_.Flush();
   }
 
-  /// The COPIED flags of L1 entry `i` and of its L2 table, which is table `n` of the batch read at
-  /// `offsets` (a table it rewrites is copied to later slots holding the same table).
-  Status CheckCopiedFlagsAt(uint64_t i, uint64_t l1Entry, const std::vector<uint64_t>& offsets, size_t n,
-                            std::vector<uint8_t>* tables, bool repair) {
+  /// The COPIED flags of L1 entry `i` and of its L2 table `l2`; `*rewritten` when the table was written back.
+  Status CheckCopiedFlagsAt(uint64_t i, uint64_t l1Entry, uint8_t* l2, bool repair, bool* rewritten) {
     const uint64_t l2Offset = l1Entry & kOffsetMask;
-    uint8_t* l2 = tables->data() + n * g_.clusterSize;
     uint64_t refcount = 0;
     if (!stored_.Get(l2Offset >> g_.clusterBits, &refcount).ok()) return Status::Ok();
     if ((refcount == 1) != ((l1Entry & kCopiedFlag) != 0)) {
@@ -828,13 +888,7 @@ class Checker {
         report_->corruptionsFixed++;
       }
     }
-    bool rewritten = false;
-    QCOW2_TRY(CheckL2CopiedFlags(l2Offset, l2, repair, &rewritten));
-    if (!rewritten) return Status::Ok();
-    for (size_t later = n + 1; later < offsets.size(); later++) {
-      if (offsets[later] == l2Offset) std::memcpy(tables->data() + later * g_.clusterSize, l2, g_.clusterSize);
-    }
-    return Status::Ok();
+    return CheckL2CopiedFlags(l2Offset, l2, repair, rewritten);
   }
 
   Status CheckL2CopiedFlags(uint64_t l2Offset, uint8_t* table, bool repair, bool* rewritten) {
@@ -895,6 +949,7 @@ class Checker {
   ReferenceCounts counts_;
   StoredRefcounts stored_;
   WriteGuard guard_;
+  ActiveTables active_;
   uint64_t highest_ = 0;
   std::vector<uint64_t> freed_;
 };
