@@ -30,6 +30,8 @@ constexpr size_t kMaxDirtySlices = 1024;
 constexpr size_t kMaxPendingFrees = 4096;
 /// The image file grows ahead of allocations by at least this much.
 constexpr uint64_t kGrowStep = 64ull << 20;
+/// … and at most this much (space reserved ahead is given back on close).
+constexpr uint64_t kMaxGrowStep = 1ull << 30;
 
 void StoreBE64(uint8_t* p, uint64_t v) {
   v = __builtin_bswap64(v);
@@ -596,12 +598,14 @@ Status Engine::AllocateRuns(uint64_t count, std::vector<AllocatedRun>* runs) {
 
 Status Engine::GrowFileAhead(uint64_t end) {
   if (end <= grownTo_) return Status::Ok();
-  // Writes inside the file's size do not change it: the file system then need not serialise them.
-  const uint64_t target = end + std::max<uint64_t>(kGrowStep, end / 8);
+  // Writes inside the file's size and into space the file system already reserved do not change
+  // the file's layout: the file system then need not serialise them (ext4 takes its inode lock
+  // alone for a direct write that allocates). Without fallocate the file grows sparse.
+  const uint64_t target = end + std::max<uint64_t>(kGrowStep, std::min<uint64_t>(end / 8, kMaxGrowStep));
   uint64_t size = 0;
   QCOW2_TRY(image_->Size(&size));
   // A cluster reused near the start of a large file must never cut the file short.
-  if (size < target) QCOW2_TRY(image_->Truncate(target));
+  if (size < target && !image_->Allocate(AllocateMode::Allocate, size, target - size).ok()) QCOW2_TRY(image_->Truncate(target));
   grownTo_ = std::max(size, target);
   return Status::Ok();
 }
