@@ -10,6 +10,7 @@ import test, { ExecutionContext } from 'ava';
 
 import { asQcow2Error } from '../ts/errors.js';
 import { CheckOutput, renderCheck } from '../ts/cli/check.js';
+import { openQcow2 } from '../ts/qcow2/open.js';
 import { RepairMode, check } from '../ts/tools/check.js';
 import {
   COPIED,
@@ -398,4 +399,30 @@ test('check -r all rebuilds damaged refcounts, leaves qemu-img check clean and c
   t.is(result.corruptions, 0);
   t.is((await runProgram('qemu-img', ['check', file])).code, 0);
   t.is((await readU64(file, 72)) & 3n, 0n);
+});
+
+test('the refcount rebuild of a dirty image counts the bitmap clusters: writes after it never land on them', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'lazy.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', file, '16M');
+  await qemuIo('-c', 'write -P 1 0 1M', file);
+  await qemuImg('bitmap', '--add', file, 'b0');
+  await qemuIo('-c', 'write -P 2 2M 64k', file);
+  const [b0] = await bitmapDirectory(file);
+  const tableCluster = b0.tableOffset;
+  const before = await readU64(file, tableCluster);
+  // qemu-io's abort leaves the dirty bit set and the refcounts of these writes unwritten.
+  await t.throwsAsync(runProgram('qemu-io', ['-c', 'write -P 3 4M 64k', '-c', 'abort', file]), { message: /Command failed/ });
+  t.is((await readU64(file, 72)) & 1n, 1n);
+  const image = await openQcow2(file);
+  try {
+    await image.write(Buffer.alloc(4 << 20, 7), 8 << 20);
+  } finally {
+    await image.close();
+  }
+  t.is(await readU64(file, tableCluster), before);
+  const ours = await check(file);
+  const reference = await theirs([], file);
+  t.is(renderCheck(file, ours, { output: 'human' }).stdout, reference.stdout);
+  t.is(ours.corruptions, 0);
 });
