@@ -6,8 +6,8 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
-#include <thread>
 #include <memory>
+#include <thread>
 #include <utility>
 
 #include "qcow2/layout.h"
@@ -46,13 +46,18 @@ std::string ReasonOf(const Status& st) {
 }
 
 std::string Format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+/// printf into a string of any length (snapshot names in messages can be long).
 std::string Format(const char* fmt, ...) {
-  char buf[512];
   va_list args;
   va_start(args, fmt);
-  vsnprintf(buf, sizeof buf, fmt, args);
+  va_list again;
+  va_copy(again, args);
+  const int length = vsnprintf(nullptr, 0, fmt, args);
   va_end(args);
-  return buf;
+  std::string out(length > 0 ? length : 0, '\0');
+  vsnprintf(out.data(), out.size() + 1, fmt, again);
+  va_end(again);
+  return out;
 }
 
 /// printf's %#x: "0" for zero, else 0x and the digits.
