@@ -1,5 +1,5 @@
 /** The `qcow2 check` command against `qemu-img check`: arguments, errors, exit codes, -q, JSON after a repair. */
-import { copyFile } from 'node:fs/promises';
+import { copyFile, truncate } from 'node:fs/promises';
 import path from 'node:path';
 
 import test from 'ava';
@@ -87,4 +87,17 @@ test('check rejects bad options with a coded error', async (t) => {
   await t.throwsAsync(check(image, { repair: 'some' as never }), { code: 'ERR_QCOW2_INVALID_ARGUMENT' });
   await t.throwsAsync(check(image, { cache: 'fast' as never }), { code: 'ERR_QCOW2_INVALID_ARGUMENT' });
   await t.throwsAsync(check(path.join(dir, 'nothing.qcow2')), { code: 'ENOENT' });
+});
+
+test('an image file of more clusters than qemu counts (sparse, 512-byte clusters): Check failed: File too large', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'huge.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', file, '4M');
+  await truncate(file, 1100 * 2 ** 30);
+  const ours = await qcow2Cli('check', file);
+  const ref = await runProgram('qemu-img', ['check', file]);
+  t.is(ours.stdout, ref.stdout);
+  t.is(ours.stderr, asOurs(ref.stderr));
+  t.is(ours.code, ref.code);
+  t.is((await check(file)).failure, 'File too large');
 });

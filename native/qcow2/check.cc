@@ -675,6 +675,11 @@ class Checker {
   Status Run() {
     uint64_t fileSize = 0;
     QCOW2_TRY(image_.Size(&fileSize));
+    if (DivUp(fileSize, g_.clusterSize) > INT32_MAX) {
+      // qemu's bound on the clusters a check counts (its reference array is indexed by int).
+      report_->checkErrors++;
+      return Stop("File too large");
+    }
     report_->totalClusters = DivUp(walk_.virtualSize / kSectorSize * kSectorSize, g_.clusterSize);
     counts_.Resize(DivUp(fileSize, g_.clusterSize));
     QCOW2_TRY(stored_.Load(walk_.refcountTableOffset, walk_.refcountTableClusters));
