@@ -5,7 +5,8 @@ import path from 'node:path';
 import test, { ExecutionContext } from 'ava';
 
 import { open } from '../ts/index.js';
-import { mapImage } from '../ts/tools/map.js';
+import { native } from '../ts/native.js';
+import { MapTable, mapImage } from '../ts/tools/map.js';
 import { CLI, qcow2Cli, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
 
 /** Run both maps with `args` and assert the same exit code, stdout, and (for JSON) the same parsed list. */
@@ -172,4 +173,28 @@ test('backing file names combine with the overlay name as given, like qemu ("./o
   t.is(theirs.code, 0, theirs.stderr);
   t.regex(theirs.stdout, /\.\/b\.qcow2/);
   t.is(ours.stdout, theirs.stdout);
+});
+
+test('formatMapJson writes qemu-img JSON lines and refuses a buffer without room or wrong columns', (t) => {
+  const table = new MapTable();
+  table.count = 2;
+  table.start.set([0, 2 ** 40]);
+  table.length.set([2 ** 40, 65536]);
+  table.bits.set([2, 5]);
+  table.offset.set([-1, 123456789012]);
+  const out = Buffer.alloc(2 * native.mapJsonLineMax);
+  const end = native.formatMapJson(table.start, table.length, table.depth, table.bits, table.offset, 2, out, 0, true);
+  t.is(
+    out.toString('latin1', 0, end),
+    '{ "start": 0, "length": 1099511627776, "depth": 0, "present": false, "zero": true, "data": false},\n' +
+      '{ "start": 1099511627776, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "offset": 123456789012}',
+  );
+  const small = Buffer.alloc(native.mapJsonLineMax);
+  t.throws(() => native.formatMapJson(table.start, table.length, table.depth, table.bits, table.offset, 2, small, 0, true), {
+    instanceOf: RangeError,
+    message: /room for 2 lines/,
+  });
+  t.throws(() => native.formatMapJson(table.start, table.start, table.start as never, table.bits, table.offset, 1, out, 0, true), {
+    instanceOf: TypeError,
+  });
 });

@@ -257,6 +257,24 @@ export interface NativeAddon {
   allocAligned(size: number): Buffer;
   bufferAlign: number;
   poolThreads: number;
+  /**
+   * Write rows [0, count) of a map table (ts/tools/map.ts MapTable) as qemu-img map's JSON lines
+   * into `out` from `pos`, each after ",\n" unless `first` and the first; returns the new position.
+   * `out` needs count × mapJsonLineMax bytes of room from `pos`.
+   */
+  formatMapJson(
+    start: Float64Array,
+    length: Float64Array,
+    depth: Uint32Array,
+    bits: Uint8Array,
+    offset: Float64Array,
+    count: number,
+    out: Buffer,
+    pos: number,
+    first: boolean,
+  ): number;
+  /** Bytes one line of formatMapJson() takes at most. */
+  mapJsonLineMax: number;
 }
 
 /** QCOW2_NATIVE_ADDON names another build of the addon (the sanitizer build of `npm run test:asan`). */

@@ -1,5 +1,6 @@
 /** `qcow2 map [-f FMT] [--output=human|json] [--start-offset N] [--max-length N] [-U] IMG`: qemu-img map's output. */
 import { ErrorCodes, Qcow2Error } from '../errors.js';
+import { native } from '../native.js';
 import { MapBits, MapTable, mapRange, mapTables } from '../tools/map.js';
 import { UsageError, lastOption, parseArgs } from './args.js';
 import { expectOperands, openImage, optionValue, parseFormat, parseSizeOption } from './common.js';
@@ -48,42 +49,6 @@ class ByteWriter {
     this.pos = pos;
   }
 
-  /**
-   * Append a safe non-negative integer in decimal. Split at 10^8 so that every step is small-integer
-   * arithmetic, which V8 runs much faster than division of doubles (offsets pass 2^31 often).
-   */
-  decimal(value: number): void {
-    if (value < DECIMAL_SPLIT) {
-      this.smallDecimal(value);
-      return;
-    }
-    const high = Math.floor(value / DECIMAL_SPLIT);
-    this.smallDecimal(high);
-    let low = value - high * DECIMAL_SPLIT;
-    const buf = this.buf;
-    const end = this.pos + 8;
-    for (let at = end - 1; at >= this.pos; at--) {
-      const rest = (low / 10) | 0;
-      buf[at] = 0x30 + low - rest * 10;
-      low = rest;
-    }
-    this.pos = end;
-  }
-
-  /** Append a non-negative integer below 10^8 in decimal. */
-  smallDecimal(value: number): void {
-    let count = 1;
-    for (let limit = 10; limit <= value; limit *= 10) count++;
-    const buf = this.buf;
-    let at = this.pos + count;
-    this.pos = at;
-    do {
-      const rest = (value / 10) | 0;
-      buf[--at] = 0x30 + value - rest * 10;
-      value = rest;
-    } while (value > 0);
-  }
-
   /** Append C's "%#x" of a safe non-negative integer: hexadecimal with 0x, except that zero is plain "0". */
   hex(value: number): void {
     if (value !== 0) this.text('0x');
@@ -109,6 +74,11 @@ class ByteWriter {
     } while (value > 0);
   }
 
+  /** Bytes left in the chunk. */
+  get room(): number {
+    return this.buf.length - this.pos;
+  }
+
   /** The chunk is nearly full: flush() before the next line. */
   get full(): boolean {
     return this.pos >= CHUNK - LINE_ROOM;
@@ -124,39 +94,7 @@ class ByteWriter {
   }
 }
 
-/** decimal() writes the digits below and above this power of ten separately. */
-const DECIMAL_SPLIT = 100_000_000;
-
 const HEX_DIGITS = new Uint8Array(Buffer.from('0123456789abcdef', 'latin1'));
-
-/** The middle of a JSON line for each combination of present / zero / data. */
-const JSON_FLAGS = Array.from({ length: 8 }, (_, bits) =>
-  Buffer.from(
-    `, "present": ${(bits & MapBits.Present) !== 0}, "zero": ${(bits & MapBits.Zero) !== 0}, "data": ${(bits & MapBits.Data) !== 0}`,
-    'latin1',
-  ),
-);
-const JSON_START = Buffer.from('{ "start": ', 'latin1');
-const JSON_LENGTH = Buffer.from(', "length": ', 'latin1');
-const JSON_DEPTH = Buffer.from(', "depth": ', 'latin1');
-const JSON_OFFSET = Buffer.from(', "offset": ', 'latin1');
-const JSON_SEPARATOR = Buffer.from(',\n', 'latin1');
-
-/** One line of the JSON list, without the separator. */
-function jsonLine(out: ByteWriter, start: number, length: number, depth: number, bits: number, offset: number): void {
-  out.bytes(JSON_START);
-  out.decimal(start);
-  out.bytes(JSON_LENGTH);
-  out.decimal(length);
-  out.bytes(JSON_DEPTH);
-  out.decimal(depth);
-  out.bytes(JSON_FLAGS[bits & 7]);
-  if (offset >= 0) {
-    out.bytes(JSON_OFFSET);
-    out.decimal(offset);
-  }
-  out.buf[out.pos++] = 0x7d; // }
-}
 
 /** Row `i` of `table` as a line of the human table; holes and zeroes have none. */
 function humanLine(out: ByteWriter, table: MapTable, i: number): void {
@@ -205,22 +143,24 @@ export async function run(argv: string[]): Promise<number> {
 
 type Opened = Awaited<ReturnType<typeof openImage>>;
 
+/** The JSON list: lines formatted by the addon straight from the map tables. */
 async function printJson(image: Opened, out: ByteWriter, start: number, maxLength?: number): Promise<void> {
   let first = true;
-  for await (const table of mapTables(image, { start, maxLength })) {
-    for (let i = 0; i < table.count; i++) {
-      if (first) out.text('[');
-      else out.bytes(JSON_SEPARATOR);
-      first = false;
-      jsonLine(out, table.start[i], table.length[i], table.depth[i], table.bits[i], table.offset[i]);
-      if (out.full) await out.flush();
-    }
-  }
+  out.text('[');
+  const write = async (table: MapTable) => {
+    if (out.room < table.count * native.mapJsonLineMax) await out.flush();
+    const { start: s, length, depth, bits, offset, count } = table;
+    out.pos = native.formatMapJson(s, length, depth, bits, offset, count, out.buf, out.pos, first);
+    first = false;
+  };
+  for await (const table of mapTables(image, { start, maxLength })) await write(table);
   if (first) {
     // qemu-img prints the empty run it starts from when there is nothing to map.
-    const { start: at } = mapRange(image, { start, maxLength });
-    out.text('[');
-    jsonLine(out, at, 0, 0, 0, -1);
+    const empty = new MapTable();
+    empty.count = 1;
+    empty.start[0] = mapRange(image, { start, maxLength }).start;
+    empty.offset[0] = -1;
+    await write(empty);
   }
   out.text(']\n');
 }
