@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <thread>
 #include <utility>
 
@@ -33,6 +34,10 @@ constexpr uint64_t kBitmapAllOnes = 1;
 constexpr uint64_t kMaxL1Entries = kMaxL1Bytes / 8;
 /// Reading L2 tables in groups of this many bytes keeps the disk busy without holding every table in memory.
 constexpr size_t kL2BatchBytes = 4u << 20;
+
+/// Most clusters a check counts: 512 MiB of 16-bit counts (a 16 TiB file of 64 KiB clusters).
+constexpr uint64_t kMaxCountedClusters = 1ull << 28;
+constexpr const char* kNoMemory = "Cannot allocate memory";
 
 /// L2 tables per group: 64 of 64 KiB, 2 of 2 MiB.
 size_t L2Batch(uint64_t clusterSize) { return std::max<size_t>(1, kL2BatchBytes / clusterSize); }
@@ -1054,6 +1059,8 @@ void ReferenceCounts::Set(uint64_t cluster, uint64_t value) {
 }
 
 void ReferenceCounts::Resize(uint64_t clusters) {
+  // A hostile refcount table can make -r all grow the file to terabytes: stop short of exhausting memory.
+  if (clusters > kMaxCountedClusters) throw std::bad_alloc();
   size_ = clusters;
   if (narrow_ && counts16_.size() < clusters) counts16_.resize(clusters, 0);
   if (!narrow_ && counts32_.size() < clusters) counts32_.resize(clusters, 0);
@@ -1066,7 +1073,11 @@ void ReferenceCounts::Clear() {
 
 Status CountReferences(File& image, const WalkRequest& request, bool countRefcountStructure, ReferenceCounts* counts,
                        CheckReport* report, bool* rebuild) {
-  return Walker(image, request, 0, nullptr, counts, report).Run(countRefcountStructure, rebuild);
+  try {
+    return Walker(image, request, 0, nullptr, counts, report).Run(countRefcountStructure, rebuild);
+  } catch (const std::bad_alloc&) {
+    return Status::Error("ENOMEM", std::string("counting the references of the image: ") + kNoMemory);
+  }
 }
 
 Status WriteRefcountStructure(File& image, const WalkRequest& request, uint64_t searchFrom, ReferenceCounts* counts,
@@ -1106,7 +1117,13 @@ Status CheckImage(File& image, const CheckRequest& request, CheckReport* report)
                                        std::to_string(request.walk.refcountOrder) + " is outside 9..21 / 0..6");
   }
   Checker checker(image, request, report);
-  Status st = checker.Run();
+  Status st;
+  try {
+    st = checker.Run();
+  } catch (const std::bad_alloc&) {
+    report->checkErrors++;
+    st = Stop(kNoMemory);
+  }
   if (st.code == kCheckFailed) {
     report->failure = st.message;
     return Status::Ok();

@@ -1,6 +1,7 @@
 #include "qcow2/rebuild.h"
 
 #include <cstring>
+#include <new>
 
 namespace qcow2 {
 
@@ -20,7 +21,11 @@ Status RebuildRefcounts(File& image, const RebuildRequest& r, RebuildResult* out
   }
   // Past everything the file holds, so a crash before the header moves leaves the old structure intact.
   NewRefcountStructure made;
-  QCOW2_TRY(WriteRefcountStructure(image, r.walk, counts.size(), &counts, &made));
+  try {
+    QCOW2_TRY(WriteRefcountStructure(image, r.walk, counts.size(), &counts, &made));
+  } catch (const std::bad_alloc&) {
+    return Status::Error("ENOMEM", "rebuilding the refcounts: Cannot allocate memory");
+  }
   uint8_t features[8];
   const uint64_t cleared = __builtin_bswap64(r.incompatibleFeatures & ~1ull);
   std::memcpy(features, &cleared, 8);
