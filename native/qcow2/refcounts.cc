@@ -107,6 +107,11 @@ Status Refcounts::MakeBlock(uint64_t index, Block** out) {
     // Allocating the grown table's clusters may have made this very block already: keep its counts.
     if (table_[index] != 0) return LoadBlock(index, out);
   }
+  if (index == 0) {
+    // Cluster 0 holds the header and is never free: a table without its block is corrupt (and a
+    // block placed there would leave the entry 0, "no block", for ever).
+    return Status::Error(kCorrupt, "the refcount table has no block for cluster 0 (the header)");
+  }
   *out = &PlaceBlock(index, index * perBlock_);
   SetRefcount((*out)->bytes.data(), bits_, 0, 1);
   return Status::Ok();

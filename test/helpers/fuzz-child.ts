@@ -39,8 +39,6 @@ export interface FuzzRequest {
   tinyCache: boolean;
   /** Run the write side with these requests instead of the read side. */
   writeOps?: WriteOp[];
-  /** Write side: leave out check -r all (see fuzz-known-bugs.ts). */
-  skipRepair?: boolean;
   /** Instead of reading the image, fail the way the harness must catch, to prove that it does. */
   selfTest?: 'crash' | 'hang' | 'uncoded error';
 }
@@ -137,7 +135,7 @@ class CaseRun {
   }
 
   async runWriteSide(options: Qcow2OpenOptions, ops: WriteOp[]): Promise<void> {
-    const side = new WriteSide(this, this.request.image, options, ops, this.request.skipRepair ?? false);
+    const side = new WriteSide(this, this.request.image, options, ops);
     const { before, after, wrote } = await side.run();
     const { checkAgreed, checkDisagreement } = side;
     this.writeSide = { cleanBefore: isClean(before), cleanAfter: after && isClean(after), wrote, checkAgreed, checkDisagreement };

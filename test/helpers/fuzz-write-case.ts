@@ -171,7 +171,6 @@ export class WriteSide {
     readonly file: string,
     readonly options: Qcow2OpenOptions,
     readonly ops: readonly WriteOp[],
-    readonly skipRepair: boolean,
   ) {}
 
   /** The whole side; returns the verdicts before and after, for the parent's statistics. */
@@ -194,7 +193,7 @@ export class WriteSide {
       this.runner.problems.push(`qemu-img check found the image clean before (${before.summary}) and not after our requests (${after.summary})`);
     }
     if (qemuReads && this.allSucceeded && this.wrote) await this.readBackWithQemu(image.size);
-    if (after.checked && !this.skipRepair) await this.repairAll();
+    if (after.checked) await this.repairAll();
     return { before, after, wrote: this.wrote };
   }
 
