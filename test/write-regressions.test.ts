@@ -6,6 +6,7 @@ import path from 'node:path';
 
 import test from 'ava';
 
+import { open } from '../ts/index.js';
 import { qcow2Cli, qemuImg, qemuIo, tempDir } from './helpers/qemu.js';
 
 for (const bits of [1, 2]) {
@@ -26,3 +27,19 @@ for (const bits of [1, 2]) {
     t.notRegex(verified, /failed/);
   });
 }
+
+test('a write into a cluster discarded just before (no flush between) survives the close, with an external data file', async (t) => {
+  const dir = await tempDir(t);
+  const image = path.join(dir, 'with-data.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', '-o', `data_file=${path.join(dir, 'data.raw')}`, image, '4M');
+  await qemuIo('-c', 'write -P 1 0 64k', image);
+  const disk = await open(image, { readOnly: false, followFileNames: true });
+  await disk.discard(0, 65536);
+  await disk.write(Buffer.alloc(4096, 2), 0);
+  await disk.close();
+  const verified = await qemuIo('-r', '-c', 'read -P 2 0 4k', '-c', 'read -P 0 4k 60k', image);
+  t.notRegex(verified, /failed/);
+  const report = JSON.parse(await qemuImg('check', '--output=json', image)) as { corruptions?: number; leaks?: number };
+  t.is(report.corruptions ?? 0, 0);
+  t.is(report.leaks ?? 0, 0);
+});

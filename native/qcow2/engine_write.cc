@@ -525,30 +525,22 @@ Status Engine::WriteRefcountChanges() {
 
 Status Engine::ApplyFrees(const std::vector<HostFree>& frees) {
   const uint64_t cs = geometry().clusterSize;
-  std::vector<std::pair<uint64_t, uint64_t>> punch;
-  {
-    std::lock_guard<std::mutex> lock(metaMu_);
-    for (const HostFree& f : frees) {
-      if (f.dataFile) {
-        punch.emplace_back(f.host, f.bytes);
-        continue;
+  std::lock_guard<std::mutex> lock(metaMu_);
+  for (const HostFree& f : frees) {
+    const uint64_t firstCluster = f.host / cs, lastCluster = (f.host + f.bytes - 1) / cs;
+    for (uint64_t c = firstCluster; c <= lastCluster; c++) {
+      uint64_t refcount = 0;
+      QCOW2_TRY(refcounts_->Get(c, &refcount));
+      if (refcount == 1) {
+        freed_.push_back(c);
+        // The cluster compressed data was being packed into is going away: start a new one.
+        if (compressedEnd_ > 0 && c == (compressedEnd_ - 1) / cs) compressedNext_ = compressedEnd_ = 0;
+      } else {
+        QCOW2_TRY(refcounts_->Add(c, -1));
       }
-      const uint64_t firstCluster = f.host / cs, lastCluster = (f.host + f.bytes - 1) / cs;
-      for (uint64_t c = firstCluster; c <= lastCluster; c++) {
-        uint64_t refcount = 0;
-        QCOW2_TRY(refcounts_->Get(c, &refcount));
-        if (refcount == 1) {
-          freed_.push_back(c);
-          // The cluster compressed data was being packed into is going away: start a new one.
-          if (compressedEnd_ > 0 && c == (compressedEnd_ - 1) / cs) compressedNext_ = compressedEnd_ = 0;
-        } else {
-          QCOW2_TRY(refcounts_->Add(c, -1));
-        }
-      }
-      compressedGeneration_.fetch_add(1, std::memory_order_acq_rel);
     }
+    compressedGeneration_.fetch_add(1, std::memory_order_acq_rel);
   }
-  for (const auto& [host, bytes] : punch) dataFile_->Allocate(AllocateMode::PunchHole, host, bytes);
   return Status::Ok();
 }
 
@@ -698,7 +690,14 @@ Status Engine::ModifyHeld(uint64_t first, uint64_t last, bool unmap, bool discar
       QCOW2_TRY(Fail(TableFor(e, &table, &frees)));
     }
     updates.push_back(update);
-    if (freed.bytes > 0) frees.push_back(freed);
+    if (freed.bytes == 0) continue;
+    if (freed.dataFile) {
+      // The data file has no refcounts, and a write into this guest cluster reuses the same host
+      // range (host == guest) as soon as the clusters are let go: punch it now, not at the next commit.
+      dataFile_->Allocate(AllocateMode::PunchHole, freed.host, freed.bytes);
+    } else {
+      frees.push_back(freed);
+    }
   }
   if (updates.empty()) return Status::Ok();
   return Publish(std::move(updates), std::move(frees));
