@@ -4,8 +4,8 @@ import { open as fsOpen } from 'node:fs/promises';
 import { ErrorCodes, Qcow2Error, asQcow2Error } from './errors.js';
 import { Image, ImageFormat } from './image.js';
 import { CacheMode, CACHE_MODES } from './native.js';
-import { openQcow2 } from './qcow2/open.js';
-import { RawImage } from './raw.js';
+import type * as Qcow2Open from './qcow2/open.js';
+import type * as Raw from './raw.js';
 
 /** The qcow2 magic, "QFI\xfb". */
 export const QCOW2_MAGIC = 0x514649fb;
@@ -79,6 +79,7 @@ export async function open(path: string, options: OpenOptions = {}): Promise<Ima
   }
   checkOpenOptions(options);
   const format = options.format ?? (await probeFormat(path));
-  if (format === 'qcow2') return openQcow2(path, options);
-  return RawImage.open(path, { readOnly: options.readOnly, cache: options.cache });
+  // Loaded on first use: `qcow2 check` and `info` probe formats here without opening an image.
+  if (format === 'qcow2') return (require('./qcow2/open.js') as typeof Qcow2Open).openQcow2(path, options);
+  return (require('./raw.js') as typeof Raw).RawImage.open(path, { readOnly: options.readOnly, cache: options.cache });
 }
