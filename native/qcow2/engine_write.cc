@@ -930,6 +930,9 @@ Status Engine::WriteCompressedCluster(const uint8_t* data, uint64_t bytes, Guest
 }
 
 Status Engine::GrowL1(uint64_t entries) {
+  // The new table copies the L1 in memory: entries of new L2 tables must be on disk (their tables
+  // written) first, or the header would point at entries whose tables hold stale bytes.
+  QCOW2_TRY(Flush());
   const Geometry& g = geometry();
   const uint64_t bytes = (entries * 8 + g.clusterSize - 1) & ~(g.clusterSize - 1);
   const uint64_t oldBytes = (mapper_->l1Entries() * 8 + g.clusterSize - 1) & ~(g.clusterSize - 1);
