@@ -43,8 +43,9 @@ interface Span {
 interface Window {
   offset: number;
   spans: Span[];
-  /** Settles when the window before it has been written (in-order mode). */
+  /** Settles when the window before it has issued its last write (in-order mode). */
   previous: Promise<void>;
+  /** Lets the next window write; called once this window's last write is issued (again when it ends: harmless). */
   done: () => void;
 }
 
@@ -252,6 +253,9 @@ function checkAborted(signal: AbortSignal | undefined): void {
   if (signal?.aborted) throw new Qcow2Error(ErrorCodes.ABORTED, 'the operation was aborted', { cause: signal.reason });
 }
 
+/** A write not started yet: a window's writes run one after the other. */
+type Write = () => Promise<void>;
+
 /**
  * Write one window: its read first, then (in order, when asked) its writes, one after the
  * other, since several of them may fall in one cluster.
@@ -259,41 +263,61 @@ function checkAborted(signal: AbortSignal | undefined): void {
 async function copyWindow(plan: CopyPlan, window: Window, buffer: Buffer): Promise<void> {
   const copies = window.spans.filter((span) => span.action === Action.Copy);
   const zeroes = window.spans.filter((span) => span.action === Action.Zero);
+  const writes: Write[] = [];
   if (copies.length === 0) {
-    if (plan.inOrder) await window.previous;
-    for (const span of zeroes) await writeZeroes(plan, span.offset, span.end);
-    return;
+    for (const span of zeroes) writes.push(() => writeZeroes(plan, span.offset, span.end));
+  } else {
+    // With compression whole clusters are written, so whole clusters are read.
+    const first = copies[0].offset;
+    const last = copies[copies.length - 1].end;
+    const readFrom = plan.compress ? alignDown(first, plan.clusterSize) : first;
+    const readTo = plan.compress ? Math.min(alignUp(last, plan.clusterSize), plan.target.size) : last;
+    const view = buffer.subarray(0, readTo - readFrom);
+    await readSources(plan.segments, view, readFrom);
+    if (plan.compress) {
+      writes.push(...compressedWrites(plan, copies, view, readFrom));
+      for (const span of zeroes) writes.push(...zeroWritesOutside(plan, span, copies));
+    } else {
+      for (const span of zeroes) writes.push(() => writeZeroes(plan, span.offset, span.end));
+      for (const span of copies) writes.push(...dataWrites(plan, view.subarray(span.offset - readFrom, span.end - readFrom), span.offset));
+    }
   }
-  // With compression whole clusters are written, so whole clusters are read.
-  const first = copies[0].offset;
-  const last = copies[copies.length - 1].end;
-  const readFrom = plan.compress ? alignDown(first, plan.clusterSize) : first;
-  const readTo = plan.compress ? Math.min(alignUp(last, plan.clusterSize), plan.target.size) : last;
-  const view = buffer.subarray(0, readTo - readFrom);
-  await readSources(plan.segments, view, readFrom);
   if (plan.inOrder) await window.previous;
-  if (plan.compress) {
-    await writeCompressedClusters(plan, copies, view, readFrom);
-    for (const span of zeroes) await writeZeroesOutside(plan, span, copies);
-    return;
+  await writeInSequence(writes, window.done);
+}
+
+/**
+ * Run `writes` one after the other, and `release` the next window as soon as the last one is
+ * issued: windows are whole clusters apart (COPY_CHUNK is a multiple of every cluster size), so
+ * only the order in which their writes reach the engine matters (it allocates in about that order,
+ * so the target's clusters stay close to guest order), and several windows' writes can be on the
+ * disk at once, where waiting for each to land left the disk idle between them.
+ */
+async function writeInSequence(writes: Write[], release: () => void): Promise<void> {
+  if (writes.length === 0) release();
+  for (let i = 0; i < writes.length; i++) {
+    const written = writes[i]();
+    if (i === writes.length - 1) release();
+    await written;
   }
-  for (const span of zeroes) await writeZeroes(plan, span.offset, span.end);
-  for (const span of copies) await writeData(plan, view.subarray(span.offset - readFrom, span.end - readFrom), span.offset);
 }
 
 /** Zero the parts of `span` outside the clusters the copy spans touch: those were written whole already. */
-async function writeZeroesOutside(plan: CopyPlan, span: Span, copies: Span[]): Promise<void> {
+function zeroWritesOutside(plan: CopyPlan, span: Span, copies: Span[]): Write[] {
   const touched = new Set<number>();
   for (const copy of copies) {
     for (let cluster = alignDown(copy.offset, plan.clusterSize); cluster < copy.end; cluster += plan.clusterSize) touched.add(cluster);
   }
+  const writes: Write[] = [];
+  const zero = (from: number, to: number) => writes.push(() => writeZeroes(plan, from, to));
   let from = span.offset;
   for (let cluster = alignDown(span.offset, plan.clusterSize); cluster < span.end; cluster += plan.clusterSize) {
     if (!touched.has(cluster)) continue;
-    if (from < cluster) await writeZeroes(plan, from, cluster);
+    if (from < cluster) zero(from, cluster);
     from = Math.min(span.end, cluster + plan.clusterSize);
   }
-  if (from < span.end) await writeZeroes(plan, from, span.end);
+  if (from < span.end) zero(from, span.end);
+  return writes;
 }
 
 function writeZeroes(plan: CopyPlan, from: number, to: number): Promise<void> {
@@ -309,14 +333,11 @@ function alignUp(n: number, alignment: number): number {
 }
 
 /** Data at target offset `offset`: written whole, or without its zero stretches when the target reads as zero. */
-async function writeData(plan: CopyPlan, data: Buffer, offset: number): Promise<void> {
-  if (!plan.zeroInit || plan.sparseSize === 0) {
-    await plan.target.write(data, offset);
-    return;
-  }
-  for (const run of dataAndZeroRuns(data, offset, plan.sparseSize)) {
-    if (run.data) await plan.target.write(data.subarray(run.start, run.end), offset + run.start);
-  }
+function dataWrites(plan: CopyPlan, data: Buffer, offset: number): Write[] {
+  if (!plan.zeroInit || plan.sparseSize === 0) return [() => plan.target.write(data, offset)];
+  return dataAndZeroRuns(data, offset, plan.sparseSize)
+    .filter((run) => run.data)
+    .map((run) => () => plan.target.write(data.subarray(run.start, run.end), offset + run.start));
 }
 
 /**
@@ -324,32 +345,35 @@ async function writeData(plan: CopyPlan, data: Buffer, offset: number): Promise<
  * compressed in runs of consecutive non-zero clusters; all-zero clusters are left out on a
  * target that reads as zero, else zeroed.
  */
-async function writeCompressedClusters(plan: CopyPlan, copies: Span[], view: Buffer, viewOffset: number): Promise<void> {
+function compressedWrites(plan: CopyPlan, copies: Span[], view: Buffer, viewOffset: number): Write[] {
   const { clusterSize, target } = plan;
+  const writes: Write[] = [];
   let runStart = -1;
   let next = -1;
-  const flushRun = async () => {
+  const flushRun = () => {
     if (runStart >= 0) {
       const run = view.subarray(runStart - viewOffset, next - viewOffset);
-      await target.writeCompressed(run, runStart);
+      const at = runStart;
+      writes.push(() => target.writeCompressed(run, at));
     }
     runStart = -1;
   };
   for (const span of copies) {
     for (let cluster = alignDown(span.offset, clusterSize); cluster < span.end; cluster += clusterSize) {
       if (cluster < next) continue;
-      if (cluster !== next) await flushRun();
+      if (cluster !== next) flushRun();
       const end = Math.min(cluster + clusterSize, target.size);
       if (isZero(view, cluster - viewOffset, end - viewOffset)) {
-        await flushRun();
-        if (!plan.zeroInit) await target.writeZeroes(cluster, end - cluster, { unmap: true });
+        flushRun();
+        if (!plan.zeroInit) writes.push(() => target.writeZeroes(cluster, end - cluster, { unmap: true }));
       } else if (runStart < 0) {
         runStart = cluster;
       }
       next = end;
     }
   }
-  await flushRun();
+  flushRun();
+  return writes;
 }
 
 const ZERO_BLOCK = Buffer.alloc(64 << 10);
