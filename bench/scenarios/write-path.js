@@ -7,7 +7,8 @@
  *   node bench/scenarios/write-path.js [--runs N] [--only ID,ID] [--small] [--no-drop-caches] [--markdown]
  *
  * IDs: convert-random (4 GiB of random bytes), convert-zlib / convert-zstd (`-c`, 1 GiB of
- * half-compressible bytes), fio (the disk's sequential write and read, for reference).
+ * half-compressible bytes), fio (the disk's sequential write and read, and the plain convert's floor:
+ * reading the source while writing a new file, for reference).
  * Sources are the raw files of bench/lib/fixtures.js, cached in BENCH_DIR (default /tmp/qcow2-bench);
  * each side writes a fresh output (deleted before every run and after the scenario). After the runs,
  * our output must read like qemu-img's (`qemu-img compare`) and pass `qemu-img check` with no
@@ -18,9 +19,9 @@ const os = require('node:os');
 
 const { BENCH_DIR, benchDirUsage, benchPath } = require('../lib/benchdir.js');
 const { compareCommands } = require('../lib/compare.js');
-const { runFioJob, STANDARD_JOBS } = require('../lib/fio.js');
+const { runFioJob, runFioTogether, STANDARD_JOBS } = require('../lib/fio.js');
 const { GiB, MiB, halfCompressibleRaw, randomRaw } = require('../lib/fixtures.js');
-const { runMeasured } = require('../lib/proc.js');
+const { dropCaches, runMeasured } = require('../lib/proc.js');
 const { formatKiB, formatMs, formatRatio, markdownTable, printTable } = require('../lib/stats.js');
 
 const USAGE = 'usage: node bench/scenarios/write-path.js [--runs N] [--only ID,ID] [--small] [--no-drop-caches] [--markdown]';
@@ -130,6 +131,26 @@ async function fioFigures(size) {
   }
 }
 
+/**
+ * The disk's floor for the plain convert: fio reading the random source in 2 MiB requests while it
+ * writes a new file of the same size in 2 MiB requests (depth 8 each, both at once, page cache dropped).
+ */
+async function convertFloor(source, bytes) {
+  const scratch = benchPath('fio', 'write-path-target.dat');
+  try {
+    fs.rmSync(scratch, { force: true });
+    dropCaches();
+    log('fio: read the source + write a new file (2 MiB, depth 8) …');
+    const { command, results } = await runFioTogether([
+      { name: 'read-source', filename: source, rw: 'read', bs: '2M', iodepth: 8, size: bytes },
+      { name: 'write-target', filename: scratch, rw: 'write', bs: '2M', iodepth: 8, size: bytes },
+    ]);
+    return results.map((r) => ({ name: `${r.name} (together, ${bytes / MiB} MiB)`, mbps: r.mbps, runtimeMs: r.runtimeMs, load: load(), command }));
+  } finally {
+    fs.rmSync(scratch, { force: true });
+  }
+}
+
 async function main() {
   const options = parseCommandLine(process.argv.slice(2));
   if (!options) {
@@ -149,7 +170,11 @@ async function main() {
     const extra = ['-c', '-o', `compression_type=${type}`];
     rows.push(await convertScenario(`convert-${type}`, `convert -c -O qcow2 (${type}), ${size.compressed / MiB} MiB half-compressible raw`, source, extra, 0.6, options));
   }
-  const fio = want('fio') ? await fioFigures(size.fio) : [];
+  const fio = [];
+  if (want('fio')) {
+    fio.push(...(await fioFigures(size.fio)));
+    fio.push(...(await convertFloor(await randomRaw(size.random, log), size.random)));
+  }
   report(rows, fio, options);
   const resultsFile = benchPath(`results-write-path-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
   fs.writeFileSync(resultsFile, JSON.stringify({ options, rows, fio }, null, 2) + '\n');
@@ -160,12 +185,13 @@ async function main() {
 function report(rows, fio, options) {
   const headers = ['scenario', 'ours', 'qemu-img', 'ratio', 'target', 'met?', 'load', 'note'];
   const cells = rows.map((r) => [r.scenario, r.ours, r.theirs, formatRatio(r.ratio), r.target, r.met, r.load, r.note]);
-  const fioHeaders = ['fio (libaio, O_DIRECT, depth 16)', 'bandwidth', 'load'];
-  const fioCells = fio.map((f) => [f.name, `${f.mbps.toFixed(0)} MB/s`, f.load]);
+  const fioHeaders = ['fio (libaio, O_DIRECT)', 'bandwidth', 'time', 'load'];
+  const fioCells = fio.map((f) => [f.name, `${f.mbps.toFixed(0)} MB/s`, f.runtimeMs ? formatMs(f.runtimeMs) : '', f.load]);
   const print = options.markdown ? (h, c) => process.stdout.write(markdownTable(h, c) + '\n\n') : printTable;
   print(headers, cells);
   if (fio.length) print(fioHeaders, fioCells);
   for (const r of rows) process.stdout.write(`  ${r.scenario}:\n    ours:   ${r.commands[0]}\n    theirs: ${r.commands[1]}\n`);
+  for (const command of new Set(fio.map((f) => f.command).filter(Boolean))) process.stdout.write(`  ${command}\n`);
 }
 
 main().catch((error) => {
