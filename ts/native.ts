@@ -216,6 +216,8 @@ export interface Qcow2WalkParams {
   cryptoBytes?: number;
   /** Present when the image has bitmaps; `valid` false when the directory could not be decoded. */
   bitmaps?: { directoryOffset: number; directoryBytes: number; valid: boolean; tables: { offset: number; entries: number }[] };
+  /** Where the header fields lie that a repair or rebuild updates (HEADER_FIELD_OFFSETS). */
+  headerFields: Qcow2HeaderFields;
 }
 
 /** What Qcow2Engine.rebuildRefcounts() walks. */

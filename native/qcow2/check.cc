@@ -68,11 +68,6 @@ std::string Format(const char* fmt, ...) {
 /// printf's %#x: "0" for zero, else 0x and the digits.
 std::string AltHex(uint64_t v) { return v ? Format("0x%" PRIx64, v) : "0"; }
 
-void StoreBE64(uint8_t* p, uint64_t v) {
-  v = __builtin_bswap64(v);
-  std::memcpy(p, &v, 8);
-}
-
 uint64_t DivUp(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 
 /// qemu's corruption events and overlap check. Repair writes onto metadata of another kind are
@@ -81,9 +76,9 @@ uint64_t DivUp(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 /// is only shown. Either way only the first event is shown.
 class WriteGuard {
  public:
-  WriteGuard(File& image, uint32_t clusterBits, uint64_t incompatibleFeatures, bool writable,
-             std::vector<std::string>* messages)
-      : image_(image), ranges_(clusterBits), features_(incompatibleFeatures), writable_(writable),
+  WriteGuard(File& image, uint32_t clusterBits, const HeaderFields& fields, uint64_t incompatibleFeatures,
+             bool writable, std::vector<std::string>* messages)
+      : image_(image), ranges_(clusterBits), fields_(fields), features_(incompatibleFeatures), writable_(writable),
         messages_(messages) {}
 
   MetadataRanges& ranges() { return ranges_; }
@@ -109,9 +104,7 @@ class WriteGuard {
     }
     messages_->push_back("qcow2: Marking image as corrupt: " + what + "; further corruption events will be suppressed");
     dead_ = true;
-    uint8_t field[8];
-    StoreBE64(field, features_ | 2);
-    if (image_.Write(field, 8, 72).ok()) (void)image_.Flush();
+    if (WriteIncompatibleFeatures(image_, fields_, features_ | 2).ok()) (void)image_.Flush();
   }
 
   /// A fatal event happened: qemu's image is unusable from here on.
@@ -120,6 +113,7 @@ class WriteGuard {
  private:
   File& image_;
   MetadataRanges ranges_;
+  const HeaderFields& fields_;
   uint64_t features_;
   bool writable_;
   std::vector<std::string>* messages_;
@@ -675,7 +669,7 @@ class Checker {
       : image_(image), req_(request), walk_(request.walk),
         g_(Geometry::Make(walk_.clusterBits, walk_.extendedL2, walk_.virtualSize)), report_(report),
         counts_(walk_.refcountOrder), stored_(image, g_, walk_.refcountOrder),
-        guard_(image, walk_.clusterBits, request.incompatibleFeatures, request.fix != 0, &report->messages) {}
+        guard_(image, walk_.clusterBits, walk_.header, request.incompatibleFeatures, request.fix != 0, &report->messages) {}
 
   Status Run() {
     uint64_t fileSize = 0;
@@ -950,9 +944,7 @@ class Checker {
     const uint64_t cleared = req_.incompatibleFeatures & ~3ull;
     if (cleared == req_.incompatibleFeatures) return Status::Ok();
     QCOW2_TRY(image_.Flush());
-    uint8_t field[8];
-    StoreBE64(field, cleared);
-    QCOW2_TRY(image_.Write(field, 8, 72));
+    QCOW2_TRY(WriteIncompatibleFeatures(image_, walk_.header, cleared));
     return image_.Flush();
   }
 
@@ -1100,11 +1092,7 @@ Status WriteRefcountStructure(File& image, const WalkRequest& request, uint64_t 
   QCOW2_TRY(image.Write(table.data(), table.size(), tableCluster << g.clusterBits));
   // The blocks and table are durable before the header points at them.
   QCOW2_TRY(image.Flush());
-  uint8_t field[12];
-  StoreBE64(field, tableCluster << g.clusterBits);
-  const uint32_t clustersBE = __builtin_bswap32(static_cast<uint32_t>(tableClusters));
-  std::memcpy(field + 8, &clustersBE, 4);
-  QCOW2_TRY(image.Write(field, sizeof field, 48));
+  QCOW2_TRY(WriteRefcountTableFields(image, request.header, tableCluster << g.clusterBits, tableClusters));
   QCOW2_TRY(image.Flush());
   out->tableOffset = tableCluster << g.clusterBits;
   out->tableClusters = tableClusters;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "file.h"
+#include "qcow2/header_fields.h"
 #include "status.h"
 
 namespace qcow2 {
@@ -50,6 +51,8 @@ struct WalkRequest {
   uint64_t bitmapDirectoryOffset = 0;
   uint64_t bitmapDirectoryBytes = 0;
   std::vector<BitmapTableRef> bitmapTables;
+  /// Where the header fields lie that a repair or rebuild updates.
+  HeaderFields header;
 };
 
 /// Repair flags, as qemu-img check -r leaks (Leaks) and -r all (Leaks | Errors).

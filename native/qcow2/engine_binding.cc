@@ -343,6 +343,7 @@ Napi::Value EngineWrap::Format(const Napi::CallbackInfo& info) {
 WalkRequest ParseWalk(const Napi::Object& o) {
   Napi::Env env = o.Env();
   WalkRequest w;
+  w.header = ParseHeaderFields(o);
   w.clusterBits = SmallInteger(o, "clusterBits", 21);
   if (w.clusterBits < 9) throw Napi::RangeError::New(env, "option clusterBits must be at least 9, got " + std::to_string(w.clusterBits));
   w.refcountOrder = SmallInteger(o, "refcountOrder", 6);

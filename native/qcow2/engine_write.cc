@@ -33,16 +33,6 @@ constexpr uint64_t kGrowStep = 64ull << 20;
 /// … and at most this much (space reserved ahead is given back on close).
 constexpr uint64_t kMaxGrowStep = 1ull << 30;
 
-void StoreBE64(uint8_t* p, uint64_t v) {
-  v = __builtin_bswap64(v);
-  std::memcpy(p, &v, 8);
-}
-
-void StoreBE32(uint8_t* p, uint32_t v) {
-  v = __builtin_bswap32(v);
-  std::memcpy(p, &v, 4);
-}
-
 /// Holds a range of guest clusters for the lifetime of a request (alone unless `shared`).
 class ClusterRange {
  public:
@@ -135,9 +125,7 @@ Status Engine::Fail(Status status) {
   failed_.store(true, std::memory_order_release);
   if (status.code == kCorrupt && config_.version >= 3) {
     failure_.message = "the image was marked corrupt and accepts no more writes: " + status.message;
-    uint8_t bits[8];
-    StoreBE64(bits, config_.incompatibleFeatures | kCorruptBit);
-    if (image_->Write(bits, 8, config_.header.incompatibleFeatures).ok()) image_->Flush();
+    if (WriteIncompatibleFeatures(*image_, config_.header, config_.incompatibleFeatures | kCorruptBit).ok()) image_->Flush();
   }
   return status;
 }
@@ -497,12 +485,8 @@ Status Engine::WriteRefcountChanges() {
     }
     // The new table and its blocks are durable before the header points at them.
     QCOW2_TRY(image_->Flush());
-    // The offset first: with the old count it still describes a valid (larger) table.
-    uint8_t field[8];
-    StoreBE64(field, offset);
-    QCOW2_TRY(WriteHeaderField(config_.header.refcountTableOffset, field, 8));
-    StoreBE32(field, static_cast<uint32_t>(clusters));
-    QCOW2_TRY(WriteHeaderField(config_.header.refcountTableClusters, field, 4));
+    QCOW2_TRY(WriteRefcountTableFields(*image_, config_.header, offset, clusters));
+    QCOW2_TRY(image_->Flush());
     config_.refcountTableOffset = offset;
     config_.refcountTableClusters = clusters;
     std::lock_guard<std::mutex> lock(metaMu_);

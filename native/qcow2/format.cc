@@ -13,11 +13,6 @@ namespace {
 
 uint64_t DivUp(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 
-void StoreBE64(uint8_t* p, uint64_t v) {
-  v = __builtin_bswap64(v);
-  std::memcpy(p, &v, 8);
-}
-
 /// Cluster counts of each structure, in file order after the header cluster.
 struct Layout {
   uint64_t table = 0, blocks = 0, l1 = 0, l2 = 0, data = 0;

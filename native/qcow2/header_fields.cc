@@ -3,6 +3,7 @@
 #include <string>
 
 #include "js.h"
+#include "qcow2/layout.h"
 
 namespace qcow2 {
 
@@ -22,6 +23,23 @@ HeaderFields ParseHeaderFields(const Napi::Object& params) {
   f.refcountTableClusters = field("refcountTableClusters");
   f.incompatibleFeatures = field("incompatibleFeatures");
   return f;
+}
+
+Status WriteRefcountTableFields(File& image, const HeaderFields& fields, uint64_t offset, uint64_t clusters) {
+  uint8_t bytes[12];
+  StoreBE64(bytes, offset);
+  StoreBE32(bytes + 8, static_cast<uint32_t>(clusters));
+  if (fields.refcountTableClusters == fields.refcountTableOffset + 8) {
+    return image.Write(bytes, sizeof bytes, fields.refcountTableOffset);
+  }
+  QCOW2_TRY(image.Write(bytes, 8, fields.refcountTableOffset));
+  return image.Write(bytes + 8, 4, fields.refcountTableClusters);
+}
+
+Status WriteIncompatibleFeatures(File& image, const HeaderFields& fields, uint64_t bits) {
+  uint8_t bytes[8];
+  StoreBE64(bytes, bits);
+  return image.Write(bytes, sizeof bytes, fields.incompatibleFeatures);
 }
 
 }  // namespace qcow2

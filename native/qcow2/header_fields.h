@@ -6,6 +6,9 @@
 
 #include <cstdint>
 
+#include "file.h"
+#include "status.h"
+
 namespace qcow2 {
 
 /// Byte offsets of header fields, as TypeScript gives them.
@@ -20,5 +23,12 @@ struct HeaderFields {
 
 /// Read `params.headerFields` ({ size, l1Size, … } offsets); a TypeError names what is missing.
 HeaderFields ParseHeaderFields(const Napi::Object& params);
+
+/// Point the header at a refcount table. Where the two fields are adjacent (every qcow2 version has
+/// them so) they go in one write, so that a crash never pairs the new offset with the old size.
+Status WriteRefcountTableFields(File& image, const HeaderFields& fields, uint64_t offset, uint64_t clusters);
+
+/// Store the incompatible feature bits (dirty, corrupt, …).
+Status WriteIncompatibleFeatures(File& image, const HeaderFields& fields, uint64_t bits);
 
 }  // namespace qcow2

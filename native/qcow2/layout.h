@@ -52,6 +52,16 @@ inline uint64_t LoadBE64(const uint8_t* p) {
   return __builtin_bswap64(v);
 }
 
+inline void StoreBE64(uint8_t* p, uint64_t v) {
+  v = __builtin_bswap64(v);
+  __builtin_memcpy(p, &v, 8);
+}
+
+inline void StoreBE32(uint8_t* p, uint32_t v) {
+  v = __builtin_bswap32(v);
+  __builtin_memcpy(p, &v, 4);
+}
+
 /// The shape of an image's mapping tables, derived once from the header values.
 struct Geometry {
   uint32_t clusterBits = 16;

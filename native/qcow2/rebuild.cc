@@ -1,6 +1,5 @@
 #include "qcow2/rebuild.h"
 
-#include <cstring>
 #include <new>
 
 namespace qcow2 {
@@ -26,10 +25,7 @@ Status RebuildRefcounts(File& image, const RebuildRequest& r, RebuildResult* out
   } catch (const std::bad_alloc&) {
     return Status::Error("ENOMEM", "rebuilding the refcounts: Cannot allocate memory");
   }
-  uint8_t features[8];
-  const uint64_t cleared = __builtin_bswap64(r.incompatibleFeatures & ~1ull);
-  std::memcpy(features, &cleared, 8);
-  QCOW2_TRY(image.Write(features, sizeof features, 72));
+  QCOW2_TRY(WriteIncompatibleFeatures(image, r.walk.header, r.incompatibleFeatures & ~1ull));
   QCOW2_TRY(image.Flush());
   out->refcountTableOffset = made.tableOffset;
   out->refcountTableClusters = made.tableClusters;

@@ -2,7 +2,7 @@
 import type { Qcow2WalkParams } from '../native.js';
 import { readBitmaps } from './bitmaps.js';
 import { align8 } from './extensions.js';
-import type { Qcow2Header } from './header.js';
+import { HEADER_FIELD_OFFSETS, Qcow2Header } from './header.js';
 import { openMetadataFile } from './metadata-file.js';
 import { SnapshotTable, readSnapshots } from './snapshots.js';
 import { encodeName } from './text.js';
@@ -35,6 +35,7 @@ export async function walkParams(imagePath: string, header: Qcow2Header): Promis
       refcountTableClusters: header.refcountTableClusters,
       cryptoOffset: header.fullDiskEncryption?.offset ?? 0,
       cryptoBytes: header.fullDiskEncryption?.length ?? 0,
+      headerFields: HEADER_FIELD_OFFSETS,
     };
     // Without the autoclear bit qemu ignores the bitmaps: their clusters count as leaked.
     if (header.bitmaps && header.bitmaps.nbBitmaps > 0 && header.bitmapsAutoclear) {
