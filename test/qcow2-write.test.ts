@@ -11,6 +11,7 @@ import test, { ExecutionContext } from 'ava';
 import { ErrorCodes, Qcow2Error, Qcow2Image, openQcow2 } from '../ts/index.js';
 import { createQcow2, Qcow2CreateOptions } from '../ts/qcow2/create.js';
 import { patternBytes, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
+import { random } from './helpers/random.js';
 import { qemuCreateArgs } from './helpers/create-args.js';
 
 /** One guest operation, as both sides apply it. */
@@ -18,18 +19,6 @@ type Op =
   | { kind: 'write'; offset: number; length: number; pattern: number }
   | { kind: 'zero'; offset: number; length: number; unmap: boolean }
   | { kind: 'discard'; offset: number; length: number };
-
-/** A small seeded generator (mulberry32), so that a failing sequence reproduces. */
-function random(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** `count` operations over a disk of `size` bytes: aligned and unaligned, inside one cluster and across several. */
 function randomOps(seed: number, count: number, size: number, clusterSize: number): Op[] {

@@ -11,20 +11,9 @@ import path from 'node:path';
 import test from 'ava';
 
 import { qcow2Cli, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
+import { random } from './helpers/random.js';
 
 const SIZE = 1 << 20;
-
-/** A small seeded generator (mulberry32), so that a failing sequence reproduces. */
-function random(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** qemu-io commands: small unaligned writes, zero writes of 512-byte multiples with and without -u, across clusters too. */
 function commands(seed: number, count: number): string[] {
