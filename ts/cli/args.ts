@@ -24,6 +24,21 @@ export class UsageError extends Qcow2Error {
   }
 }
 
+/** The hint qemu-img adds to every usage error. */
+export const HELP_HINT = "\nTry 'qcow2 --help' for more information";
+
+/** getopt's complaint reworded as qemu-img words it (qemu-img names the whole argument). */
+export function qemuUsage(error: UsageError, argv: readonly string[]): UsageError {
+  const missing = /^option requires an argument -- '(.)'$|^option '(--[^']+)' requires an argument$/.exec(error.message);
+  if (missing) return new UsageError(`missing argument for option '${missing[1] ? `-${missing[1]}` : missing[2]}'${HELP_HINT}`);
+  const invalid = /^invalid option -- '(.)'$/.exec(error.message);
+  if (invalid) {
+    const arg = argv.find((a) => /^-[^-]/.test(a) && a.includes(invalid[1])) ?? `-${invalid[1]}`;
+    return new UsageError(`unrecognized option '${arg}'${HELP_HINT}`);
+  }
+  return new UsageError(error.message + HELP_HINT);
+}
+
 /** Parse `argv` with GNU getopt's rules: options may follow operands, `--` ends options. */
 export function parseArgs(argv: readonly string[], spec: ArgSpec): ParsedArgs {
   const options = new Map<string, string[]>();

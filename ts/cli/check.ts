@@ -2,7 +2,7 @@
 import { asQcow2Error, Qcow2Error } from '../errors.js';
 import { CheckResult, RepairMode, check, checkExitCode } from '../tools/check.js';
 import { rawProbeWarning } from '../tools/io/probe-guard.js';
-import { UsageError, lastOption, parseArgs } from './args.js';
+import { HELP_HINT, UsageError, lastOption, parseArgs, qemuUsage } from './args.js';
 import { parseCache, parseFormat } from './common.js';
 import { qemuJson } from './qemu-format.js';
 
@@ -18,19 +18,6 @@ const SPEC = {
 };
 
 const USAGE = 'usage: qcow2 check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename\n';
-const HELP_HINT = "\nTry 'qcow2 --help' for more information";
-
-/** getopt's complaint reworded as qemu-img words it. */
-function qemuUsage(error: UsageError, argv: readonly string[]): UsageError {
-  const missing = /^option requires an argument -- '(.)'$|^option '(--[^']+)' requires an argument$/.exec(error.message);
-  if (missing) return new UsageError(`missing argument for option '${missing[1] ? `-${missing[1]}` : missing[2]}'${HELP_HINT}`);
-  const invalid = /^invalid option -- '(.)'$/.exec(error.message);
-  if (invalid) {
-    const arg = argv.find((a) => /^-[^-]/.test(a) && a.includes(invalid[1])) ?? `-${invalid[1]}`;
-    return new UsageError(`unrecognized option '${arg}'${HELP_HINT}`);
-  }
-  return new UsageError(error.message + HELP_HINT);
-}
 
 function parseRepair(text: string | undefined): RepairMode | undefined {
   if (text === undefined) return undefined;

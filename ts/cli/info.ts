@@ -1,7 +1,7 @@
 /** `qcow2 info [-f FMT] [--output=human|json] [--backing-chain] [-U] IMG`: qemu-img info's output. */
 import { encodeName } from '../qcow2/text.js';
 import { ImageInfo, info, infoChain } from '../tools/info.js';
-import { UsageError, lastOption, parseArgs } from './args.js';
+import { HELP_HINT, UsageError, lastOption, parseArgs, qemuUsage } from './args.js';
 import { dumpNested, qemuJson, QemuJsonValue, sizeToStr, snapshotTable } from './qemu-format.js';
 
 const USAGE = `usage: qcow2 info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
@@ -50,20 +50,6 @@ export function humanInfo(image: ImageInfo): string[] {
     lines.push(...dumpNested(specific.data as unknown as { [key: string]: QemuJsonValue }, 4));
   }
   return lines;
-}
-
-const HELP_HINT = "\nTry 'qcow2 --help' for more information";
-
-/** getopt's complaint reworded as qemu-img words it (qemu-img names the whole argument). */
-function qemuUsage(error: UsageError, argv: readonly string[]): UsageError {
-  const missing = /^option requires an argument -- '(.)'$|^option '(--[^']+)' requires an argument$/.exec(error.message);
-  if (missing) return new UsageError(`missing argument for option '${missing[1] ? `-${missing[1]}` : missing[2]}'${HELP_HINT}`);
-  const invalid = /^invalid option -- '(.)'$/.exec(error.message);
-  if (invalid) {
-    const arg = argv.find((a) => /^-[^-]/.test(a) && a.includes(invalid[1])) ?? `-${invalid[1]}`;
-    return new UsageError(`unrecognized option '${arg}'${HELP_HINT}`);
-  }
-  return new UsageError(error.message + HELP_HINT);
 }
 
 const INFO_SPEC = {
