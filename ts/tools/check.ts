@@ -7,8 +7,10 @@ import { errnoText } from '../qcow2/metadata-file.js';
 import { cString, combineFileName } from '../qcow2/text.js';
 import { walkParams } from '../qcow2/walk.js';
 
+/** What a check repairs, as qemu-img check -r: leaked clusters only, or everything it can. */
 export type RepairMode = 'leaks' | 'all';
 
+/** Options of check(), as qemu-img check's -f, -r and -T. */
 export interface CheckOptions {
   /** The image format; probed when absent. */
   format?: 'qcow2' | 'raw';
