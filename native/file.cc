@@ -376,6 +376,8 @@ Status File::Allocate(AllocateMode mode, uint64_t off, uint64_t len) {
   if (fallocate(fd(), flags, static_cast<off_t>(off), static_cast<off_t>(len)) != 0) {
     return Fail(errno, "fallocate", off, len);
   }
+  // Growing the file this way must be seen as growth, or writes into the space would take the extending path.
+  if (mode == AllocateMode::Allocate) NoteSize(off + len);
   return Status::Ok();
 }
 
