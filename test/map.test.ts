@@ -86,6 +86,19 @@ test('qcow2 version 2 and extended L2 images: subcluster runs like qemu-img', as
   await qemuImg('create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', extended, '4M');
   await qemuIo('-c', 'write -P 1 0 64k', '-c', 'write -z 0 8k', '-c', 'write -P 2 24k 8k', '-c', 'write -z 2M 64k', extended);
   await sameMap(t, extended);
+  // Unallocated subclusters inside allocated clusters: qemu-img shows their host offset when no
+  // backing image lies below, and the backing's runs when one does.
+  const partial = path.join(dir, 'partial.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', partial, '1M');
+  await qemuIo('-c', 'write -P 1 0 2k', '-c', 'write -P 2 40k 2k', '-c', 'write -z 200k 2k', partial);
+  await sameMap(t, partial);
+  const base = path.join(dir, 'base.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', base, '1M');
+  await qemuIo('-c', 'write -P 9 0 512k', base);
+  const overlay = path.join(dir, 'overlay.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', '-b', base, '-F', 'qcow2', overlay);
+  await qemuIo('-c', 'write -P 1 0 2k', '-c', 'write -z 8k 2k', '-c', 'write -P 3 600k 2k', overlay);
+  await sameMap(t, overlay);
 });
 
 test('qcow2 image with compressed clusters: JSON matches, human fails like qemu-img', async (t) => {

@@ -348,7 +348,14 @@ Status Engine::Map(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns,
       case ClusterKind::Compressed:
         AppendRun(out, {pos, seg.length, RunKind::Data, depth, true, seg.host, kRunCompressed});
         break;
-      case ClusterKind::Unallocated: QCOW2_TRY(MapBacking(GuestOffset{pos}, seg.length, depth, maxRuns, out)); break;
+      case ClusterKind::Unallocated:
+        if (!backing_.engine && !backing_.raw && seg.hasHost) {
+          // Unallocated subclusters of an allocated cluster, with nothing below: qemu-img map shows where they lie.
+          AppendRun(out, {pos, seg.length, RunKind::Unallocated, depth, true, seg.host, dataFlags});
+        } else {
+          QCOW2_TRY(MapBacking(GuestOffset{pos}, seg.length, depth, maxRuns, out));
+        }
+        break;
     }
     pos += seg.length;
   }

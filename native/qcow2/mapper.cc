@@ -124,7 +124,8 @@ Status Mapper::PieceAt(const L2Slice& slice, uint64_t sliceFirstCluster, GuestOf
     out->hasHost = true;
     out->host = entry.host;
   } else {
-    out->hasHost = entry.hostAllocated && (kind == ClusterKind::Data || kind == ClusterKind::Zero);
+    // Unallocated subclusters of an allocated cluster keep their host too: qemu-img map shows it.
+    out->hasHost = entry.hostAllocated;
     out->host = out->hasHost ? entry.host + inCluster : 0;
   }
   return Status::Ok();
