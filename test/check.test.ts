@@ -59,6 +59,32 @@ async function made(dir: string, name: string, options: string, commands: string
   return name;
 }
 
+/** Where each snapshot table entry starts (each padded to 8 bytes). */
+async function snapshotEntryOffsets(file: string): Promise<number[]> {
+  const count = Number((await readU64(file, 56)) & 0xffffffffn);
+  const offsets: number[] = [];
+  let entry = Number(await readU64(file, 64));
+  for (let i = 0; i < count; i++) {
+    offsets.push(entry);
+    const sizes = await readU64(file, entry + 8);
+    const extra = (await readU64(file, entry + 32)) & 0xffffffffn;
+    entry += Math.ceil((40 + Number(extra) + Number((sizes >> 16n) & 0xffffn) + Number(sizes & 0xffffn)) / 8) * 8;
+  }
+  return offsets;
+}
+
+async function writeU32(file: string, offset: number, value: number): Promise<void> {
+  const buf = Buffer.alloc(4);
+  buf.writeUInt32BE(value);
+  await writeAt(file, offset, buf);
+}
+
+async function writeU16(file: string, offset: number, value: number): Promise<void> {
+  const buf = Buffer.alloc(2);
+  buf.writeUInt16BE(value);
+  await writeAt(file, offset, buf);
+}
+
 /** An image with data at 0-1 MiB and 4 MiB, then `brk` applied to it. */
 function broken(name: string, brk: (file: string) => Promise<void>, options = '', extra: string[] = []): Case {
   return {
@@ -193,6 +219,23 @@ const CASES: Case[] = [
       const buf = Buffer.alloc(8);
       buf.writeBigUInt64BE(value(await readU64(file, entry + at)));
       await writeAt(file, entry + at, bytes === 8 ? buf : buf.subarray(4));
+      return image;
+    },
+  })),
+  ...[
+    { what: 'the second snapshot table entry zeroed (incomplete)', brk: (f: string, e: number[]) => writeAt(f, e[1], Buffer.alloc(200)) },
+    { what: 'every snapshot table entry zeroed (incomplete)', brk: (f: string, e: number[]) => writeAt(f, e[0], Buffer.alloc(200)) },
+    { what: 'a snapshot table entry past the end of the file', brk: (f: string) => writeU32(f, 60, 3) },
+    { what: 'a snapshot ID running past the end of the file', brk: (f: string, e: number[]) => writeU16(f, e[1] + 12, 60000) },
+    { what: 'too much snapshot extra data', brk: (f: string, e: number[]) => writeU32(f, e[0] + 36, 2000) },
+  ].map(({ what, brk }) => ({
+    name: `a snapshot table with ${what}`,
+    async make(dir: string) {
+      const image = await made(dir, 'img.qcow2', '', ['write -P 1 0 128k']);
+      const file = path.join(dir, image);
+      await qemuImg('snapshot', '-c', 'one', file);
+      await qemuImg('snapshot', '-c', 'two', file);
+      await brk(file, await snapshotEntryOffsets(file));
       return image;
     },
   })),

@@ -231,6 +231,10 @@ export interface Qcow2CheckParams extends Qcow2WalkParams {
   repair?: 'leaks' | 'all';
   /** The incompatible feature bits as stored (a clean repair clears dirty and corrupt). */
   incompatibleFeatures?: number;
+  /** Corruptions TS found and left unfixed (the snapshot table's): a repair then leaves the image marked as it was. */
+  otherCorruptions?: number;
+  /** With repair 'all': a snapshot table to write at the first free clusters in place of the old one; the header fields name where nb_snapshots and snapshots_offset lie. */
+  snapshotTable?: { bytes: Buffer; count: number; countField: number; offsetField: number };
 }
 
 /** What one pass of Qcow2Engine.check() found and fixed; `failure` when it stopped early (strerror text). */

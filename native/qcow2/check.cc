@@ -703,9 +703,13 @@ class Checker {
     // After a fatal event qemu's refcount cache is never written back.
     if (!guard_.dead()) QCOW2_TRY(stored_.WriteDirty(&guard_));
     QCOW2_TRY(CheckCopiedFlags());
+    // qemu rewrites the snapshot table after the refcounts are repaired, so it may reuse freed clusters.
+    if ((req_.fix & kFixErrors) && !req_.snapshotTable.bytes.empty() && !guard_.dead()) QCOW2_TRY(RewriteSnapshotTable());
     report_->imageEndOffset = (highest_ + 1) << g_.clusterBits;
     report_->unusable = guard_.dead();
-    if (req_.fix && !report_->checkErrors && !report_->corruptions) QCOW2_TRY(MarkCleanAndConsistent());
+    if (req_.fix && !report_->checkErrors && !report_->corruptions && !req_.otherCorruptions) {
+      QCOW2_TRY(MarkCleanAndConsistent());
+    }
     return Status::Ok();
   }
 
@@ -933,6 +937,56 @@ class Checker {
     report_->corruptionsFixed += dirty;
     *rewritten = true;
     return Status::Ok();
+  }
+
+  /// Write the new snapshot table at the first free clusters (from cluster 0, as a fresh qemu
+  /// allocation searches), point the header at it, then free the old table's clusters.
+  Status RewriteSnapshotTable() {
+    const SnapshotTableRewrite& t = req_.snapshotTable;
+    const uint64_t clusters = DivUp(t.bytes.size(), g_.clusterSize);
+    uint64_t start = 0, run = 0;
+    for (uint64_t cluster = 0; run < clusters; cluster++) {
+      uint64_t refcount = 0;
+      QCOW2_TRY(stored_.Get(cluster, &refcount));
+      if (refcount) {
+        run = 0;
+        start = cluster + 1;
+      } else {
+        run++;
+      }
+    }
+    // A run past the refcount blocks cannot be counted (Set fails): the check then fails with EIO.
+    for (uint64_t i = 0; i < clusters; i++) QCOW2_TRY(stored_.Set(start + i, 1));
+    // Clusters the repair freed and the table now reuses must not be punched out at the end.
+    freed_.erase(std::remove_if(freed_.begin(), freed_.end(), [&](uint64_t c) { return c >= start && c < start + clusters; }),
+                 freed_.end());
+    QCOW2_TRY(stored_.WriteDirty(&guard_));
+    const uint64_t offset = start << g_.clusterBits;
+    QCOW2_TRY(guard_.Check(offset, t.bytes.size(), 0));
+    QCOW2_TRY(image_.Write(t.bytes.data(), t.bytes.size(), offset));
+    QCOW2_TRY(image_.Flush());
+    uint8_t fields[12];
+    StoreBE32(fields, t.count);
+    StoreBE64(fields + 4, offset);
+    if (t.offsetField == t.countField + 4) {
+      QCOW2_TRY(image_.Write(fields, sizeof fields, t.countField));
+    } else {
+      QCOW2_TRY(image_.Write(fields + 4, 8, t.offsetField));
+      QCOW2_TRY(image_.Write(fields, 4, t.countField));
+    }
+    QCOW2_TRY(image_.Flush());
+    guard_.ranges().Remove(kMetaSnapshotTable, walk_.snapshotsOffset, walk_.snapshotsBytes);
+    guard_.ranges().Add(kMetaSnapshotTable, offset, t.bytes.size());
+    if (walk_.snapshotsBytes == 0) return Status::Ok();
+    const uint64_t end = DivUp(walk_.snapshotsOffset + walk_.snapshotsBytes, g_.clusterSize);
+    for (uint64_t cluster = walk_.snapshotsOffset >> g_.clusterBits; cluster < end; cluster++) {
+      uint64_t refcount = 0;
+      // An old table cluster without a refcount is left alone, as qemu's failed free leaves it.
+      if (!stored_.Get(cluster, &refcount).ok() || refcount == 0) continue;
+      QCOW2_TRY(stored_.Set(cluster, refcount - 1));
+      if (refcount == 1) freed_.push_back(cluster);
+    }
+    return stored_.WriteDirty(&guard_);
   }
 
   /// A clean repair clears the dirty and corrupt bits, after everything it wrote is durable.

@@ -59,11 +59,25 @@ struct WalkRequest {
 constexpr uint32_t kFixLeaks = 1;
 constexpr uint32_t kFixErrors = 2;
 
+/// A snapshot table (encoded in TS) to put in place of the one at walk.snapshotsOffset: -r all's
+/// fix of incomplete entries. It goes to the first free clusters, then the header points at it.
+struct SnapshotTableRewrite {
+  /// The table's bytes, the last entry's padding left out; empty: no rewrite.
+  std::vector<uint8_t> bytes;
+  uint32_t count = 0;
+  /// Header offsets of nb_snapshots and snapshots_offset.
+  uint64_t countField = 0;
+  uint64_t offsetField = 0;
+};
+
 struct CheckRequest {
   WalkRequest walk;
   uint32_t fix = 0;
   /// The incompatible feature bits as stored: a clean repair clears dirty (bit 0) and corrupt (bit 1).
   uint64_t incompatibleFeatures = 0;
+  /// Corruptions found outside this pass (the snapshot table, in TS) and left unfixed: they keep a repair from marking the image clean.
+  uint64_t otherCorruptions = 0;
+  SnapshotTableRewrite snapshotTable;
 };
 
 /// What a check found (and fixed), with qemu-img check's counters and messages.

@@ -456,6 +456,16 @@ Napi::Value EngineWrap::Check(const Napi::CallbackInfo& info) {
   } else if (!repair.empty()) {
     throw Napi::TypeError::New(env, "option repair must be 'leaks' or 'all', got '" + repair + "'");
   }
+  request.otherCorruptions = OptionOffset(o, "otherCorruptions", 0);
+  if (o.Has("snapshotTable") && o.Get("snapshotTable").IsObject()) {
+    Napi::Object t = o.Get("snapshotTable").As<Napi::Object>();
+    if (!t.Get("bytes").IsBuffer()) throw Napi::TypeError::New(env, "option snapshotTable.bytes must be a Buffer");
+    auto bytes = t.Get("bytes").As<Napi::Buffer<uint8_t>>();
+    request.snapshotTable.bytes.assign(bytes.Data(), bytes.Data() + bytes.Length());
+    request.snapshotTable.count = static_cast<uint32_t>(OptionOffset(t, "count", 0));
+    request.snapshotTable.countField = OptionOffset(t, "countField", 0);
+    request.snapshotTable.offsetField = OptionOffset(t, "offsetField", 0);
+  }
   auto report = std::make_shared<CheckReport>();
   return RunAsync(
       env, [=] { return CheckImage(*image, request, report.get()); },

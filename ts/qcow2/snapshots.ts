@@ -3,7 +3,7 @@ import { ErrorCodes, Qcow2Error } from '../errors.js';
 import { align8 } from './extensions.js';
 import { MAX_L1_BYTES, Qcow2Header } from './header.js';
 import { MetadataFile, readRange } from './metadata-file.js';
-import { decodeName } from './text.js';
+import { decodeName, encodeName } from './text.js';
 
 /** qemu's bound on a snapshot entry's extra data. */
 export const MAX_SNAPSHOT_EXTRA_DATA = 1024;
@@ -40,13 +40,23 @@ export interface SnapshotTable {
   entries: SnapshotEntry[];
   /** Bytes the table occupies from header.snapshotsOffset, the last entry's padding included. */
   byteLength: number;
+  /** Indices of the entries qemu calls incomplete: extra data too short for the 64-bit VM state size and the disk size. */
+  incompleteEntries: number[];
+  /** Tolerant reads only: entries whose extra data exceeded MAX_SNAPSHOT_EXTRA_DATA, cut to it (qemu-img check -r all's discard). */
+  oversizedExtraData: { index: number; size: number }[];
 }
+
+/** Extra data bytes every entry written by qemu 5.0 and later has (VM state size and disk size). */
+const COMPLETE_EXTRA_DATA = 16;
 
 function corrupt(message: string): Qcow2Error {
   return new Qcow2Error(ErrorCodes.CORRUPT, message);
 }
 
-/** Reads the table front to back in growing chunks, never past the file or the table bound. */
+/**
+ * Reads the table front to back in growing chunks, never past the table bound, nor past the file
+ * unless `zeroPastEnd` (then, as qemu's reads do, bytes past the end of the file read as zeros).
+ */
 class TableReader {
   private data = Buffer.alloc(0);
   private readonly limit: number;
@@ -54,8 +64,9 @@ class TableReader {
   constructor(
     private readonly file: MetadataFile,
     private readonly start: number,
+    zeroPastEnd = false,
   ) {
-    this.limit = Math.min(MAX_SNAPSHOT_TABLE_SIZE, Math.max(0, file.size - start));
+    this.limit = zeroPastEnd ? MAX_SNAPSHOT_TABLE_SIZE : Math.min(MAX_SNAPSHOT_TABLE_SIZE, Math.max(0, file.size - start));
   }
 
   /** The buffered table bytes, holding at least [0, end). */
@@ -66,8 +77,10 @@ class TableReader {
       throw corrupt(`snapshot table: ${what} at offset ${this.start + end - 1} lies past ${bound}`);
     }
     const want = Math.min(this.limit, Math.max(end, this.data.length * 2, 64 * 1024));
-    const more = await readRange(this.file, this.start + this.data.length, want - this.data.length, 'snapshot table');
-    this.data = Buffer.concat([this.data, more]);
+    const from = this.start + this.data.length;
+    const inFile = Math.max(0, Math.min(want - this.data.length, this.file.size - from));
+    const more = await readRange(this.file, from, inFile, 'snapshot table');
+    this.data = Buffer.concat([this.data, more, Buffer.alloc(want - this.data.length - inFile)]);
     return this.data;
   }
 }
@@ -123,23 +136,79 @@ function decodeEntry(buf: Buffer, at: number, index: number, header: Qcow2Header
 
 /**
  * Read the snapshot table the header points at; the whole table must lie inside the file. With
- * `checkL1` false the snapshots' L1 tables are left unchecked (qemu-img check reports them itself).
+ * `checkL1` false the read is qemu-img check's: the snapshots' L1 tables are left unchecked (the
+ * check reports them itself), bytes past the end of the file read as zeros, and extra data over
+ * the bound is cut to it and listed (counting the table as qemu does, with the cut size).
  */
 export async function readSnapshots(file: MetadataFile, header: Qcow2Header, checkL1 = true): Promise<SnapshotTable> {
-  const reader = new TableReader(file, header.snapshotsOffset);
+  const reader = new TableReader(file, header.snapshotsOffset, !checkL1);
   const entries: SnapshotEntry[] = [];
+  const incompleteEntries: number[] = [];
+  const oversizedExtraData: { index: number; size: number }[] = [];
   let at = 0;
+  let counted = 0;
   for (let index = 0; index < header.nbSnapshots; index++) {
     let buf = await reader.ensure(at + FIXED_ENTRY_SIZE, `entry ${index}`);
     const extraSize = buf.readUInt32BE(at + 36);
     if (extraSize > MAX_SNAPSHOT_EXTRA_DATA) {
-      throw corrupt(`snapshot ${index}: extra data size ${extraSize} exceeds ${MAX_SNAPSHOT_EXTRA_DATA}`);
+      if (checkL1) throw corrupt(`snapshot ${index}: extra data size ${extraSize} exceeds ${MAX_SNAPSHOT_EXTRA_DATA}`);
+      oversizedExtraData.push({ index, size: extraSize });
     }
-    const length = FIXED_ENTRY_SIZE + extraSize + buf.readUInt16BE(at + 12) + buf.readUInt16BE(at + 14);
+    const names = buf.readUInt16BE(at + 12) + buf.readUInt16BE(at + 14);
+    const length = FIXED_ENTRY_SIZE + extraSize + names;
     // qemu-img leaves the last entry's padding out of the file: only the entry itself must be there.
     buf = await reader.ensure(at + length, `entry ${index}`);
-    entries.push(decodeEntry(buf, at, index, header, file.size, checkL1));
+    const entry = decodeEntry(buf, at, index, header, file.size, checkL1);
+    if (extraSize > MAX_SNAPSHOT_EXTRA_DATA) entry.extraData = entry.extraData.subarray(0, MAX_SNAPSHOT_EXTRA_DATA);
+    entries.push(entry);
+    if (extraSize < COMPLETE_EXTRA_DATA) incompleteEntries.push(index);
     at += align8(length);
+    counted = align8(counted + FIXED_ENTRY_SIZE + entry.extraData.length + names);
   }
-  return { entries, byteLength: at };
+  return { entries, byteLength: counted, incompleteEntries, oversizedExtraData };
+}
+
+/** qemu's known extra data: 64-bit VM state size, disk size and instruction count. */
+const KNOWN_EXTRA_DATA = 24;
+
+/** A name as qemu writes it back: its bytes up to the first NUL (qemu keeps names as C strings). */
+function storedName(name: string): Buffer {
+  const bytes = encodeName(name);
+  const nul = bytes.indexOf(0);
+  return nul < 0 ? bytes : bytes.subarray(0, nul);
+}
+
+/**
+ * Encode `entries` as qemu writes a snapshot table: every entry gets the known extra data (the VM
+ * state size, the disk size, `diskSize` where the entry has none, and the instruction count, -1 for
+ * none), unknown extra data is kept, and the last entry's padding is left out.
+ */
+export function encodeSnapshotTable(entries: readonly SnapshotEntry[], diskSize: number): Buffer {
+  const parts: Buffer[] = [];
+  let length = 0;
+  for (const e of entries) {
+    const padding = align8(length) - length;
+    if (padding) parts.push(Buffer.alloc(padding));
+    const id = storedName(e.id);
+    const name = storedName(e.name);
+    const extraSize = Math.max(KNOWN_EXTRA_DATA, e.extraData.length);
+    const fixed = Buffer.alloc(FIXED_ENTRY_SIZE + KNOWN_EXTRA_DATA);
+    fixed.writeBigUInt64BE(BigInt(e.l1TableOffset), 0);
+    fixed.writeUInt32BE(e.l1Size, 8);
+    fixed.writeUInt16BE(id.length, 12);
+    fixed.writeUInt16BE(name.length, 14);
+    fixed.writeUInt32BE(e.dateSec, 16);
+    fixed.writeUInt32BE(e.dateNsec, 20);
+    fixed.writeBigUInt64BE(e.vmClockNsec, 24);
+    // A VM state too large for the 32-bit field makes older readers see a disk-only snapshot.
+    fixed.writeUInt32BE(e.vmStateSize <= 0xffffffff ? e.vmStateSize : 0, 32);
+    fixed.writeUInt32BE(extraSize, 36);
+    fixed.writeBigUInt64BE(BigInt(e.vmStateSize), 40);
+    fixed.writeBigUInt64BE(BigInt(e.diskSize ?? diskSize), 48);
+    fixed.writeBigUInt64BE(e.icount ?? ALL_ONES, 56);
+    const unknown = e.extraData.subarray(Math.min(KNOWN_EXTRA_DATA, e.extraData.length));
+    parts.push(fixed, unknown, id, name);
+    length = align8(length) + fixed.length + unknown.length + id.length + name.length;
+  }
+  return Buffer.concat(parts);
 }

@@ -2,8 +2,9 @@
 import { ErrorCodes, Qcow2Error, settle } from '../errors.js';
 import { CACHE_MODES, CacheMode, NativeFile, Qcow2CheckReport, native } from '../native.js';
 import { open, probeFormat } from '../open.js';
-import { Qcow2Header, readHeader } from '../qcow2/header.js';
-import { errnoText } from '../qcow2/metadata-file.js';
+import { HEADER_FIELD_OFFSETS, Qcow2Header, readHeader } from '../qcow2/header.js';
+import { errnoText, openMetadataFile } from '../qcow2/metadata-file.js';
+import { MAX_SNAPSHOT_EXTRA_DATA, encodeSnapshotTable, readSnapshots } from '../qcow2/snapshots.js';
 import { cString, combineFileName } from '../qcow2/text.js';
 import { walkParams } from '../qcow2/walk.js';
 
@@ -88,17 +89,85 @@ async function openNamedFiles(path: string, header: Qcow2Header): Promise<void> 
   }
 }
 
-/** One pass over the image as its header says now (a repair may have moved the refcount table). */
+/** What qemu-img check finds in the snapshot table before counting references. */
+interface SnapshotTableCheck {
+  /** Entries qemu calls incomplete: each one a corruption. */
+  incomplete: number[];
+  /** Entries with too much extra data: the check fails, -r all cuts it (each one a corruption). */
+  oversized: { index: number; size: number }[];
+  /** The table -r all writes in place of the old one. */
+  rewritten: Buffer;
+}
+
+async function readSnapshotTable(path: string, header: Qcow2Header): Promise<SnapshotTableCheck> {
+  if (header.nbSnapshots === 0) return { incomplete: [], oversized: [], rewritten: Buffer.alloc(0) };
+  const metadata = await openMetadataFile(path);
+  try {
+    const table = await readSnapshots(metadata, header, false);
+    const diskSize = Math.floor(header.size / 512) * 512;
+    return { incomplete: table.incompleteEntries, oversized: table.oversizedExtraData, rewritten: encodeSnapshotTable(table.entries, diskSize) };
+  } finally {
+    await metadata.handle.close();
+  }
+}
+
+/** qemu-img check stops before counting references when a snapshot's extra data is over the bound and -r all is not asked. */
+function oversizedFailure(index: number): Qcow2CheckReport {
+  return {
+    messages: [
+      `qcow2: ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry ${index}`,
+      'You can force-remove this extra metadata with qemu-img check -r all',
+    ],
+    checkErrors: 1,
+    corruptions: 0,
+    leaks: 0,
+    corruptionsFixed: 0,
+    leaksFixed: 0,
+    imageEndOffset: 0,
+    totalClusters: 0,
+    allocatedClusters: 0,
+    fragmentedClusters: 0,
+    compressedClusters: 0,
+    failure: 'File too large',
+  };
+}
+
+/**
+ * One pass over the image as its header says now (a repair may have moved the refcount table).
+ * The snapshot table's problems come first, as qemu reads the table before counting references;
+ * -r all rewrites the table with every entry complete once the refcounts are repaired.
+ */
 async function checkPass(path: string, file: NativeFile, repair: RepairMode | undefined): Promise<Qcow2CheckReport> {
   const { header } = await readHeader(path);
   const walk = await walkParams(path, header);
-  return settle(
+  const { incomplete, oversized, rewritten } = await readSnapshotTable(path, header);
+  const fixTable = repair === 'all' && incomplete.length + oversized.length > 0;
+  if (oversized.length > 0 && !fixTable) return oversizedFailure(oversized[0].index);
+  const report = await settle(
     native.Qcow2Engine.check(file, {
       ...walk,
       ...(repair ? { repair } : {}),
       incompatibleFeatures: Number(header.incompatibleFeatures),
+      ...(fixTable
+        ? {
+            snapshotTable: {
+              bytes: rewritten,
+              count: header.nbSnapshots,
+              countField: HEADER_FIELD_OFFSETS.nbSnapshots,
+              offsetField: HEADER_FIELD_OFFSETS.snapshotsOffset,
+            },
+          }
+        : { otherCorruptions: incomplete.length }),
     }),
   );
+  const messages = [
+    ...oversized.map(({ index, size }) => `Discarding too much extra metadata in snapshot table entry ${index} (${size} > ${MAX_SNAPSHOT_EXTRA_DATA})`),
+    ...incomplete.map((index) => `${fixTable ? 'Repairing' : 'ERROR'} snapshot table entry ${index} is incomplete`),
+    ...report.messages,
+  ];
+  const found = incomplete.length + oversized.length;
+  if (fixTable && report.failure === undefined) return { ...report, corruptionsFixed: report.corruptionsFixed + found, messages };
+  return { ...report, corruptions: report.corruptions + found, messages };
 }
 
 function toResult(path: string, report: Qcow2CheckReport, fixed: Qcow2CheckReport, messages: string[]): CheckResult {
