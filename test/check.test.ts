@@ -49,6 +49,8 @@ interface Case {
   make(dir: string): Promise<string>;
   /** qemu rewrites persistent bitmaps when it opens an image writable: the repaired files then differ in layout. */
   bitmapsRewritten?: boolean;
+  /** qemu -r also prints what its rewrite of the bitmaps on closing fails at: only the modes without -r are compared. */
+  withoutRepair?: boolean;
 }
 
 /** A qcow2 image made by qemu-img create with `options`, then written by qemu-io `commands`. */
@@ -254,6 +256,21 @@ const CASES: Case[] = [
     },
   },
   {
+    name: 'a bitmap table past the end of the file, beyond 2^53',
+    withoutRepair: true,
+    async make(dir) {
+      const image = await made(dir, 'img.qcow2', '', []);
+      const file = path.join(dir, image);
+      await qemuImg('bitmap', '--add', file, 'b0');
+      await qemuImg('bitmap', '--add', file, 'b1');
+      await qemuIo('-c', 'write -P 1 0 1M', file);
+      const [b0] = await bitmapDirectory(file);
+      // The directory entry starts with the table offset, 12 bytes before its flags.
+      await writeAt(file, b0.flagsAt - 12, Buffer.from([2]));
+      return image;
+    },
+  },
+  {
     name: 'a bitmap table entry on a cluster with refcount 0',
     bitmapsRewritten: true,
     async make(dir) {
@@ -413,7 +430,7 @@ for (const c of CASES) {
       const source = path.join(root, 'source');
       await mkdir(source);
       const image = await c.make(source);
-      for (const mode of MODES) await compareMode(t, c, source, image, mode, root);
+      for (const mode of c.withoutRepair ? MODES.filter((m) => !m.repair) : MODES) await compareMode(t, c, source, image, mode, root);
     });
   });
 }

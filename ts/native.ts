@@ -214,8 +214,8 @@ export interface Qcow2WalkParams {
   refcountTableClusters?: number;
   cryptoOffset?: number;
   cryptoBytes?: number;
-  /** Present when the image has bitmaps; `valid` false when the directory could not be decoded. */
-  bitmaps?: { directoryOffset: number; directoryBytes: number; valid: boolean; tables: { offset: number; entries: number }[] };
+  /** Present when the image has bitmaps; `valid` false when the directory could not be decoded. A table offset may be a bigint: a table past the end of the file, beyond 2^53. */
+  bitmaps?: { directoryOffset: number; directoryBytes: number; valid: boolean; tables: { offset: number | bigint; entries: number }[] };
   /** Where the header fields lie that a repair or rebuild updates (HEADER_FIELD_OFFSETS). */
   headerFields: Qcow2HeaderFields;
 }

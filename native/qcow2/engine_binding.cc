@@ -88,6 +88,16 @@ uint64_t RequiredOffset(const Napi::Object& o, const char* key) {
   return OptionOffset(o, key, 0);
 }
 
+/// A bitmap table's `offset`: a safe integer, or a BigInt for a table past the end of the file beyond 2^53.
+uint64_t TableOffset(const Napi::Object& o) {
+  Napi::Value v = o.Get("offset");
+  if (!v.IsBigInt()) return RequiredOffset(o, "offset");
+  bool lossless = false;
+  const uint64_t offset = v.As<Napi::BigInt>().Uint64Value(&lossless);
+  if (!lossless) throw Napi::RangeError::New(o.Env(), "option offset must fit 64 bits");
+  return offset;
+}
+
 uint32_t SmallInteger(const Napi::Object& o, const char* key, uint64_t max) {
   uint64_t v = RequiredOffset(o, key);
   if (v > max) {
@@ -391,7 +401,7 @@ WalkRequest ParseWalk(const Napi::Object& o) {
       if (!item.IsObject()) throw Napi::TypeError::New(env, "option bitmaps.tables must be an array of { offset, entries }");
       const uint64_t entries = RequiredOffset(item.As<Napi::Object>(), "entries");
       if (entries > (64ull << 20) / 8) throw Napi::RangeError::New(env, "a bitmap table of " + std::to_string(entries) + " entries is too large");
-      w.bitmapTables.push_back({RequiredOffset(item.As<Napi::Object>(), "offset"), entries});
+      w.bitmapTables.push_back({TableOffset(item.As<Napi::Object>()), entries});
     }
   }
   return w;

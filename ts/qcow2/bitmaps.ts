@@ -44,7 +44,18 @@ export function bitmapTableEntries(size: number, granularityBits: number, cluste
   return Math.ceil(Math.ceil(bits / 8) / clusterSize);
 }
 
-function decodeEntry(dir: Buffer, at: number, index: number, header: Qcow2Header, fileSize: number): { entry: BitmapEntry; next: number } {
+/**
+ * Decode the entry at `at`. With `anywhere` (qemu-img check's reading) the bitmap table may lie past
+ * the end of the file or beyond 2^53: the check reports it; `tableOffset` then is the one to use.
+ */
+function decodeEntry(
+  dir: Buffer,
+  at: number,
+  index: number,
+  header: Qcow2Header,
+  fileSize: number,
+  anywhere = false,
+): { entry: BitmapEntry; next: number; tableOffset: bigint } {
   if (at + FIXED_ENTRY_SIZE > dir.length) throw corrupt(`bitmap ${index}: entry at ${at} runs past the directory size ${dir.length}`);
   const tableOffset = dir.readBigUInt64BE(at);
   const bitmapTableSize = dir.readUInt32BE(at + 8);
@@ -65,12 +76,17 @@ function decodeEntry(dir: Buffer, at: number, index: number, header: Qcow2Header
   if (bitmapTableSize !== expected) {
     throw corrupt(`bitmap ${index}: bitmap table size ${bitmapTableSize} entries does not match the ${expected} the disk size needs`);
   }
-  if (tableOffset > BigInt(Number.MAX_SAFE_INTEGER)) throw corrupt(`bitmap ${index}: bitmap table offset ${tableOffset} exceeds 2^53`);
-  const bitmapTableOffset = Number(tableOffset);
-  if (bitmapTableOffset % header.clusterSize !== 0) {
-    throw corrupt(`bitmap ${index}: bitmap table offset ${bitmapTableOffset} is not aligned to the cluster size ${header.clusterSize}`);
+  if (tableOffset % BigInt(header.clusterSize) !== 0n) {
+    throw corrupt(`bitmap ${index}: bitmap table offset ${tableOffset} is not aligned to the cluster size ${header.clusterSize}`);
   }
-  if (bitmapTableSize > 0 && (bitmapTableOffset < header.clusterSize || bitmapTableOffset + bitmapTableSize * 8 > fileSize)) {
+  if (bitmapTableSize > 0 && tableOffset < BigInt(header.clusterSize)) {
+    throw corrupt(`bitmap ${index}: bitmap table offset ${tableOffset} lies in the header cluster`);
+  }
+  const safe = tableOffset <= BigInt(Number.MAX_SAFE_INTEGER);
+  if (!safe && !anywhere) throw corrupt(`bitmap ${index}: bitmap table offset ${tableOffset} exceeds 2^53`);
+  // Unused when not safe: only the check reads such entries, through `tableOffset`.
+  const bitmapTableOffset = safe ? Number(tableOffset) : 0;
+  if (!anywhere && bitmapTableSize > 0 && bitmapTableOffset + bitmapTableSize * 8 > fileSize) {
     throw corrupt(`bitmap ${index}: bitmap table at ${bitmapTableOffset} (+${bitmapTableSize * 8} bytes) lies outside ${header.clusterSize}..${fileSize}`);
   }
   const extraStart = at + FIXED_ENTRY_SIZE;
@@ -87,20 +103,24 @@ function decodeEntry(dir: Buffer, at: number, index: number, header: Qcow2Header
     granularity: 2 ** granularityBits,
     extraData: Buffer.from(dir.subarray(extraStart, nameStart)),
   };
-  return { entry, next };
+  return { entry, next, tableOffset };
 }
 
 /** Decode a whole bitmap directory: `nbBitmaps` entries filling exactly `dir.length` bytes, names unique. */
 export function parseBitmapDirectory(dir: Buffer, header: Qcow2Header, fileSize: number): BitmapEntry[] {
+  return decodeDirectory(dir, header, fileSize, false).map((d) => d.entry);
+}
+
+function decodeDirectory(dir: Buffer, header: Qcow2Header, fileSize: number, anywhere: boolean): { entry: BitmapEntry; tableOffset: bigint }[] {
   const nb = header.bitmaps?.nbBitmaps ?? 0;
-  const entries: BitmapEntry[] = [];
+  const entries: { entry: BitmapEntry; tableOffset: bigint }[] = [];
   const names = new Set<string>();
   let at = 0;
   for (let index = 0; index < nb; index++) {
-    const { entry, next } = decodeEntry(dir, at, index, header, fileSize);
+    const { entry, next, tableOffset } = decodeEntry(dir, at, index, header, fileSize, anywhere);
     if (names.has(entry.name)) throw corrupt(`bitmap ${index}: name '${entry.name}' is used twice`);
     names.add(entry.name);
-    entries.push(entry);
+    entries.push({ entry, tableOffset });
     at = next;
   }
   if (at !== dir.length) throw corrupt(`bitmap directory: ${nb} entries take ${at} bytes, the extension says ${dir.length}`);
@@ -113,4 +133,15 @@ export async function readBitmaps(file: MetadataFile, header: Qcow2Header): Prom
   const { bitmapDirectoryOffset, bitmapDirectorySize } = header.bitmaps;
   const dir = await readRange(file, bitmapDirectoryOffset, bitmapDirectorySize, 'bitmap directory');
   return parseBitmapDirectory(dir, header, file.size);
+}
+
+/**
+ * The bitmap tables the directory names, as qemu-img check reads them: a table may lie past the end
+ * of the file (the check reports it; its entries read as zeros), so offsets are 64-bit.
+ */
+export async function readBitmapTables(file: MetadataFile, header: Qcow2Header): Promise<{ offset: bigint; entries: number }[]> {
+  if (!header.bitmaps) return [];
+  const { bitmapDirectoryOffset, bitmapDirectorySize } = header.bitmaps;
+  const dir = await readRange(file, bitmapDirectoryOffset, bitmapDirectorySize, 'bitmap directory');
+  return decodeDirectory(dir, header, file.size, true).map(({ entry, tableOffset }) => ({ offset: tableOffset, entries: entry.bitmapTableSize }));
 }

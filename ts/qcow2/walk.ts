@@ -1,6 +1,6 @@
 /** What the native walker (check, refcount rebuild) visits: the header's tables plus the snapshot table and bitmap directory decoded here. */
 import type { Qcow2WalkParams } from '../native.js';
-import { readBitmaps } from './bitmaps.js';
+import { readBitmapTables } from './bitmaps.js';
 import { align8 } from './extensions.js';
 import { HEADER_FIELD_OFFSETS, Qcow2Header } from './header.js';
 import { openMetadataFile } from './metadata-file.js';
@@ -41,8 +41,7 @@ export async function walkParams(imagePath: string, header: Qcow2Header): Promis
     if (header.bitmaps && header.bitmaps.nbBitmaps > 0 && header.bitmapsAutoclear) {
       const directory = { directoryOffset: header.bitmaps.bitmapDirectoryOffset, directoryBytes: header.bitmaps.bitmapDirectorySize };
       try {
-        const bitmaps = await readBitmaps(metadata, header);
-        params.bitmaps = { ...directory, valid: true, tables: bitmaps.map((b) => ({ offset: b.bitmapTableOffset, entries: b.bitmapTableSize })) };
+        params.bitmaps = { ...directory, valid: true, tables: await readBitmapTables(metadata, header) };
       } catch {
         params.bitmaps = { ...directory, valid: false, tables: [] };
       }
