@@ -49,8 +49,8 @@ interface Case {
   make(dir: string): Promise<string>;
   /** qemu rewrites persistent bitmaps when it opens an image writable: the repaired files then differ in layout. */
   bitmapsRewritten?: boolean;
-  /** qemu -r also prints what its rewrite of the bitmaps on closing fails at: only the modes without -r are compared. */
-  withoutRepair?: boolean;
+  /** The modes compared (all when absent), for images where qemu's repair runs into trouble of its own. */
+  compared?: (mode: Mode) => boolean;
 }
 
 /** A qcow2 image made by qemu-img create with `options`, then written by qemu-io `commands`. */
@@ -230,8 +230,11 @@ const CASES: Case[] = [
     { what: 'a snapshot table entry past the end of the file', brk: (f: string) => writeU32(f, 60, 3) },
     { what: 'a snapshot ID running past the end of the file', brk: (f: string, e: number[]) => writeU16(f, e[1] + 12, 60000) },
     { what: 'too much snapshot extra data', brk: (f: string, e: number[]) => writeU32(f, e[0] + 36, 2000) },
-  ].map(({ what, brk }) => ({
+    // qemu -r all drops the overhanging entries, then fails rewriting the table over the old one.
+    { what: 'too many snapshots', brk: (f: string) => writeU32(f, 60, 70000), compared: (mode: Mode) => mode.repair !== 'all' },
+  ].map(({ what, brk, compared }) => ({
     name: `a snapshot table with ${what}`,
+    compared,
     async make(dir: string) {
       const image = await made(dir, 'img.qcow2', '', ['write -P 1 0 128k']);
       const file = path.join(dir, image);
@@ -257,7 +260,8 @@ const CASES: Case[] = [
   },
   {
     name: 'a bitmap table past the end of the file, beyond 2^53',
-    withoutRepair: true,
+    // qemu -r also prints what its rewrite of the bitmaps on closing fails at.
+    compared: (mode) => !mode.repair,
     async make(dir) {
       const image = await made(dir, 'img.qcow2', '', []);
       const file = path.join(dir, image);
@@ -430,7 +434,7 @@ for (const c of CASES) {
       const source = path.join(root, 'source');
       await mkdir(source);
       const image = await c.make(source);
-      for (const mode of c.withoutRepair ? MODES.filter((m) => !m.repair) : MODES) await compareMode(t, c, source, image, mode, root);
+      for (const mode of MODES.filter(c.compared ?? (() => true))) await compareMode(t, c, source, image, mode, root);
     });
   });
 }

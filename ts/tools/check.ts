@@ -2,8 +2,8 @@
 import { ErrorCodes, Qcow2Error, settle } from '../errors.js';
 import { CACHE_MODES, CacheMode, NativeFile, Qcow2CheckReport, native } from '../native.js';
 import { open, probeFormat } from '../open.js';
-import { HEADER_FIELD_OFFSETS, Qcow2Header, readHeader } from '../qcow2/header.js';
-import { errnoText, openMetadataFile } from '../qcow2/metadata-file.js';
+import { HEADER_FIELD_OFFSETS, MAX_SNAPSHOTS, Qcow2Header, parseHeader, readHeader } from '../qcow2/header.js';
+import { errnoText, openMetadataFile, readRange } from '../qcow2/metadata-file.js';
 import { MAX_SNAPSHOT_EXTRA_DATA, encodeSnapshotTable, readSnapshots } from '../qcow2/snapshots.js';
 import { cString, combineFileName } from '../qcow2/text.js';
 import { walkParams } from '../qcow2/walk.js';
@@ -89,6 +89,9 @@ async function openNamedFiles(path: string, header: Qcow2Header): Promise<void> 
   }
 }
 
+/** The largest cluster a qcow2 image may have (2 MiB): the header reads that far at most. */
+const MAX_CLUSTER_SIZE = 2 * 1024 * 1024;
+
 /** What qemu-img check finds in the snapshot table before counting references. */
 interface SnapshotTableCheck {
   /** Entries qemu calls incomplete: each one a corruption. */
@@ -130,6 +133,39 @@ function oversizedFailure(index: number): Qcow2CheckReport {
     compressedClusters: 0,
     failure: 'File too large',
   };
+}
+
+/** qemu-img check without -r all stops before counting references when nb_snapshots is over the limit. */
+function tooManySnapshotsFailure(nbSnapshots: number): Qcow2CheckReport {
+  return {
+    ...oversizedFailure(0),
+    messages: [
+      'qcow2: ERROR snapshot table too large',
+      `You can force-remove all ${nbSnapshots - MAX_SNAPSHOTS} overhanging snapshots with qemu-img check -r all`,
+    ],
+  };
+}
+
+/**
+ * The header as qemu-img check opens it: its open leaves the snapshot table to the check, so an
+ * nb_snapshots over the limit is returned apart (the header then reads as having no snapshots).
+ */
+async function readCheckedHeader(path: string): Promise<{ header: Qcow2Header; nbSnapshotsOverLimit?: number }> {
+  try {
+    return { header: (await readHeader(path)).header };
+  } catch (error) {
+    const metadata = await openMetadataFile(path);
+    try {
+      const buf = await readRange(metadata, 0, Math.min(metadata.size, MAX_CLUSTER_SIZE), 'qcow2 header');
+      const at = HEADER_FIELD_OFFSETS.nbSnapshots;
+      if (buf.length < at + 4 || buf.readUInt32BE(at) <= MAX_SNAPSHOTS) throw error;
+      const nbSnapshots = buf.readUInt32BE(at);
+      buf.writeUInt32BE(0, at);
+      return { header: parseHeader(buf, metadata.size), nbSnapshotsOverLimit: nbSnapshots };
+    } finally {
+      await metadata.handle.close();
+    }
+  }
 }
 
 /**
@@ -204,7 +240,7 @@ export async function check(path: string, options: CheckOptions = {}): Promise<C
   if (format !== 'qcow2') {
     return { filename: path, format, checkErrors: 0, corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [] };
   }
-  const { header } = await readHeader(path);
+  const { header, nbSnapshotsOverLimit } = await readCheckedHeader(path);
   await openNamedFiles(path, header);
   let file: NativeFile;
   try {
@@ -213,6 +249,11 @@ export async function check(path: string, options: CheckOptions = {}): Promise<C
     throw openFailure(error, `Could not open '${path}': `);
   }
   try {
+    if (nbSnapshotsOverLimit !== undefined) {
+      // qemu's -r all drops the overhanging entries, then fails rewriting the table: that repair is not done here.
+      const report = tooManySnapshotsFailure(nbSnapshotsOverLimit);
+      return toResult(path, report, report, report.messages);
+    }
     const first = await checkPass(path, file, options.repair);
     let result;
     if (first.failure !== undefined || (first.corruptionsFixed === 0 && first.leaksFixed === 0)) {
