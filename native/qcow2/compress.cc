@@ -58,7 +58,9 @@ struct ZstdApi {
   size_t (*decompressDCtx)(void* dctx, void* dst, size_t dstCapacity, const void* src, size_t srcSize);
   unsigned (*isError)(size_t code);
   const char* (*getErrorName)(size_t code);
-  size_t (*compress)(void* dst, size_t dstCapacity, const void* src, size_t srcSize, int level);
+  void* (*createCCtx)();
+  size_t (*freeCCtx)(void* cctx);
+  size_t (*compressCCtx)(void* cctx, void* dst, size_t dstCapacity, const void* src, size_t srcSize, int level);
 };
 
 /// libzstd, loaded once; nullptr (with `error` set) when it cannot be.
@@ -86,7 +88,9 @@ const ZstdApi* LoadZstd(std::string* error) {
     bind(api.decompressDCtx, "ZSTD_decompressDCtx");
     bind(api.isError, "ZSTD_isError");
     bind(api.getErrorName, "ZSTD_getErrorName");
-    bind(api.compress, "ZSTD_compress");
+    bind(api.createCCtx, "ZSTD_createCCtx");
+    bind(api.freeCCtx, "ZSTD_freeCCtx");
+    bind(api.compressCCtx, "ZSTD_compressCCtx");
     if (!ok) {
       failure = "libzstd.so.1 lacks the functions zstd-compressed clusters need";
       return;
@@ -96,6 +100,31 @@ const ZstdApi* LoadZstd(std::string* error) {
   if (!loaded) *error = failure;
   return loaded;
 }
+
+/// QEMU's zstd level for compressed clusters is the library default.
+constexpr int kZstdLevel = 3;
+
+/// One zstd compression context per thread: making one per cluster costs more than compressing it.
+class ZstdEncoder {
+ public:
+  ~ZstdEncoder() {
+    if (ctx_) api_->freeCCtx(ctx_);
+  }
+
+  /// `*outLen` is 0 when the cluster does not fit in `outCap` bytes.
+  Status Run(const uint8_t* in, size_t inLen, uint8_t* out, size_t outCap, size_t* outLen) {
+    std::string error;
+    if (!api_ && !(api_ = LoadZstd(&error))) return Status::Error("ERR_QCOW2_UNSUPPORTED", error);
+    if (!ctx_ && !(ctx_ = api_->createCCtx())) return Status::Error("ENOMEM", "could not create a zstd context");
+    const size_t got = api_->compressCCtx(ctx_, out, outCap, in, inLen, kZstdLevel);
+    *outLen = api_->isError(got) ? 0 : got;
+    return Status::Ok();
+  }
+
+ private:
+  const ZstdApi* api_ = nullptr;
+  void* ctx_ = nullptr;
+};
 
 /// One zstd decompression context per thread.
 class ZstdDecoder {
@@ -156,19 +185,12 @@ class Deflater {
   bool ready_ = false;
 };
 
-/// QEMU's zstd level for compressed clusters is the library default.
-constexpr int kZstdLevel = 3;
-
 }  // namespace
 
 Status CompressCluster(Compression type, const uint8_t* in, size_t inLen, uint8_t* out, size_t outCap, size_t* outLen) {
   if (type == Compression::Zstd) {
-    std::string error;
-    const ZstdApi* api = LoadZstd(&error);
-    if (!api) return Status::Error("ERR_QCOW2_UNSUPPORTED", error);
-    const size_t got = api->compress(out, outCap, in, inLen, kZstdLevel);
-    *outLen = api->isError(got) ? 0 : got;
-    return Status::Ok();
+    thread_local ZstdEncoder zstd;
+    return zstd.Run(in, inLen, out, outCap, outLen);
   }
   thread_local Deflater zlib;
   return zlib.Run(in, inLen, out, outCap, outLen);
