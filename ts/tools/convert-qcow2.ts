@@ -283,7 +283,18 @@ async function copyWindow(plan: CopyPlan, window: Window, buffer: Buffer): Promi
     }
   }
   if (plan.inOrder) await window.previous;
-  await writeInSequence(writes, window.done);
+  // Compressed writes cover whole clusters of their own (and the zero writes beside them other
+  // clusters): they can all be in flight at once, compressing on several threads.
+  if (plan.compress) await writeTogether(writes, window.done);
+  else await writeInSequence(writes, window.done);
+}
+
+/** Issue all of `writes` at once, `release` the next window, then wait for them all (the buffer is theirs until then). */
+async function writeTogether(writes: Write[], release: () => void): Promise<void> {
+  const written = writes.map((write) => write());
+  release();
+  const failed = (await Promise.allSettled(written)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
 }
 
 /**
@@ -345,16 +356,20 @@ function dataWrites(plan: CopyPlan, data: Buffer, offset: number): Write[] {
  * compressed in runs of consecutive non-zero clusters; all-zero clusters are left out on a
  * target that reads as zero, else zeroed.
  */
+/** Clusters per compressed write request. */
+const COMPRESSED_PIECE_CLUSTERS = 4;
+
 function compressedWrites(plan: CopyPlan, copies: Span[], view: Buffer, viewOffset: number): Write[] {
   const { clusterSize, target } = plan;
   const writes: Write[] = [];
   let runStart = -1;
   let next = -1;
   const flushRun = () => {
-    if (runStart >= 0) {
-      const run = view.subarray(runStart - viewOffset, next - viewOffset);
-      const at = runStart;
-      writes.push(() => target.writeCompressed(run, at));
+    // Runs go in pieces of a few clusters, so that one window's clusters compress on several threads.
+    for (let at = runStart; runStart >= 0 && at < next; at += COMPRESSED_PIECE_CLUSTERS * clusterSize) {
+      const run = view.subarray(at - viewOffset, Math.min(next, at + COMPRESSED_PIECE_CLUSTERS * clusterSize) - viewOffset);
+      const from = at;
+      writes.push(() => target.writeCompressed(run, from));
     }
     runStart = -1;
   };
