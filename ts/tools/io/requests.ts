@@ -166,6 +166,11 @@ export async function writeCommand(s: IoSession, flags: Flags, operands: string[
     if (flags.has('c') && !compressed) return fail(s, 'write failed: Operation not supported');
     request = compressed ? () => compressed.writeCompressed(buffer, offset) : () => image.write(buffer, offset);
   }
+  return runWrite(s, flags, image, offset, length, request, 'write');
+}
+
+/** Time `request` (then a flush with -f) and print qemu-io's "wrote" lines, or `NAME failed: …`. */
+async function runWrite(s: IoSession, flags: Flags, image: Image, offset: number, length: number, request: () => Promise<void>, name: string): Promise<boolean> {
   let seconds: number;
   try {
     seconds = await timed(image, offset, length, async () => {
@@ -173,7 +178,7 @@ export async function writeCommand(s: IoSession, flags: Flags, operands: string[
       if (flags.has('f')) await image.flush();
     });
   } catch (error) {
-    s.out(`write failed: ${errorText(error)}\n`);
+    s.out(`${name} failed: ${errorText(error)}\n`);
     return false;
   }
   if (!flags.has('q')) s.out(report('wrote', offset, length, 1, seconds, flags.has('C')));
@@ -259,21 +264,7 @@ export async function aioWriteCommand(s: IoSession, flags: Flags, operands: stri
   const request = zero
     ? () => image.writeZeroes(offset, length, { unmap: flags.has('u') })
     : () => image.write(alignedBuffer(length).fill(pattern), offset);
-  s.track(
-    (async () => {
-      let seconds: number;
-      try {
-        seconds = await timed(image, offset, length, async () => {
-          await request();
-          if (flags.has('f')) await image.flush();
-        });
-      } catch (error) {
-        s.out(`aio_write failed: ${errorText(error)}\n`);
-        return;
-      }
-      if (!flags.has('q')) s.out(report('wrote', offset, length, 1, seconds, flags.has('C')));
-    })(),
-  );
+  s.track(runWrite(s, flags, image, offset, length, request, 'aio_write').then(() => undefined));
   return true;
 }
 
