@@ -27,6 +27,8 @@ export interface Qcow2OpenOptions extends OpenOptions {
   l2CacheSize?: number;
   /** Bytes per cached L2 slice: a power of two from 512 to 2 MiB (default 4096; whole tables when the cluster is smaller). */
   l2SliceSize?: number;
+  /** Read the disk as an internal snapshot left it (its L1 table, from readSnapshots); read-only opens only. */
+  snapshot?: { l1TableOffset: number; l1Size: number };
 }
 
 /** Open the qcow2 image at `path` (and, when allowed, its data file and backing chain). */
@@ -182,6 +184,12 @@ async function clearAutoclear(file: NativeFile, header: Qcow2Header): Promise<Qc
   return cleared;
 }
 
+/** The header with a snapshot's L1 table in place of the active one (qemu's temporary snapshot load). */
+function snapshotView(imagePath: string, header: Qcow2Header, snapshot: { l1TableOffset: number; l1Size: number }, readOnly: boolean): Qcow2Header {
+  if (!readOnly) throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `'${imagePath}': a snapshot can only be opened read-only`);
+  return { ...header, l1TableOffset: snapshot.l1TableOffset, l1Size: snapshot.l1Size };
+}
+
 async function openMember(imagePath: string, options: Qcow2OpenOptions, state: ChainState): Promise<Qcow2Image> {
   const real = await realPathOf(imagePath);
   if (state.seen.has(real)) {
@@ -210,7 +218,8 @@ async function openMember(imagePath: string, options: Qcow2OpenOptions, state: C
       opened.push(backing);
     }
     const structures = readOnly ? undefined : await decodedStructures(imagePath, header);
-    const engine = await settle(native.Qcow2Engine.open(file, engineParams(header, options, structures), dataFile?.file, engineBacking(backing)));
+    const active = state.depth === 0 && options.snapshot ? snapshotView(imagePath, header, options.snapshot, readOnly) : header;
+    const engine = await settle(native.Qcow2Engine.open(file, engineParams(active, options, structures), dataFile?.file, engineBacking(backing)));
     return new Qcow2Image({ path: imagePath, readOnly, header, engine, file, dataFile, backing });
   } catch (error) {
     await Promise.allSettled(opened.map((o) => o.close()));
