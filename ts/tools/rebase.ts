@@ -1,0 +1,253 @@
+/**
+ * Changing the backing file of a qcow2 image (library side of `qcow2 rebase`), as qemu-img
+ * rebase does: in safe mode every stretch the image does not allocate itself, where the old
+ * backing chain and the new backing file read differently, gets the old content written into
+ * the image first, so that what the guest sees stays the same; then the header names the new
+ * backing file. In unsafe mode only the header changes.
+ */
+import { ErrorCodes, Qcow2Error, asQcow2Error, check } from '../errors.js';
+import type { Extent, Image, ImageFormat } from '../image.js';
+import { CacheMode, allocAligned } from '../native.js';
+import { open } from '../open.js';
+import { rewriteHeader } from '../qcow2/header-update.js';
+import { Qcow2Image } from '../qcow2/image.js';
+import { cString, combineFileName } from '../qcow2/text.js';
+import { chainOf, couldNotOpen, fileIdentity, isErrno, openChainImage } from './chain-open.js';
+
+/** qemu-img rebase's unit of work: at most this many bytes are read from each side at once. */
+export const REBASE_CHUNK = 2 << 20;
+
+/** Granule of the comparison: differing 512-byte sectors are what gets written, as qemu-img does. */
+const SECTOR = 512;
+
+/** What rebase does. */
+export interface RebaseOptions {
+  /** The new backing file name, stored as given (relative names are relative to the image's folder); '' for none. */
+  backingFile: string;
+  /** The new backing file's format; required unless `backingFile` is ''. */
+  backingFormat?: ImageFormat;
+  /** Only rewrite the header (qemu-img -u): the image's content then depends on the new backing file being right. */
+  unsafe?: boolean;
+  /** The image's format (probed when left out); only qcow2 images record a backing file. */
+  format?: ImageFormat;
+  /** Host cache of the image (qemu-img -t; default 'writeback'). */
+  cache?: CacheMode;
+  /** Host cache of the backing files read (qemu-img -T; default 'writeback'). */
+  sourceCache?: CacheMode;
+  /** Follow the backing and data file names images record (default false; the CLI sets it). */
+  followFileNames?: boolean;
+  signal?: AbortSignal;
+  /** Called after each unit of work qemu-img counts: `done` of `total` (qemu-img -p shows done × 100 / total). */
+  onProgress?: (done: number, total: number) => void;
+}
+
+/** The new backing file, opened for comparison; `depth` > 0 when it is already part of the old chain. */
+interface NewBacking {
+  image?: Image;
+  size: number;
+  /** Depth of the new backing file in the image's old chain, or 0 when it is not in it. */
+  chainDepth: number;
+  owned: boolean;
+}
+
+/**
+ * Give the image at `path` the backing file `options.backingFile`, like qemu-img rebase.
+ * Failures carry qemu-img's messages ("Could not open new backing file '…': …",
+ * "Could not change the backing file to '…': …").
+ */
+export async function rebase(path: string, options: RebaseOptions): Promise<void> {
+  check(typeof options.backingFile === 'string', 'rebase: backingFile must be a string (\'\' for none)');
+  const image = await openChainImage(path, {
+    format: options.format,
+    readOnly: false,
+    backing: !options.unsafe,
+    cache: options.cache,
+    backingCache: options.sourceCache,
+    followFileNames: options.followFileNames,
+  });
+  try {
+    checkBackingFormat(options);
+    if (options.unsafe) {
+      checkCanChange(image, options);
+    } else {
+      const target = await openNewBacking(image, options);
+      try {
+        checkCanChange(image, options);
+        await copyDifferences(image, target, options);
+      } finally {
+        if (target.owned) await target.image?.close();
+      }
+    }
+  } finally {
+    await image.close();
+  }
+  try {
+    await rewriteHeader(path, (h) => ({
+      ...h,
+      backingFile: options.backingFile === '' ? undefined : options.backingFile,
+      backingFormat: options.backingFile === '' ? undefined : options.backingFormat,
+    }));
+  } catch (error) {
+    throw changeFailure(options.backingFile, error);
+  }
+}
+
+/** qemu-img's message when the header cannot take the new backing file. */
+function changeFailure(name: string, error: unknown): Qcow2Error {
+  const cause = asQcow2Error(error);
+  const reason = cause.code === 'ENOSPC' ? 'No space left on device' : cause.code === 'ENOTSUP' ? 'Operation not supported' : cause.message;
+  return new Qcow2Error(cause.code, `Could not change the backing file to '${name}': ${reason}`, { cause });
+}
+
+/** Every format name qemu-img 7.2 knows (its "Supported formats" list): names it would open, of which only raw and qcow2 are implemented here. */
+const QEMU_FORMATS = (
+  'blkdebug blklogwrites blkverify bochs cloop compress copy-before-write copy-on-read dmg file ftp ftps gluster host_cdrom ' +
+  'host_device http https iscsi iser luks nbd nfs null-aio null-co nvme parallels preallocate qcow qcow2 qed quorum raw rbd ' +
+  'replication snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat'
+).split(' ');
+
+/** The new backing format must be one qemu knows ("Invalid format name") and one implemented here. */
+function checkBackingFormat(options: RebaseOptions): void {
+  const format: string | undefined = options.backingFormat;
+  if (format === undefined || format === 'raw' || format === 'qcow2') return;
+  if (!QEMU_FORMATS.includes(format)) throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `Invalid format name: '${format}'`);
+  throw new Qcow2Error(
+    ErrorCodes.UNSUPPORTED,
+    `Could not open new backing file '${options.backingFile}': format '${format}' is not supported (only raw and qcow2)`,
+  );
+}
+
+/** Refuse what the header change at the end would refuse, before any data is written. */
+function checkCanChange(image: Image, options: RebaseOptions): void {
+  if (!(image instanceof Qcow2Image)) throw changeFailure(options.backingFile, new Qcow2Error('ENOTSUP', 'Operation not supported'));
+  if (options.backingFile !== '' && options.backingFormat === undefined) {
+    throw changeFailure(options.backingFile, new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, 'backing format must be specified'));
+  }
+}
+
+/** Open the new backing file read-only (or find it in the old chain), as qemu-img does before copying. */
+async function openNewBacking(image: Image, options: RebaseOptions): Promise<NewBacking> {
+  if (options.backingFile === '') return { size: 0, chainDepth: 0, owned: false };
+  const resolved = combineFileName(image.path, cString(options.backingFile));
+  const identity = await fileIdentity(resolved);
+  const chain = chainOf(image);
+  for (let depth = 1; depth < chain.length && identity !== undefined; depth++) {
+    if ((await fileIdentity(chain[depth].path)) === identity && (options.backingFormat ?? chain[depth].format) === chain[depth].format) {
+      return { image: chain[depth], size: chain[depth].size, chainDepth: depth, owned: false };
+    }
+  }
+  try {
+    const backing = await open(resolved, {
+      format: options.backingFormat,
+      readOnly: true,
+      cache: options.sourceCache ?? 'writeback',
+      followFileNames: options.followFileNames ?? false,
+    });
+    return { image: backing, size: backing.size, chainDepth: 0, owned: true };
+  } catch (error) {
+    const cause = asQcow2Error(error);
+    const reason = isErrno(cause.code) ? couldNotOpen(resolved, cause).message : cause.message;
+    throw new Qcow2Error(cause.code, `Could not open new backing file '${options.backingFile}': ${reason}`, { cause });
+  }
+}
+
+/** The extent holding `offset` in `extents` (sorted, gapless), found by bisection. */
+function extentAt(extents: readonly Extent[], offset: number): number {
+  let lo = 0;
+  let hi = extents.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1;
+    if (extents[mid].offset <= offset) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+/** From `offset`, up to `max` bytes over which `test` stays what it is at `offset`: the value and the length. */
+function runOf(extents: readonly Extent[], offset: number, max: number, test: (e: Extent) => boolean): { value: boolean; length: number } {
+  let i = extentAt(extents, offset);
+  const value = test(extents[i]);
+  let end = extents[i].offset + extents[i].length;
+  while (end < offset + max && i + 1 < extents.length && test(extents[i + 1]) === value) {
+    i++;
+    end = extents[i].offset + extents[i].length;
+  }
+  return { value, length: Math.min(end, offset + max) - offset };
+}
+
+/** The image itself allocates the run (data or zeros of its own). */
+function ownedByTop(e: Extent): boolean {
+  return e.depth === 0 && e.kind !== 'unallocated';
+}
+
+/**
+ * The run's content comes from an image above depth `depth` of the chain: allocated there, or
+ * zeros past the end of a short image above it (reported at the depth of the image just above that one).
+ */
+export function suppliedAbove(e: Extent, depth: number): boolean {
+  return e.kind === 'unallocated' ? e.depth + 1 < depth : e.depth < depth;
+}
+
+/** Where two buffers agree or differ, in runs of whole sectors: the first run's kind and length. */
+function sectorRun(a: Buffer, b: Buffer, from: number, to: number): { differs: boolean; length: number } {
+  const sectorDiffers = (at: number) => {
+    const end = Math.min(at + SECTOR, to);
+    return a.compare(b, at, end, at, end) !== 0;
+  };
+  const differs = sectorDiffers(from);
+  let at = from + SECTOR;
+  while (at < to && sectorDiffers(at) === differs) at += SECTOR;
+  return { differs, length: Math.min(at, to) - from };
+}
+
+/** Write into the image, from `old`, every sector of [offset, offset + n) where `old` and `fresh` differ. */
+async function writeDifferences(image: Image, old: Buffer, fresh: Buffer, offset: number, n: number, oldIsZero: boolean): Promise<void> {
+  for (let at = 0; at < n; ) {
+    const { differs, length } = sectorRun(old, fresh, at, n);
+    if (differs) {
+      if (oldIsZero) await image.writeZeroes(offset + at, length);
+      else await image.write(old.subarray(at, at + length), offset + at);
+    }
+    at += length;
+  }
+}
+
+/**
+ * Safe mode's copy, in qemu-img rebase's steps: from each offset, the run (at most 2 MiB) over which
+ * the image's own allocation stays the same; runs the image allocates are skipped, as are runs the
+ * new backing file supplies itself when it is part of the old chain; the rest are compared.
+ */
+async function copyDifferences(image: Image, target: NewBacking, options: RebaseOptions): Promise<void> {
+  const extents: Extent[] = [];
+  for await (const e of image.extents()) extents.push(e);
+  const size = image.size;
+  const oldSize = image instanceof Qcow2Image && image.backing ? image.backing.size : 0;
+  const total = size === 0 ? 1 : Math.max(1, Math.floor(size / Math.min(size, REBASE_CHUNK)));
+  const old = allocAligned(REBASE_CHUNK);
+  const fresh = allocAligned(REBASE_CHUNK);
+  let done = 0;
+  for (let offset = 0, n = 0; offset < size; offset += n) {
+    options.signal?.throwIfAborted();
+    const own = runOf(extents, offset, Math.min(REBASE_CHUNK, size - offset), ownedByTop);
+    n = own.length;
+    if (own.value) continue;
+    if (target.chainDepth > 0) {
+      const above = runOf(extents, offset, n, (e) => suppliedAbove(e, target.chainDepth));
+      n = above.length;
+      if (!above.value) continue;
+    }
+    const oldIsZero = offset >= oldSize;
+    if (!oldIsZero) n = Math.min(n, oldSize - offset);
+    const newIsZero = target.image === undefined || offset >= target.size;
+    if (!newIsZero) n = Math.min(n, target.size - offset);
+    const reads: Promise<void>[] = [];
+    if (oldIsZero) old.fill(0, 0, n);
+    else reads.push(image.read(old.subarray(0, n), offset));
+    if (newIsZero) fresh.fill(0, 0, n);
+    else reads.push(target.image!.read(fresh.subarray(0, n), offset));
+    await Promise.all(reads);
+    await writeDifferences(image, old, fresh, offset, n, oldIsZero);
+    options.onProgress?.(++done, total);
+  }
+  await image.flush();
+}
