@@ -40,3 +40,5 @@ export { info, infoChain } from './tools/info.js';
 export type { BitmapInfo, ImageInfo, InfoOptions, Qcow2SpecificInfo, SnapshotInfo } from './tools/info.js';
 export { findSnapshot, measure, openAtSnapshot, refcountMetadataSize } from './tools/measure.js';
 export type { MeasureOptions, MeasureResult, SnapshotOpenOptions, SnapshotSelector } from './tools/measure.js';
+export { ImageWindow, dd, planDd } from './tools/dd.js';
+export type { DdOptions, DdPlan } from './tools/dd.js';

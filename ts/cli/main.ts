@@ -8,15 +8,20 @@ export type Command = (argv: string[]) => Promise<number>;
  * a dynamic import boots Node's ESM loader, a few milliseconds of every command's start-up.
  */
 const COMMANDS: Record<string, () => { run: Command }> = {
+  amend: () => require('./amend.js'),
   bench: () => require('./bench.js'),
   check: () => require('./check.js'),
+  commit: () => require('./commit.js'),
   compare: () => require('./compare.js'),
   convert: () => require('./convert.js'),
   create: () => require('./create.js'),
+  dd: () => require('./dd.js'),
   demo: () => require('./demo.js'),
   info: () => require('./info.js'),
   io: () => require('./io.js'),
   map: () => require('./map.js'),
+  rebase: () => require('./rebase.js'),
+  measure: () => require('./measure.js'),
   resize: () => require('./resize.js'),
 };
 

@@ -13,7 +13,7 @@ import {
   splitOptionString,
 } from '../tools/qemu-options.js';
 import { ParsedArgs, UsageError, parseArgs } from './args.js';
-import { hasFlag, openImage, parseFormat } from './common.js';
+import { hasFlag, openImage } from './common.js';
 import { cvtnum } from './qemu-number.js';
 
 const SPEC = {
@@ -46,9 +46,10 @@ const ENCRYPTION_OPTIONS: readonly OptionDef[] = [
   { name: 'encrypt.iter-time', type: 'num', help: 'Encryption parameter' },
 ];
 
-/** Formats qemu-img 7.2 knows that can create images but not measure them, and those that cannot create at all. */
-const NO_MEASURE = ['file', 'luks', 'parallels', 'qcow', 'qed', 'vdi', 'vhdx', 'vmdk', 'vpc'];
-const NO_CREATE = [
+/** Formats qemu-img 7.2 creates besides raw and qcow2 (this package does not; nor does it measure them). */
+export const OTHER_CREATABLE_FORMATS = ['file', 'luks', 'parallels', 'qcow', 'qed', 'vdi', 'vhdx', 'vmdk', 'vpc'];
+/** Formats qemu-img 7.2 knows that cannot create images. */
+export const NON_CREATABLE_FORMATS = [
   'blkdebug', 'blklogwrites', 'blkverify', 'bochs', 'cloop', 'compress', 'copy-before-write', 'copy-on-read', 'dmg',
   'ftp', 'ftps', 'gluster', 'host_cdrom', 'host_device', 'http', 'https', 'iscsi', 'iser', 'nbd', 'nfs', 'null-aio',
   'null-co', 'nvme', 'preallocate', 'quorum', 'rbd', 'replication', 'snapshot-access', 'ssh', 'throttle', 'vvfat',
@@ -92,8 +93,8 @@ function parseSnapshotParam(text: string): SnapshotSelector | string {
 /** The output format named by -O, refused with qemu-img's message when it is not raw or qcow2. */
 function outputFormatOf(name: string): ImageFormat {
   if (name === 'raw' || name === 'qcow2') return name;
-  if (NO_MEASURE.includes(name)) throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `Block driver '${name}' does not support size measurement`);
-  if (NO_CREATE.includes(name)) throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `Format driver '${name}' does not support image creation`);
+  if (OTHER_CREATABLE_FORMATS.includes(name)) throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `Block driver '${name}' does not support size measurement`);
+  if (NON_CREATABLE_FORMATS.includes(name)) throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `Format driver '${name}' does not support image creation`);
   throw fail(`Unknown file format '${name}'`);
 }
 
@@ -150,7 +151,7 @@ interface Request {
   optionText?: string;
   size?: bigint;
   filename?: string;
-  format?: ImageFormat;
+  format?: string;
   snapshot?: SnapshotSelector | string;
 }
 
@@ -181,7 +182,7 @@ function parseRequest(args: ParsedArgs): Request {
     optionText: optionTexts.length > 0 ? optionTexts.join(',') : undefined,
     size,
     filename,
-    format: parseFormat(formatText),
+    format: formatText,
     snapshot,
   };
 }
@@ -204,7 +205,7 @@ export function formatMeasure(result: MeasureResult, output: 'human' | 'json'): 
  * Open an input image as qemu-img does; a file that cannot be opened at all reads
  * "Could not open 'PATH': Could not open 'PATH': REASON" as in qemu-img, even before its format is probed.
  */
-export async function openInput(path: string, format: ImageFormat | undefined): Promise<Image> {
+export async function openInput(path: string, formatName: string | undefined): Promise<Image> {
   try {
     const probe = await openMetadataFile(path);
     await probe.handle.close();
@@ -212,7 +213,16 @@ export async function openInput(path: string, format: ImageFormat | undefined): 
     const cause = asQcow2Error(error);
     throw new Qcow2Error(cause.code, `Could not open '${path}': ${cause.message}`, { cause });
   }
-  return openImage(path, { format });
+  return openImage(path, { format: inputFormatOf(path, formatName) });
+}
+
+/** The format named by -f; one this package cannot read is refused as qemu-img refuses a driver it does not know. */
+function inputFormatOf(path: string, name: string | undefined): ImageFormat | undefined {
+  if (name === undefined || name === 'raw' || name === 'qcow2') return name;
+  if (OTHER_CREATABLE_FORMATS.includes(name) || NON_CREATABLE_FORMATS.includes(name)) {
+    throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `Could not open '${path}': format '${name}' is not supported (raw, qcow2)`);
+  }
+  throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `Could not open '${path}': Unknown driver '${name}'`);
 }
 
 /** Open the image to measure (at a snapshot with -l); a snapshot that cannot be loaded reads "Failed to load snapshot: …". */
@@ -221,7 +231,7 @@ async function openSource(request: Request): Promise<Image> {
   if (request.snapshot === undefined) return image;
   await image.close();
   try {
-    return await openAtSnapshot(request.filename!, request.snapshot, { format: request.format });
+    return await openAtSnapshot(request.filename!, request.snapshot, { format: image.format });
   } catch (error) {
     const cause = asQcow2Error(error);
     throw new Qcow2Error(cause.code, `Failed to load snapshot: ${cause.message}`, { cause });
