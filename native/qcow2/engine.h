@@ -12,6 +12,7 @@
 
 #include "file.h"
 #include "qcow2/compress.h"
+#include "qcow2/compressed_stream.h"
 #include "qcow2/format.h"
 #include "qcow2/header_fields.h"
 #include "qcow2/mapper.h"
@@ -270,8 +271,16 @@ class Engine {
   Status GrowFileAhead(uint64_t end);
   /// Give back what GrowFileAhead() reserved past the last cluster in use.
   Status TrimFile();
-  /// Store `bytes` of compressed data for the cluster at `at`, packed behind the last compressed cluster.
-  Status WriteCompressedCluster(const uint8_t* data, uint64_t bytes, GuestOffset at);
+  /// A cluster of a compressed write: its index in the request and its compressed size.
+  struct PackedCluster {
+    uint64_t index;
+    uint64_t bytes;
+  };
+  /// Map the request's compressed clusters (`packed` holds cluster i's bytes at i * cluster size)
+  /// to host space packed behind the last compressed cluster, write them, then publish the mapping.
+  Status StoreCompressed(const uint8_t* packed, const std::vector<PackedCluster>& clusters, GuestOffset at);
+  /// Host space for `bytes` of compressed data, counted in the refcounts; under metaMu_.
+  Status PackCompressed(uint64_t bytes, uint64_t* host);
   Status ReadBacking(uint8_t* buf, uint64_t len, GuestOffset at);
   /// Copy the part of a compressed cluster this thread inflated last; false when it was another.
   bool ServeFromLastInflated(uint8_t* dst, const Segment& seg, GuestOffset at);
@@ -323,6 +332,8 @@ class Engine {
   /// Where the next compressed cluster goes: the free bytes at the end of the last host cluster used.
   uint64_t compressedNext_ = 0;
   uint64_t compressedEnd_ = 0;
+  /// Writes the packed compressed data (made at the first compressed write).
+  std::unique_ptr<CompressedStream> compressedStream_;
   /// The size GrowFileAhead() gave the file; 0 when it never grew it.
   uint64_t grownTo_ = 0;
 };

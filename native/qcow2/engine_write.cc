@@ -845,72 +845,100 @@ Status Engine::WriteCompressed(const uint8_t* buf, uint64_t len, GuestOffset at)
                                                            " are not aligned to the cluster size " +
                                                            std::to_string(g.clusterSize));
   }
+  if (len == 0) return Status::Ok();
+  const uint64_t count = (len + g.clusterSize - 1) >> g.clusterBits;
   AlignedBuffer cluster(g.clusterSize);
-  AlignedBuffer packed(g.clusterSize);
-  for (uint64_t done = 0; done < len; done += g.clusterSize) {
+  AlignedBuffer packed(count * g.clusterSize);
+  if (cluster.data() == nullptr || packed.data() == nullptr) return Status::Error("ENOMEM", "no memory to compress " + std::to_string(len) + " bytes");
+  std::vector<PackedCluster> stored;
+  for (uint64_t i = 0; i < count; i++) {
+    const uint64_t done = i << g.clusterBits;
     const uint64_t n = std::min(g.clusterSize, len - done);
     std::memcpy(cluster.data(), buf + done, n);
     std::memset(cluster.data() + n, 0, g.clusterSize - n);
     size_t bytes = 0;
-    // Output no smaller than a cluster less a sector saves nothing: store the cluster as it is.
-    QCOW2_TRY(CompressCluster(config_.compression, cluster.data(), g.clusterSize, packed.data(),
-                              g.clusterSize - kSectorSize, &bytes));
+    // As QEMU does: compressed when the output is smaller than the cluster, else stored as it is.
+    QCOW2_TRY(CompressCluster(config_.compression, cluster.data(), g.clusterSize, packed.data() + done,
+                              g.clusterSize - 1, &bytes));
     if (bytes == 0) {
       QCOW2_TRY(Write(buf + done, n, GuestOffset{at.value + done}));
       continue;
     }
-    QCOW2_TRY(WriteCompressedCluster(packed.data(), bytes, GuestOffset{at.value + done}));
+    stored.push_back({i, bytes});
   }
-  return Status::Ok();
+  if (stored.empty()) return Status::Ok();
+  return StoreCompressed(packed.data(), stored, at);
 }
 
-Status Engine::WriteCompressedCluster(const uint8_t* data, uint64_t bytes, GuestOffset at) {
+Status Engine::StoreCompressed(const uint8_t* packed, const std::vector<PackedCluster>& clusters, GuestOffset at) {
   const Geometry& g = geometry();
   std::shared_lock<std::shared_mutex> resizing(resizeMu_);
-  const uint64_t c = at.value >> g.clusterBits;
-  ClusterRange held(locks_, c, c);
-  ClusterPlan plan;
-  QCOW2_TRY(Fail(PlanCluster(c, 0, g.clusterSize, &plan)));
-  uint64_t host = 0;
+  const uint64_t first = at.value >> g.clusterBits;
+  ClusterRange held(locks_, first + clusters.front().index, first + clusters.back().index);
+  std::vector<ClusterPlan> plans(clusters.size());
+  for (size_t k = 0; k < clusters.size(); k++) {
+    QCOW2_TRY(Fail(PlanCluster(first + clusters[k].index, 0, g.clusterSize, &plans[k])));
+  }
   std::vector<HostFree> frees;
+  std::vector<L2Update> updates;
+  CompressedStream::Ticket ticket;
   {
     std::lock_guard<std::mutex> lock(metaMu_);
-    QCOW2_TRY(Fail(TableFor(plan.entry, &plan.table, &frees)));
-    if (compressedNext_ < compressedEnd_) {
-      // Narrow refcounts (1 bit) cannot count another cluster packed into the last one: start afresh.
-      uint64_t refs = 0;
-      QCOW2_TRY(Fail(refcounts_->Get((compressedEnd_ - 1) >> g.clusterBits, &refs)));
-      if (refs >= refcounts_->maxValue()) compressedNext_ = compressedEnd_ = 0;
+    if (!compressedStream_) {
+      // Whole units of the file's alignment must stay inside the clusters packed into.
+      const uint64_t align = image_->reqAlign() <= g.clusterSize ? image_->reqAlign() : 1;
+      compressedStream_ = std::make_unique<CompressedStream>(*image_, align);
     }
-    if (compressedNext_ + bytes <= compressedEnd_) {
-      // Packed behind the previous compressed cluster: one more reference to the host cluster.
-      host = compressedNext_;
-      QCOW2_TRY(Fail(refcounts_->Add(host >> g.clusterBits, 1)));
-    } else {
-      uint64_t first = 0;
-      QCOW2_TRY(Fail(refcounts_->Allocate(1, &first)));
-      const bool continues = compressedNext_ < compressedEnd_ && (first << g.clusterBits) == compressedEnd_;
-      if (continues) {
-        // The data runs on from the tail of the last cluster into the next one, as QEMU packs it.
-        host = compressedNext_;
-        QCOW2_TRY(Fail(refcounts_->Add((compressedEnd_ - 1) >> g.clusterBits, 1)));
-      } else {
-        host = first << g.clusterBits;
-      }
-      compressedEnd_ = (first + 1) << g.clusterBits;
-      // Inside the file's size, the unaligned write of packed data never has to extend (and trim) the file.
-      QCOW2_TRY(Fail(GrowFileAhead(compressedEnd_)));
+    for (size_t k = 0; k < clusters.size(); k++) {
+      ClusterPlan& plan = plans[k];
+      const uint64_t bytes = clusters[k].bytes;
+      QCOW2_TRY(Fail(TableFor(plan.entry, &plan.table, &frees)));
+      uint64_t host = 0;
+      QCOW2_TRY(Fail(PackCompressed(bytes, &host)));
+      QCOW2_TRY(Guard(host, bytes));
+      QCOW2_TRY(Fail(compressedStream_->Append(packed + (clusters[k].index << g.clusterBits), bytes, host, &ticket)));
+      const uint64_t sectors = (host + bytes - 1) / kSectorSize - host / kSectorSize;
+      const uint64_t raw = kCompressedFlag | (sectors << g.CompressedOffsetBits()) | host;
+      updates.push_back({plan.entry.l1Index, g.L2Index(GuestOffset{(first + clusters[k].index) << g.clusterBits}), raw, 0});
+      const L2Entry& old = plan.entry.entry;
+      if (old.compressed || old.hostAllocated) frees.push_back({old.host, old.compressed ? old.compressedBytes : g.clusterSize, false});
     }
-    compressedNext_ = host + bytes;
-    mapper_->NoteFileSize(host + g.clusterSize);
   }
-  QCOW2_TRY(Guard(host, bytes));
-  QCOW2_TRY(image_->Write(data, bytes, host));
-  const uint64_t sectors = (host + bytes - 1) / kSectorSize - host / kSectorSize;
-  const uint64_t raw = kCompressedFlag | (sectors << g.CompressedOffsetBits()) | host;
-  const L2Entry& old = plan.entry.entry;
-  if (old.compressed || old.hostAllocated) frees.push_back({old.host, old.compressed ? old.compressedBytes : g.clusterSize, false});
-  return Publish({{plan.entry.l1Index, g.L2Index(at), raw, 0}}, std::move(frees));
+  // The stream writes in packing order: once the last cluster's bytes are in the file, so are the others'.
+  QCOW2_TRY(Fail(compressedStream_->Wait(ticket)));
+  return Publish(std::move(updates), std::move(frees));
+}
+
+Status Engine::PackCompressed(uint64_t bytes, uint64_t* host) {
+  const Geometry& g = geometry();
+  if (compressedNext_ < compressedEnd_) {
+    // Narrow refcounts (1 bit) cannot count another cluster packed into the last one: start afresh.
+    uint64_t refs = 0;
+    QCOW2_TRY(refcounts_->Get((compressedEnd_ - 1) >> g.clusterBits, &refs));
+    if (refs >= refcounts_->maxValue()) compressedNext_ = compressedEnd_ = 0;
+  }
+  if (compressedNext_ + bytes <= compressedEnd_) {
+    // Packed behind the previous compressed cluster: one more reference to the host cluster.
+    *host = compressedNext_;
+    QCOW2_TRY(refcounts_->Add(*host >> g.clusterBits, 1));
+  } else {
+    uint64_t first = 0;
+    QCOW2_TRY(refcounts_->Allocate(1, &first));
+    const bool continues = compressedNext_ < compressedEnd_ && (first << g.clusterBits) == compressedEnd_;
+    if (continues) {
+      // The data runs on from the tail of the last cluster into the next one, as QEMU packs it.
+      *host = compressedNext_;
+      QCOW2_TRY(refcounts_->Add((compressedEnd_ - 1) >> g.clusterBits, 1));
+    } else {
+      *host = first << g.clusterBits;
+    }
+    compressedEnd_ = (first + 1) << g.clusterBits;
+    // Inside the file's size, the writes of packed data never have to extend (and trim) the file.
+    QCOW2_TRY(GrowFileAhead(compressedEnd_));
+  }
+  compressedNext_ = *host + bytes;
+  mapper_->NoteFileSize(*host + g.clusterSize);
+  return Status::Ok();
 }
 
 Status Engine::GrowL1(uint64_t entries) {
