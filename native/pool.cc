@@ -1,5 +1,8 @@
 #include "pool.h"
 
+#include <exception>
+#include <new>
+
 namespace qcow2 {
 
 Napi::Error MakeError(Napi::Env env, const Status& status) {
@@ -66,7 +69,13 @@ void Pool::WorkerLoop() {
       job = queue_.front();
       queue_.pop_front();
     }
-    job->Execute();
+    try {
+      job->Execute();
+    } catch (const std::bad_alloc&) {
+      job->Failed(Status::Error("ENOMEM", "out of memory"));
+    } catch (const std::exception& e) {
+      job->Failed(Status::Error("ERR_QCOW2_INTERNAL", std::string("native error: ") + e.what()));
+    }
     bool wake;
     {
       std::lock_guard<std::mutex> lock(mu_);

@@ -21,6 +21,8 @@ class Job {
   virtual void Execute() = 0;
   /// Runs on the main thread once Execute() has returned.
   virtual void Complete(Napi::Env env) = 0;
+  /// Execute() threw (out of memory, most likely): the job must report `error` instead of its result.
+  virtual void Failed(Status error) = 0;
 };
 
 /// A job that settles a promise: subclasses fill `status` in Execute() and build the value in Result().
@@ -29,6 +31,7 @@ class PromiseJob : public Job {
   explicit PromiseJob(Napi::Env env) : deferred_(Napi::Promise::Deferred::New(env)) {}
   Napi::Promise Promise() const { return deferred_.Promise(); }
   void Complete(Napi::Env env) override;
+  void Failed(Status error) override { status = std::move(error); }
 
  protected:
   /// The fulfilment value; called only when `status` is ok.

@@ -30,7 +30,6 @@ Status CompressedStream::Append(const uint8_t* data, uint64_t bytes, uint64_t ho
     auto batch = std::make_shared<Batch>();
     batch->base = base;
     batch->buffer = AlignedBuffer(std::max(kBatchBytes, AlignUp(host - base + bytes, align_)));
-    if (batch->buffer.data() == nullptr) return Status::Error("ENOMEM", "no memory for compressed data to write");
     std::memcpy(batch->buffer.data(), tail_.data(), host - base);
     batch->filled = host - base;
     pending_.push_back(batch);

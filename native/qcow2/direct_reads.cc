@@ -86,6 +86,7 @@ class FinishPieceJob : public Job {
     status_ = piece_->request->file->Read(piece_->data + done_, piece_->length - done_, piece_->host + done_);
   }
   void Complete(Napi::Env env) override { PieceDone(env, piece_, status_); }
+  void Failed(Status error) override { status_ = std::move(error); }
 
  private:
   PieceRead* piece_;
@@ -143,6 +144,7 @@ class FinishWriteJob : public Job {
     status_ = write_->file->Write(write_->data + done_, write_->length - done_, write_->offset + done_);
   }
   void Complete(Napi::Env env) override { write_->Settle(env, status_); }
+  void Failed(Status error) override { status_ = std::move(error); }
 
  private:
   PendingWrite* write_;

@@ -847,19 +847,23 @@ Status Engine::WriteCompressed(const uint8_t* buf, uint64_t len, GuestOffset at)
   }
   if (len == 0) return Status::Ok();
   const uint64_t count = (len + g.clusterSize - 1) >> g.clusterBits;
-  AlignedBuffer cluster(g.clusterSize);
   AlignedBuffer packed(count * g.clusterSize);
-  if (cluster.data() == nullptr || packed.data() == nullptr) return Status::Error("ENOMEM", "no memory to compress " + std::to_string(len) + " bytes");
+  AlignedBuffer cluster;
+  if (len % g.clusterSize != 0) cluster = AlignedBuffer(g.clusterSize);
   std::vector<PackedCluster> stored;
   for (uint64_t i = 0; i < count; i++) {
     const uint64_t done = i << g.clusterBits;
     const uint64_t n = std::min(g.clusterSize, len - done);
-    std::memcpy(cluster.data(), buf + done, n);
-    std::memset(cluster.data() + n, 0, g.clusterSize - n);
+    const uint8_t* in = buf + done;
+    if (n < g.clusterSize) {
+      // The last cluster of a disk that ends inside it compresses padded with zeros.
+      std::memcpy(cluster.data(), in, n);
+      std::memset(cluster.data() + n, 0, g.clusterSize - n);
+      in = cluster.data();
+    }
     size_t bytes = 0;
     // As QEMU does: compressed when the output is smaller than the cluster, else stored as it is.
-    QCOW2_TRY(CompressCluster(config_.compression, cluster.data(), g.clusterSize, packed.data() + done,
-                              g.clusterSize - 1, &bytes));
+    QCOW2_TRY(CompressCluster(config_.compression, in, g.clusterSize, packed.data() + done, g.clusterSize - 1, &bytes));
     if (bytes == 0) {
       QCOW2_TRY(Write(buf + done, n, GuestOffset{at.value + done}));
       continue;
