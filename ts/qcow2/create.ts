@@ -29,7 +29,7 @@ export interface Qcow2CreateOptions {
 }
 
 /** The feature name table qemu-img writes into every version 3 image. */
-const FEATURE_NAMES: FeatureName[] = [
+export const FEATURE_NAMES: readonly FeatureName[] = [
   { type: 'incompatible', bit: 0, name: 'dirty bit' },
   { type: 'incompatible', bit: 1, name: 'corrupt bit' },
   { type: 'incompatible', bit: 2, name: 'external data file' },
@@ -41,7 +41,7 @@ const FEATURE_NAMES: FeatureName[] = [
 ];
 
 /** qemu's version 3 header length: the fields up to the compression type, padded to 8 bytes. */
-const V3_HEADER_LENGTH = 112;
+export const V3_HEADER_LENGTH = 112;
 const V2_HEADER_LENGTH = 72;
 
 function invalid(message: string): Qcow2Error {
@@ -158,7 +158,7 @@ export async function createQcow2(path: string, options: Qcow2CreateOptions): Pr
       backingFile: o.backingFile,
       backingFormat: o.backingFormat,
       dataFile: o.dataFile,
-      featureNames: v3 ? FEATURE_NAMES : [],
+      featureNames: v3 ? [...FEATURE_NAMES] : [],
       extensions: [],
       unknownHeaderFields: Buffer.alloc(v3 ? V3_HEADER_LENGTH - 105 : 0),
     };

@@ -12,7 +12,7 @@ import { open } from '../open.js';
 import { rewriteHeader } from '../qcow2/header-update.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { cString, combineFileName } from '../qcow2/text.js';
-import { chainOf, couldNotOpen, fileIdentity, isErrno, openChainImage } from './chain-open.js';
+import { chainOf, cleanIfDirty, couldNotOpen, fileIdentity, isErrno, openChainImage } from './chain-open.js';
 
 /** qemu-img rebase's unit of work: at most this many bytes are read from each side at once. */
 export const REBASE_CHUNK = 2 << 20;
@@ -59,7 +59,7 @@ export async function rebase(path: string, options: RebaseOptions): Promise<void
   check(typeof options.backingFile === 'string', 'rebase: backingFile must be a string (\'\' for none)');
   const image = await openChainImage(path, {
     format: options.format,
-    readOnly: false,
+    readOnly: options.unsafe ?? false,
     backing: !options.unsafe,
     cache: options.cache,
     backingCache: options.sourceCache,
@@ -82,6 +82,7 @@ export async function rebase(path: string, options: RebaseOptions): Promise<void
     await image.close();
   }
   try {
+    if (options.unsafe) await cleanIfDirty(path, { format: 'qcow2', cache: options.cache, followFileNames: options.followFileNames });
     await rewriteHeader(path, (h) => ({
       ...h,
       backingFile: options.backingFile === '' ? undefined : options.backingFile,
