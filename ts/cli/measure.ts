@@ -206,6 +206,7 @@ export function formatMeasure(result: MeasureResult, output: 'human' | 'json'): 
  * "Could not open 'PATH': Could not open 'PATH': REASON" as in qemu-img, even before its format is probed.
  */
 export async function openInput(path: string, formatName: string | undefined): Promise<Image> {
+  const format = inputFormatOf(path, formatName);
   try {
     const probe = await openMetadataFile(path);
     await probe.handle.close();
@@ -213,7 +214,7 @@ export async function openInput(path: string, formatName: string | undefined): P
     const cause = asQcow2Error(error);
     throw new Qcow2Error(cause.code, `Could not open '${path}': ${cause.message}`, { cause });
   }
-  return openImage(path, { format: inputFormatOf(path, formatName) });
+  return openImage(path, { format });
 }
 
 /** The format named by -f; one this package cannot read is refused as qemu-img refuses a driver it does not know. */
