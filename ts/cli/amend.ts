@@ -4,7 +4,7 @@ import { AmendChanges, amend } from '../tools/amend.js';
 import { openChainImage } from '../tools/chain-open.js';
 import { isHelpRequest, parseOptionBool, parseOptionNumber, parseOptionSize, splitOptionString } from '../tools/qemu-options.js';
 import { HELP_HINT, UsageError, lastOption, parseArgs, qemuUsage } from './args.js';
-import { imageFormatOption, refuseObjectOptions } from './chain-options.js';
+import { imageFormatOption, refuseObjectOptions, warnIfProbedRaw } from './chain-options.js';
 import { DEFAULT_CACHE, ProgressPrinter, hasFlag, parseCache } from './common.js';
 
 const SPEC = {
@@ -134,6 +134,7 @@ export async function run(argv: string[]): Promise<number> {
     const file = args.positional[0];
     const cache = parseCache(lastOption(args, 't'), 'cache') ?? DEFAULT_CACHE;
     const format = imageFormatOption(formatText, file);
+    await warnIfProbedRaw(file, format);
     // qemu-img opens the image before it looks at the options: its open errors come first.
     const image = await openChainImage(file, { format, cache, readOnly: true, backing: false, followFileNames: true });
     await image.close();

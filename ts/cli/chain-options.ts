@@ -1,6 +1,8 @@
 /** Option handling the chain commands (rebase, commit, amend) share: refused qemu options, the image format. */
 import { ErrorCodes, Qcow2Error } from '../errors.js';
 import type { ImageFormat } from '../image.js';
+import { probeFormat } from '../open.js';
+import { rawProbeWarning } from '../tools/io/probe-guard.js';
 import { ParsedArgs } from './args.js';
 import { hasFlag } from './common.js';
 
@@ -15,4 +17,11 @@ export function refuseObjectOptions(args: ParsedArgs): void {
 export function imageFormatOption(text: string | undefined, file: string): ImageFormat | undefined {
   if (text === undefined || text === 'raw' || text === 'qcow2') return text;
   throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `Could not open '${file}': Unknown driver '${text}'`);
+}
+
+/** qemu-img's warning on stderr when an image it opens for writing has no -f and probes as raw. */
+export async function warnIfProbedRaw(file: string, format: ImageFormat | undefined): Promise<void> {
+  if (format !== undefined) return;
+  const probed = await probeFormat(file).catch(() => undefined);
+  if (probed === 'raw') process.stderr.write(rawProbeWarning(file));
 }

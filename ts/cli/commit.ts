@@ -1,7 +1,7 @@
 /** `qcow2 commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] [-r rate_limit] filename`, as qemu-img commit. */
 import { commit } from '../tools/commit.js';
 import { HELP_HINT, UsageError, lastOption, parseArgs, qemuUsage } from './args.js';
-import { imageFormatOption, refuseObjectOptions } from './chain-options.js';
+import { imageFormatOption, refuseObjectOptions, warnIfProbedRaw } from './chain-options.js';
 import { DEFAULT_CACHE, ProgressPrinter, hasFlag, parseCache, parseSizeOption } from './common.js';
 
 const SPEC = {
@@ -49,6 +49,7 @@ export async function run(argv: string[]): Promise<number> {
   const progress = new ProgressPrinter(hasFlag(args, 'p') && !quiet, 1);
   let started = false;
   try {
+    await warnIfProbedRaw(file, format);
     await commit(file, {
       format,
       base: lastOption(args, 'b'),

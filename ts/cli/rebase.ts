@@ -3,7 +3,7 @@ import type { ImageFormat } from '../image.js';
 import { rebase } from '../tools/rebase.js';
 import { HELP_HINT, UsageError, lastOption, parseArgs, qemuUsage } from './args.js';
 import { DEFAULT_CACHE, ProgressPrinter, hasFlag, parseCache } from './common.js';
-import { imageFormatOption, refuseObjectOptions } from './chain-options.js';
+import { imageFormatOption, refuseObjectOptions, warnIfProbedRaw } from './chain-options.js';
 
 const SPEC = {
   short: 'hf:F:b:upt:T:qU',
@@ -48,6 +48,7 @@ export async function run(argv: string[]): Promise<number> {
     const cache = parseCache(lastOption(args, 't'), 'cache') ?? DEFAULT_CACHE;
     const sourceCache = parseCache(lastOption(args, 'T'), 'source cache') ?? DEFAULT_CACHE;
     const format = imageFormatOption(lastOption(args, 'f'), file);
+    await warnIfProbedRaw(file, format);
     await rebase(file, {
       backingFile: backingFile ?? '',
       backingFormat: lastOption(args, 'F') as ImageFormat | undefined,

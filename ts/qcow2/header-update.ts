@@ -20,14 +20,14 @@ export type HeaderChange = (header: Qcow2Header) => Qcow2Header;
  * The bytes of the new header cluster: the serialised header area, zero-filled to the end of the
  * cluster (or of the file, when it is shorter), as qemu leaves it. A header area larger than the
  * first cluster, which is all the room the format gives it, is refused with ENOSPC and nothing
- * is written (qemu fails the same way: "No space left on device").
+ * is written (qemu fails the same way: "No space left in the file header").
  */
 export function headerCluster(header: Qcow2Header, fileSize: number): Buffer {
   const area = serializeHeader(header, Number.MAX_SAFE_INTEGER);
   if (area.length > header.clusterSize) {
     throw new Qcow2Error(
       'ENOSPC',
-      `No space left on device: the header area would take ${area.length} bytes, more than the first cluster (${header.clusterSize} bytes)`,
+      `No space left in the file header: the header area would take ${area.length} bytes, more than the first cluster (${header.clusterSize} bytes)`,
     );
   }
   const out = Buffer.alloc(Math.max(area.length, Math.min(header.clusterSize, fileSize)));

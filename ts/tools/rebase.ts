@@ -96,7 +96,7 @@ export async function rebase(path: string, options: RebaseOptions): Promise<void
 /** qemu-img's message when the header cannot take the new backing file. */
 function changeFailure(name: string, error: unknown): Qcow2Error {
   const cause = asQcow2Error(error);
-  const reason = cause.code === 'ENOSPC' ? 'No space left on device' : cause.code === 'ENOTSUP' ? 'Operation not supported' : cause.message;
+  const reason = cause.code === 'ENOSPC' ? 'No space left in the file header' : cause.code === 'ENOTSUP' ? 'Operation not supported' : cause.message;
   return new Qcow2Error(cause.code, `Could not change the backing file to '${name}': ${reason}`, { cause });
 }
 
