@@ -181,6 +181,7 @@ for (const s of SCENARIOS) {
     const write = `write -P 2 ${VICTIM} 4k`;
     const [a, b] = [await qcow2Cli('io', '-c', write, ours), await runProgram('qemu-io', ['-c', write, theirs])];
     t.is(a.stdout, b.stdout);
+    t.is(a.stderr, b.stderr);
     t.is(a.stdout, 'write failed: Input/output error\n');
     t.is(a.code, b.code);
     t.deepEqual(await structureBytes(ours, target, false), before);

@@ -142,3 +142,16 @@ export function errorText(error: unknown): string {
   const code = (error as { code?: unknown })?.code;
   return (typeof code === 'string' && ERRNO_TEXT[code]) || 'Input/output error';
 }
+
+/**
+ * The line qcow2 prints on stderr when a failure marks the image corrupt ("qcow2: Marking image as
+ * corrupt: …; further corruption events will be suppressed"); undefined for other failures and for
+ * the later ones, which report the corruption already marked.
+ */
+export function corruptionNotice(error: unknown): string | undefined {
+  const { code, message } = (error ?? {}) as { code?: unknown; message?: unknown };
+  if (code !== ErrorCodes.CORRUPT || typeof message !== 'string' || !message.startsWith('Marking image as corrupt: ')) return undefined;
+  // qcow2 names the structure; where the write was aimed is ours to add (the error message keeps it).
+  const what = /^Marking image as corrupt: Preventing invalid write on metadata \(overlaps with [^)]*\)/.exec(message)?.[0] ?? message;
+  return `qcow2: ${what}; further corruption events will be suppressed\n`;
+}

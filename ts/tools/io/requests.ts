@@ -87,7 +87,7 @@ export async function readCommand(s: IoSession, flags: Flags, operands: string[]
   try {
     seconds = await timed(s.image!, offset, buffer.length, () => s.image!.read(buffer, offset));
   } catch (error) {
-    s.out(`read failed: ${errorText(error)}\n`);
+    s.failed('read', error);
     return false;
   }
   const ok = pattern === undefined || verifyPattern(s, buffer, pattern, offset, start, checked);
@@ -178,7 +178,7 @@ async function runWrite(s: IoSession, flags: Flags, image: Image, offset: number
       if (flags.has('f')) await image.flush();
     });
   } catch (error) {
-    s.out(`${name} failed: ${errorText(error)}\n`);
+    s.failed(name, error);
     return false;
   }
   if (!flags.has('q')) s.out(report('wrote', offset, length, 1, seconds, flags.has('C')));
@@ -200,7 +200,7 @@ export async function readvCommand(s: IoSession, flags: Flags, operands: string[
   try {
     seconds = await timed(s.image!, offset, buffer.length, () => s.image!.read(buffer, offset));
   } catch (error) {
-    s.out(`readv failed: ${errorText(error)}\n`);
+    s.failed('readv', error);
     return false;
   }
   const ok = pattern === undefined || verifyPattern(s, buffer, pattern, offset, 0, buffer.length);
@@ -221,7 +221,7 @@ export async function writevCommand(s: IoSession, flags: Flags, operands: string
       if (flags.has('f')) await image.flush();
     });
   } catch (error) {
-    s.out(`writev failed: ${errorText(error)}\n`);
+    s.failed('writev', error);
     return false;
   }
   if (!flags.has('q')) s.out(report('wrote', offset, buffer.length, 1, seconds, flags.has('C')));
@@ -241,7 +241,7 @@ export async function aioReadCommand(s: IoSession, flags: Flags, operands: strin
       try {
         seconds = await timed(image, offset, buffer.length, () => image.read(buffer, offset));
       } catch (error) {
-        s.out(`readv failed: ${errorText(error)}\n`);
+        s.failed('readv', error);
         return;
       }
       if (pattern !== undefined) verifyPattern(s, buffer, pattern, offset, 0, buffer.length);
@@ -276,7 +276,7 @@ export async function discardCommand(s: IoSession, flags: Flags, operands: strin
   try {
     seconds = await timed(s.image!, offset, length, () => s.image!.discard(offset, length));
   } catch (error) {
-    s.out(`discard failed: ${errorText(error)}\n`);
+    s.failed('discard', error);
     return false;
   }
   if (!flags.has('q')) s.out(report('discard', offset, length, 1, seconds, flags.has('C')));

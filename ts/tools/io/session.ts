@@ -1,6 +1,7 @@
 /** An interactive qemu-io session: the open image, where text goes, and the requests still running. */
 import type { Image, ImageFormat } from '../../image.js';
 import type { CacheMode } from '../../native.js';
+import { corruptionNotice, errorText } from './format.js';
 
 /** qemu-io's default host cache mode: writethrough, every write durable before it completes. */
 export const IO_DEFAULT_CACHE = 'writethrough';
@@ -50,6 +51,16 @@ export class IoSession {
   /** Write `text` to stderr as it is. */
   err(text: string): void {
     this.output.err(text);
+  }
+
+  /**
+   * Report a failed request on stdout as qemu-io does (`NAME failed: REASON`); the failure that
+   * marked the image corrupt is also announced on stderr first, in qcow2's words.
+   */
+  failed(name: string, error: unknown): void {
+    const notice = corruptionNotice(error);
+    if (notice !== undefined) this.output.err(notice);
+    this.output.out(`${name} failed: ${errorText(error)}\n`);
   }
 
   /** Report an error on stderr with the program prefix, like qemu's error_report. */
