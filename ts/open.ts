@@ -1,4 +1,5 @@
 /** Opening images: format probing, the file-name gate, and dispatch to the format. */
+import { constants } from 'node:fs';
 import { open as fsOpen } from 'node:fs/promises';
 
 import { ErrorCodes, Qcow2Error, asQcow2Error } from './errors.js';
@@ -41,7 +42,12 @@ export interface OpenOptions {
 export async function probeFormat(path: string): Promise<ImageFormat> {
   let handle;
   try {
-    handle = await fsOpen(path, 'r');
+    // Non-blocking: opening a FIFO would otherwise wait for a writer; FIFOs and sockets hold no image.
+    handle = await fsOpen(path, constants.O_RDONLY | constants.O_NONBLOCK);
+    const stat = await handle.stat();
+    if (stat.isFIFO() || stat.isSocket()) {
+      throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `'file' driver requires '${path}' to be a regular file`);
+    }
     const magic = Buffer.alloc(4);
     const { bytesRead } = await handle.read(magic, 0, 4, 0);
     return bytesRead === 4 && magic.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';

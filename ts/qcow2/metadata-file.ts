@@ -1,4 +1,5 @@
 /** Bounded async reads of image metadata (header, snapshot table, bitmap directory) with node:fs. */
+import { constants } from 'node:fs';
 import { open as fsOpen, FileHandle } from 'node:fs/promises';
 
 import { ErrorCodes, Qcow2Error } from '../errors.js';
@@ -41,7 +42,8 @@ export function errnoText(error: unknown): { code: string; text: string } {
 export async function openMetadataFile(path: string): Promise<MetadataFile> {
   let handle: FileHandle | undefined;
   try {
-    handle = await fsOpen(path, 'r');
+    // Non-blocking: opening a FIFO would otherwise wait for a writer (the check below refuses it).
+    handle = await fsOpen(path, constants.O_RDONLY | constants.O_NONBLOCK);
     const stat = await handle.stat({ bigint: true });
     if (!stat.isFile()) {
       throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `'file' driver requires '${path}' to be a regular file`);
