@@ -232,7 +232,7 @@ async function openSource(request: Request): Promise<Image> {
   if (request.snapshot === undefined) return image;
   await image.close();
   try {
-    return await openAtSnapshot(request.filename!, request.snapshot, { format: image.format });
+    return await openAtSnapshot(request.filename!, request.snapshot, { format: image.format, followFileNames: true });
   } catch (error) {
     const cause = asQcow2Error(error);
     throw new Qcow2Error(cause.code, `Failed to load snapshot: ${cause.message}`, { cause });

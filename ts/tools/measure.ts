@@ -8,7 +8,7 @@ import { NativeFile, native } from '../native.js';
 import { probeFormat } from '../open.js';
 import { readBitmaps } from '../qcow2/bitmaps.js';
 import { align8 } from '../qcow2/extensions.js';
-import { readHeader } from '../qcow2/header.js';
+import { MAX_L1_BYTES, readHeader } from '../qcow2/header.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { openMetadataFile } from '../qcow2/metadata-file.js';
 import { openQcow2 } from '../qcow2/open.js';
@@ -18,8 +18,6 @@ import type { Preallocation } from './create.js';
 /** The largest size qemu accepts (INT64_MAX). */
 export const MAX_MEASURE_SIZE = (1n << 63n) - 1n;
 
-/** qcow2's L1 table may hold at most 32 MiB of entries. */
-const MAX_L1_BYTES = 32n << 20n;
 const L1_ENTRY = 8n;
 const REFTABLE_ENTRY = 8n;
 /** A bitmap directory entry's fixed part. */
@@ -143,7 +141,7 @@ async function measureQcow2(source: Image | undefined, size: bigint, options: Me
   let virtualSize = roundUp(size, clusterSize);
   const l2Entry = layout.extendedL2 ? 16n : 8n;
   const l2Tables = ceilDiv(virtualSize / clusterSize, clusterSize / l2Entry);
-  if (l2Tables * L1_ENTRY > MAX_L1_BYTES) throw invalid('The image size is too large (try using a larger cluster size)');
+  if (l2Tables * L1_ENTRY > BigInt(MAX_L1_BYTES)) throw invalid('The image size is too large (try using a larger cluster size)');
   let required = 0n;
   if (source) {
     virtualSize = roundUp(BigInt(source.size), clusterSize);
@@ -317,7 +315,7 @@ export interface SnapshotSelector {
 export interface SnapshotOpenOptions {
   /** The image's format (probed when left out); raw images have no snapshots. */
   format?: ImageFormat;
-  /** Follow the backing and data file names the image records (default true, as qemu-img). */
+  /** Follow the backing and data file names the image records (default false, as open(); the CLI sets it). */
   followFileNames?: boolean;
 }
 
@@ -353,7 +351,7 @@ export async function openAtSnapshot(path: string, selector: SnapshotSelector | 
   return openQcow2(path, {
     readOnly: true,
     cache: 'writeback',
-    followFileNames: options.followFileNames ?? true,
+    followFileNames: options.followFileNames ?? false,
     snapshot: { l1TableOffset: snapshot.l1TableOffset, l1Size: snapshot.l1Size },
   });
 }
