@@ -177,8 +177,31 @@ export interface Qcow2Engine {
   flush(): Promise<void>;
   /** Grow the disk, or with shrink: true shrink it (clusters past the new end are dropped); writes the header size. */
   resize(size: number, options?: { shrink?: boolean; preallocation?: 'off' | 'metadata' | 'falloc' | 'full' }): Promise<void>;
+  /** Create, delete or apply an internal snapshot (the table encoded by ts/qcow2/snapshots.ts); every other request waits. */
+  changeSnapshots(change: Qcow2SnapshotChange): Promise<{ l1Offset: number; tableOffset: number }>;
   /** Flush (when writable), refuse further requests and drop the cached tables; the files stay open. */
   close(): Promise<void>;
+}
+
+/** A snapshot change for Qcow2Engine.changeSnapshots(). */
+export interface Qcow2SnapshotChange {
+  kind: 'create' | 'delete' | 'apply';
+  /** delete, apply: the snapshot's L1 table. */
+  l1Offset?: number;
+  l1Entries?: number;
+  /** create, delete: the new snapshot table and its entry count (apply: the count as it is). */
+  table?: Buffer;
+  count: number;
+  /** create: where in `table` the new snapshot's L1 table offset is written. */
+  l1OffsetAt?: number;
+  /** The snapshot table in use now (freed once the header points at the new one; apply keeps it). */
+  oldTableOffset: number;
+  oldTableBytes: number;
+  /** L1 tables of the snapshots that stay (the one being created left out). */
+  keptL1s: { offset: number; entries: number }[];
+  /** Header offsets of nb_snapshots and snapshots_offset. */
+  countField: number;
+  offsetField: number;
 }
 
 export interface Qcow2EngineConstructor {

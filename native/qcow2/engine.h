@@ -54,6 +54,37 @@ struct EngineConfig {
   std::vector<Structure> structures;
 };
 
+/// A change of the internal snapshots (engine_snapshot.cc). The snapshot table is encoded in
+/// TypeScript; the references, the COPIED flags and the writes' order are the engine's.
+struct SnapshotChange {
+  enum class Kind { Create, Delete, Apply };
+  Kind kind = Kind::Create;
+  /// Delete, Apply: the snapshot's L1 table.
+  uint64_t l1Offset = 0;
+  uint64_t l1Entries = 0;
+  /// Create, Delete: the new snapshot table (the last entry's padding left out) and its entries.
+  std::vector<uint8_t> table;
+  uint32_t count = 0;
+  /// Create: where in `table` the new snapshot's L1 table offset goes.
+  uint64_t l1OffsetAt = 0;
+  /// The snapshot table in use now, freed once the header points at the new one.
+  uint64_t oldTableOffset = 0;
+  uint64_t oldTableBytes = 0;
+  /// L1 tables (offset, entries) of the snapshots that stay, the new one left out.
+  std::vector<std::pair<uint64_t, uint64_t>> keptL1s;
+  /// Header offsets of nb_snapshots and snapshots_offset.
+  uint64_t countField = 0;
+  uint64_t offsetField = 0;
+};
+
+/// Where a snapshot change put things.
+struct SnapshotChangeResult {
+  /// Create: the new snapshot's L1 table.
+  uint64_t l1Offset = 0;
+  /// Create, Delete: the new snapshot table (0 when no snapshot is left).
+  uint64_t tableOffset = 0;
+};
+
 /// Guest clusters held by writers: a request holds its whole range. Writes into clusters they own
 /// share it; a request that changes the mapping holds it alone, so overlapping changes take turns.
 class ClusterLocks {
@@ -173,6 +204,8 @@ class Engine {
   Status Flush();
   /// Grow the disk, or shrink it (`shrink`), dropping the clusters past the new end.
   Status Resize(uint64_t size, bool shrink, Preallocation preallocation = Preallocation::Off);
+  /// Create, delete or apply an internal snapshot, every other request held out meanwhile.
+  Status ChangeSnapshots(const SnapshotChange& change, SnapshotChangeResult* out);
   /// A read served outside the engine (io_uring) starts or ends: freed clusters wait for those in flight.
   void BeginRead() { readsInflight_.fetch_add(1, std::memory_order_acq_rel); }
   void EndRead() { readsInflight_.fetch_sub(1, std::memory_order_acq_rel); }
@@ -187,6 +220,7 @@ class Engine {
   L2Cache& cache() { return mapper_->cache(); }
 
  private:
+  friend class SnapshotOps;
   Engine() = default;
   Status Live() const;
   Status Writable() const;

@@ -34,6 +34,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         InstanceMethod<&EngineWrap::WriteCompressed>("writeCompressed"),
         InstanceMethod<&EngineWrap::Flush>("flush"),
         InstanceMethod<&EngineWrap::Resize>("resize"),
+        InstanceMethod<&EngineWrap::ChangeSnapshots>("changeSnapshots"),
         StaticMethod<&EngineWrap::Format>("format"),
         StaticMethod<&EngineWrap::RebuildRefcounts>("rebuildRefcounts"),
         StaticMethod<&EngineWrap::Check>("check"),
@@ -69,6 +70,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   Napi::Value WriteCompressed(const Napi::CallbackInfo& info);
   Napi::Value Flush(const Napi::CallbackInfo& info);
   Napi::Value Resize(const Napi::CallbackInfo& info);
+  Napi::Value ChangeSnapshots(const Napi::CallbackInfo& info);
   static Napi::Value Format(const Napi::CallbackInfo& info);
   static Napi::Value RebuildRefcounts(const Napi::CallbackInfo& info);
   static Napi::Value Check(const Napi::CallbackInfo& info);
@@ -299,6 +301,64 @@ Napi::Value EngineWrap::Resize(const Napi::CallbackInfo& info) {
   Preallocation preallocation = ParsePreallocation(options);
   auto engine = Live(info.Env());
   return RunAsync(info.Env(), [=] { return engine->Resize(size, shrink, preallocation); });
+}
+
+/// changeSnapshots({ kind, l1Offset, l1Entries, table, count, l1OffsetAt, oldTableOffset, oldTableBytes,
+/// keptL1s: [{ offset, entries }], countField, offsetField }) → { l1Offset, tableOffset }.
+SnapshotChange ParseSnapshotChange(const Napi::Object& o) {
+  Napi::Env env = o.Env();
+  SnapshotChange c;
+  const std::string kind = OptionString(o, "kind", "");
+  if (kind == "create") {
+    c.kind = SnapshotChange::Kind::Create;
+  } else if (kind == "delete") {
+    c.kind = SnapshotChange::Kind::Delete;
+  } else if (kind == "apply") {
+    c.kind = SnapshotChange::Kind::Apply;
+  } else {
+    throw Napi::TypeError::New(env, "option kind must be 'create', 'delete' or 'apply', got '" + kind + "'");
+  }
+  c.l1Offset = OptionOffset(o, "l1Offset", 0);
+  c.l1Entries = OptionOffset(o, "l1Entries", 0);
+  if (c.l1Entries > kMaxL1Bytes / 8) {
+    throw Napi::RangeError::New(env, "option l1Entries must be at most " + std::to_string(kMaxL1Bytes / 8) + ", got " + std::to_string(c.l1Entries));
+  }
+  Napi::Value table = o.Get("table");
+  if (!table.IsUndefined()) {
+    if (!table.IsBuffer()) throw Napi::TypeError::New(env, "option table must be a Buffer");
+    auto bytes = table.As<Napi::Buffer<uint8_t>>();
+    c.table.assign(bytes.Data(), bytes.Data() + bytes.Length());
+  }
+  c.count = SmallInteger(o, "count", UINT32_MAX);
+  c.l1OffsetAt = OptionOffset(o, "l1OffsetAt", 0);
+  c.oldTableOffset = OptionOffset(o, "oldTableOffset", 0);
+  c.oldTableBytes = OptionOffset(o, "oldTableBytes", 0);
+  c.countField = RequiredOffset(o, "countField");
+  c.offsetField = RequiredOffset(o, "offsetField");
+  Napi::Value kept = o.Get("keptL1s");
+  const char* shape = "option keptL1s must be an array of { offset, entries }";
+  if (!kept.IsArray()) throw Napi::TypeError::New(env, shape);
+  Napi::Array list = kept.As<Napi::Array>();
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    if (!list.Get(i).IsObject()) throw Napi::TypeError::New(env, shape);
+    Napi::Object item = list.Get(i).As<Napi::Object>();
+    c.keptL1s.emplace_back(RequiredOffset(item, "offset"), RequiredOffset(item, "entries"));
+  }
+  return c;
+}
+
+Napi::Value EngineWrap::ChangeSnapshots(const Napi::CallbackInfo& info) {
+  SnapshotChange change = ParseSnapshotChange(Args(info).Object(0, "change"));
+  auto engine = Live(info.Env());
+  auto result = std::make_shared<SnapshotChangeResult>();
+  return RunAsync(
+      info.Env(), [=] { return engine->ChangeSnapshots(change, result.get()); },
+      [result](Napi::Env env) -> Napi::Value {
+        Napi::Object out = Napi::Object::New(env);
+        out.Set("l1Offset", static_cast<double>(result->l1Offset));
+        out.Set("tableOffset", static_cast<double>(result->tableOffset));
+        return out;
+      });
 }
 
 Preallocation ParsePreallocation(const Napi::Object& o) {

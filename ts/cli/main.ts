@@ -23,6 +23,7 @@ const COMMANDS: Record<string, () => { run: Command }> = {
   rebase: () => require('./rebase.js'),
   measure: () => require('./measure.js'),
   resize: () => require('./resize.js'),
+  snapshot: () => require('./snapshot.js'),
 };
 
 function usage(): string {
