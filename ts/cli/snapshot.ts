@@ -3,6 +3,7 @@ import { constants } from 'node:os';
 
 import { Qcow2Error, asQcow2Error } from '../errors.js';
 import type { Image } from '../image.js';
+import { openMetadataFile } from '../qcow2/metadata-file.js';
 import { encodeName } from '../qcow2/text.js';
 import { rawProbeWarning } from '../tools/io/probe-guard.js';
 import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots, openForSnapshots } from '../tools/snapshot.js';
@@ -84,6 +85,8 @@ async function openTarget(path: string, readOnly: boolean, forceShare: boolean):
     throw new Qcow2Error('EINVAL', `Could not open '${path}': force-share=on can only be used with read-only images`);
   }
   try {
+    // A file that cannot be opened is named as qemu-img names it ("Could not open 'PATH': No such file or directory").
+    await (await openMetadataFile(path)).handle.close();
     return await openForSnapshots(path, { followFileNames: true }, readOnly);
   } catch (error) {
     const cause = asQcow2Error(error);
@@ -126,10 +129,11 @@ export async function run(argv: string[]): Promise<number> {
   }
   if (args.positional.length !== 1) throw new UsageError(`Expecting one image file name${HELP_HINT}`);
   const path = args.positional[0];
-  const readOnly = action === undefined || action.kind === 'list';
+  // qemu-img opens the image writable unless it lists (even when no action is given).
+  const readOnly = action?.kind === 'list';
   const image = await openTarget(path, readOnly, args.options.has('U'));
   try {
-    if (image.format === 'raw') process.stderr.write(rawProbeWarning(path));
+    if (image.format === 'raw' && !readOnly) process.stderr.write(rawProbeWarning(path));
     if (action?.kind === 'list') await printList(image);
     else if (action) await change(image, action);
   } finally {
