@@ -42,6 +42,6 @@ export { findSnapshot, measure, openAtSnapshot, refcountMetadataSize } from './t
 export type { MeasureOptions, MeasureResult, SnapshotOpenOptions, SnapshotSelector } from './tools/measure.js';
 export { ImageWindow, dd, planDd } from './tools/dd.js';
 export type { DdOptions, DdPlan } from './tools/dd.js';
-export { applySnapshot, createSnapshot, deleteSnapshot, findSnapshotByIdOrName, listSnapshots, nextSnapshotId } from './tools/snapshot.js';
+export { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots, nextSnapshotId } from './tools/snapshot.js';
 export type { SnapshotOptions, SnapshotTarget } from './tools/snapshot.js';
 export type { SnapshotEntry } from './qcow2/snapshots.js';

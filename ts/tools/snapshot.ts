@@ -19,6 +19,7 @@ import {
   readSnapshots,
 } from '../qcow2/snapshots.js';
 import { encodeName } from '../qcow2/text.js';
+import { findSnapshot } from './measure.js';
 
 /** How the snapshot functions open the image. */
 export interface SnapshotOptions {
@@ -170,11 +171,6 @@ export async function createSnapshot(target: SnapshotTarget, name: string, optio
   });
 }
 
-/** The snapshot qemu's apply picks: the first whose ID is `idOrName`, else the first so named. */
-export function findSnapshotByIdOrName(entries: readonly SnapshotEntry[], idOrName: string): SnapshotEntry | undefined {
-  return entries.find((e) => e.id === idOrName) ?? entries.find((e) => e.name === idOrName);
-}
-
 /**
  * Make the image's current state the one of snapshot `idOrName` (an ID or a name, as qemu-img
  * snapshot -a matches it); the virtual size becomes the snapshot's. ENOENT when there is none.
@@ -183,7 +179,8 @@ export async function applySnapshot(target: SnapshotTarget, idOrName: string, op
   checkName(idOrName, 'snapshot');
   return withQcow2(target, options, false, async (image) => {
     const { header, table } = await readTable(image);
-    const snapshot = findSnapshotByIdOrName(table.entries, idOrName);
+    // qemu's apply picks the first snapshot whose ID is `idOrName`, else the first so named.
+    const snapshot = findSnapshot(table.entries, idOrName);
     if (!snapshot) throw new Qcow2Error('ENOENT', `'${image.path}' has no snapshot with the ID or name '${idOrName}'`);
     const diskSize = snapshot.diskSize ?? image.size;
     if (diskSize !== image.size) await image.resize(diskSize, { shrink: true });
