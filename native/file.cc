@@ -62,7 +62,8 @@ const char* CacheModeName(CacheMode mode) {
 
 Status File::Open(const std::string& path, const FileOptions& options, std::shared_ptr<File>* out) {
   std::shared_ptr<File> file(new File(path, options));
-  int flags = (options.writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
+  // Non-blocking, so that opening a FIFO does not wait for a writer (FIFOs are refused below).
+  int flags = (options.writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK;
   if (options.create) flags |= O_CREAT;
   if (options.cache == CacheMode::Directsync || options.cache == CacheMode::Writethrough) flags |= O_DSYNC;
   bool wantDirect = options.cache == CacheMode::None || options.cache == CacheMode::Directsync;
@@ -86,6 +87,10 @@ Status File::Open(const std::string& path, const FileOptions& options, std::shar
   struct stat st;
   if (fstat(fd, &st) != 0) return Status::FromErrno(errno, "could not stat '" + path + "'");
   if (S_ISDIR(st.st_mode)) return Status::FromErrno(EISDIR, "could not open '" + path + "'");
+  if (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode)) {
+    return Status::Error("ERR_QCOW2_INVALID_ARGUMENT", "'file' driver requires '" + path + "' to be a regular file");
+  }
+  if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0) return Status::FromErrno(errno, "could not open '" + path + "'");
   file->blockDevice_ = S_ISBLK(st.st_mode);
   if (file->direct_) QCOW2_TRY(file->DiscoverAlignment());
   uint64_t size = 0;

@@ -293,3 +293,14 @@ test('random corruption of the metadata never crashes: every failure is a Qcow2E
   }
   t.true(failures > 0);
 });
+
+test('a FIFO is refused at once, whatever the format asked, instead of waiting for a writer', async (t) => {
+  const dir = await tempDir(t);
+  const fifo = path.join(dir, 'pipe');
+  t.is((await runProgram('mkfifo', [fifo])).code, 0);
+  for (const format of [undefined, 'raw', 'qcow2'] as const) {
+    const error = await t.throwsAsync(open(fifo, { format }), { instanceOf: Qcow2Error });
+    t.is(error?.code, ErrorCodes.INVALID_ARGUMENT, `format ${format}`);
+    t.regex(error?.message ?? '', /'file' driver requires '.*pipe' to be a regular file/);
+  }
+});
