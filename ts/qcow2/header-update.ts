@@ -62,7 +62,8 @@ export async function rewriteHeader(path: string, change: HeaderChange): Promise
       `image '${path}' is ${header.corrupt ? 'marked corrupt' : 'dirty (refcounts not up to date)'}: its header is not rewritten`,
     );
   }
-  const updated = clearUnknownAutoclear(change(header));
+  // The change sees the bits a writer keeps; the booleans it sets are what gets stored.
+  const updated = change(clearUnknownAutoclear(header));
   const bytes = headerCluster(updated, fileSize);
   // Parsing what is about to be written catches any inconsistency before the image is touched.
   try {

@@ -5,7 +5,7 @@
  * refcount_bits is refused (UNSUPPORTED), as are downgrades this package cannot do safely.
  */
 import { ErrorCodes, Qcow2Error, check } from '../errors.js';
-import type { ImageFormat } from '../image.js';
+import type { Extent, ImageFormat } from '../image.js';
 import { CacheMode, allocAligned } from '../native.js';
 import { FEATURE_NAMES, V3_HEADER_LENGTH } from '../qcow2/create.js';
 import { Qcow2Header, V2_HEADER_LENGTH } from '../qcow2/header.js';
@@ -130,18 +130,19 @@ async function checkUpgrade(path: string, h: Qcow2Header): Promise<void> {
 }
 
 /**
- * Version 2 has no zero flag: zero clusters become unallocated when no backing file shows
- * through them, explicit zeros otherwise. Everything else the image maps is left as it is.
+ * Version 2 has no zero flag. As qemu does it: a zero cluster with no space of its own becomes
+ * unallocated where no backing file shows through it; one with space (or under a backing file)
+ * gets explicit zeros. Everything else the image maps is left as it is.
  */
 async function expandZeroClusters(image: Qcow2Image): Promise<void> {
-  const zeros: { offset: number; length: number }[] = [];
+  const zeros: Extent[] = [];
   for await (const e of image.extents()) if (e.depth === 0 && e.kind === 'zero') zeros.push(e);
   const chunk = 2 << 20;
   const buffer = allocAligned(chunk);
   for (const z of zeros) {
-    if (image.header.backingFile === undefined) {
-      // Opened without a backing image: a first discard turns zero clusters holding space into plain ones, a second unmaps them.
-      for (let pass = 0; pass < 2; pass++) await image.discard(z.offset, z.length);
+    if (image.header.backingFile === undefined && z.hostOffset === undefined) {
+      // Opened without a backing image, a discard unmaps a zero cluster that holds no space.
+      await image.discard(z.offset, z.length);
       continue;
     }
     for (let at = 0; at < z.length; at += chunk) await image.write(buffer.subarray(0, Math.min(chunk, z.length - at)), z.offset + at);
