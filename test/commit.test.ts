@@ -40,9 +40,17 @@ async function restore(dirs: Dirs): Promise<void> {
   }
 }
 
-/** qemu-img map --output=json without host offsets. */
+/** qemu-img map --output=json without host offsets, runs that continue each other merged: each allocator places clusters its own way. */
 async function mapShape(file: string): Promise<string> {
-  return (await qemuImg('map', '--output=json', file)).replace(/, "offset": \d+/g, '');
+  const entries = JSON.parse(await qemuImg('map', '--output=json', file)) as Record<string, unknown>[];
+  const runs: Record<string, unknown>[] = [];
+  for (const { offset: _offset, ...entry } of entries) {
+    const last = runs[runs.length - 1];
+    const same = last && ['depth', 'present', 'zero', 'data'].every((k) => last[k] === entry[k]);
+    if (same && (last.start as number) + (last.length as number) === entry.start) last.length = (last.length as number) + (entry.length as number);
+    else runs.push(entry);
+  }
+  return JSON.stringify(runs);
 }
 
 async function virtualSize(file: string): Promise<number> {
