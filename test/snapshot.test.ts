@@ -177,6 +177,26 @@ test('apply restores the virtual size the snapshot was taken at (grown and shrun
   ]);
 });
 
+test('persistent bitmaps stay valid through create and delete; apply is refused as qemu-img refuses it', async (t) => {
+  const dirs = await twinDirs(await tempDir(t));
+  for (const dir of [dirs.theirs, dirs.ours]) {
+    const file = path.join(dir, 'bm.qcow2');
+    await qemuImg('create', '-q', '-f', 'qcow2', file, '4M');
+    await qemuIo('-c', 'write -P 1 0 1M', file);
+    await qemuImg('bitmap', '--add', file, 'b0');
+  }
+  for (const args of [['-c', 's'], ['-a', 's'], ['-a', 'nope'], ['-c', 't'], ['-d', 's'], ['-l']]) {
+    const { theirs, ours } = await runTwin(dirs, ['snapshot', ...args, 'bm.qcow2']);
+    t.is(maskDates(ours.stdout), maskDates(theirs.stdout), args.join(' '));
+    t.is(ours.stderr, theirs.stderr, args.join(' '));
+    t.is(ours.code, theirs.code, args.join(' '));
+    await sameState(t, dirs, 'bm.qcow2', args.join(' '));
+  }
+  const [ours, theirs] = await Promise.all([dirs.ours, dirs.theirs].map((d) => runProgram('qemu-img', ['info', path.join(d, 'bm.qcow2')])));
+  t.is(ours.stderr, '');
+  t.is(maskDates(ours.stdout).replace(/disk size: .*\n/, ''), maskDates(theirs.stdout).replace(/disk size: .*\n/, '').replaceAll('theirs', 'ours'));
+});
+
 test('snapshots qemu-img made are listed, applied and deleted by ours, and ours by qemu-img', async (t) => {
   const dir = await tempDir(t);
   const [mine, theirs] = [path.join(dir, 'mine.qcow2'), path.join(dir, 'theirs.qcow2')];

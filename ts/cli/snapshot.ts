@@ -116,6 +116,7 @@ async function change(image: Image, action: Exclude<Action, { kind: 'list' }>): 
     if (kind === 'create') reason = createFailure(cause);
     else if (cause.code === 'ENOENT') reason = kind === 'apply' ? 'Failed to load snapshot: No such file or directory' : 'snapshot not found';
     else if (cause.code === 'ENOTSUP') reason = 'Operation not supported';
+    else if (cause.code === 'EBUSY') reason = 'Device has active dirty bitmaps';
     throw new Qcow2Error(cause.code, `Could not ${kind} snapshot '${name}': ${reason}`, { cause });
   }
 }

@@ -29,6 +29,11 @@ export interface Qcow2OpenOptions extends OpenOptions {
   l2SliceSize?: number;
   /** Read the disk as an internal snapshot left it (its L1 table, from readSnapshots); read-only opens only. */
   snapshot?: { l1TableOffset: number; l1Size: number };
+  /**
+   * A writable open keeps the persistent bitmaps valid (autoclear bit 0) instead of clearing it: only
+   * for callers that change no guest data (snapshot create and delete), which bitmaps do not describe.
+   */
+  keepBitmaps?: boolean;
 }
 
 /** Open the qcow2 image at `path` (and, when allowed, its data file and backing chain). */
@@ -172,10 +177,10 @@ async function rebuildRefcounts(imagePath: string, file: NativeFile, header: Qco
 
 /**
  * A writable open clears the autoclear bits this package does not keep valid: unknown ones, and the
- * bitmaps bit (bitmaps are not updated by writes here), as the spec asks of any writer.
+ * bitmaps bit (bitmaps are not updated by writes here) unless `keepBitmaps`, as the spec asks of any writer.
  */
-async function clearAutoclear(file: NativeFile, header: Qcow2Header): Promise<Qcow2Header> {
-  const cleared = clearUnknownAutoclear(header, 2n);
+async function clearAutoclear(file: NativeFile, header: Qcow2Header, keepBitmaps: boolean): Promise<Qcow2Header> {
+  const cleared = clearUnknownAutoclear(header, keepBitmaps ? 3n : 2n);
   if (header.version < 3 || cleared.autoclearFeatures === header.autoclearFeatures) return header;
   const field = Buffer.alloc(8);
   field.writeBigUInt64BE(cleared.autoclearFeatures);
@@ -204,7 +209,7 @@ async function openMember(imagePath: string, options: Qcow2OpenOptions, state: C
   try {
     const file = await openFile(imagePath, readOnly, cache, opened);
     if (!readOnly && header.dirty) header = await rebuildRefcounts(imagePath, file, header);
-    if (!readOnly) header = await clearAutoclear(file, header);
+    if (!readOnly) header = await clearAutoclear(file, header, options.keepBitmaps ?? false);
     let dataFile: { file: NativeFile; path: string } | undefined;
     if (header.externalDataFile && header.dataFile !== undefined) {
       const dataPath = resolveName(imagePath, header.dataFile);

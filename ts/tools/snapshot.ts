@@ -6,10 +6,12 @@
 import { ErrorCodes, Qcow2Error, settle } from '../errors.js';
 import type { Image, ImageFormat } from '../image.js';
 import type { CacheMode } from '../native.js';
-import { open } from '../open.js';
+import { probeFormat } from '../open.js';
+import { RawImage } from '../raw.js';
 import { align8 } from '../qcow2/extensions.js';
 import { HEADER_FIELD_OFFSETS, MAX_SNAPSHOTS, Qcow2Header, readHeader } from '../qcow2/header.js';
 import { Qcow2Image } from '../qcow2/image.js';
+import { openQcow2 } from '../qcow2/open.js';
 import { openMetadataFile } from '../qcow2/metadata-file.js';
 import {
   MAX_SNAPSHOT_TABLE_SIZE,
@@ -39,16 +41,14 @@ export type SnapshotTarget = string | Image;
 
 /**
  * Open a path as qemu-img snapshot does: no backing chain (snapshots do not need it), the host
- * cache on; the image is writable unless `readOnly`.
+ * cache on, persistent bitmaps kept valid (snapshot changes write no guest data); the image is
+ * writable unless `readOnly`.
  */
 export async function openForSnapshots(path: string, options: SnapshotOptions, readOnly: boolean): Promise<Image> {
-  return open(path, {
-    format: options.format,
-    cache: options.cache ?? 'writeback',
-    followFileNames: options.followFileNames ?? false,
-    backing: false,
-    readOnly,
-  });
+  const format = options.format ?? (await probeFormat(path));
+  const cache = options.cache ?? 'writeback';
+  if (format === 'raw') return RawImage.open(path, { readOnly, cache });
+  return openQcow2(path, { format, cache, followFileNames: options.followFileNames ?? false, backing: false, readOnly, keepBitmaps: true });
 }
 
 /** Run `work` on the target as a qcow2 image (writable unless `readOnly`); raw images have no snapshots (ENOTSUP). */
@@ -180,6 +180,10 @@ export async function applySnapshot(target: SnapshotTarget, idOrName: string, op
   return withQcow2(target, options, false, async (image) => {
     const { header, table } = await readTable(image);
     // qemu's apply picks the first snapshot whose ID is `idOrName`, else the first so named.
+    if (header.bitmaps && header.bitmaps.nbBitmaps > 0 && header.bitmapsAutoclear) {
+      // The bitmaps would not describe the change of contents; qemu refuses as well (before looking for the snapshot).
+      throw new Qcow2Error('EBUSY', `'${image.path}' has persistent dirty bitmaps: applying a snapshot would leave them wrong`);
+    }
     const snapshot = findSnapshot(table.entries, idOrName);
     if (!snapshot) throw new Qcow2Error('ENOENT', `'${image.path}' has no snapshot with the ID or name '${idOrName}'`);
     const diskSize = snapshot.diskSize ?? image.size;
