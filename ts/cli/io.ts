@@ -1,11 +1,15 @@
 /** `qcow2 io [-f FMT] [-r] [-n] [-t CACHE] [-c CMD]... [-U] [IMG]`: a drop-in for qemu-io. */
+import { mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import readline from 'node:readline';
 
 import { Qcow2Error, asQcow2Error } from '../errors.js';
-import type { ImageFormat } from '../image.js';
+import type { Image, ImageFormat } from '../image.js';
 import { CACHE_MODES, CacheMode } from '../native.js';
 import { open, probeFormat } from '../open.js';
 import { checkFormatName, executeLine, openInSession } from '../tools/io/commands.js';
+import { create } from '../tools/create.js';
 import { errorText } from '../tools/io/format.js';
 import { ProbedRawImage, rawProbeWarning } from '../tools/io/probe-guard.js';
 import { IO_DEFAULT_CACHE, IoOpenRequest, IoSession } from '../tools/io/session.js';
@@ -69,10 +73,27 @@ function openFailure(cause: Qcow2Error, imagePath: string): string {
   return cause.message.replace(/^could not open/, 'Could not open');
 }
 
+/**
+ * Snapshot mode, as qemu-io -s has it: a temporary qcow2 overlay over the image (made once, in the
+ * temporary folder; the session deletes it at close) takes the writes; the image is only read.
+ */
+async function openOverlay(request: IoOpenRequest, format: ImageFormat): Promise<Image> {
+  if (request.overlay === undefined) {
+    const overlay = path.join(await mkdtemp(path.join(tmpdir(), 'qcow2-io-')), 'snapshot.qcow2');
+    request.overlay = overlay;
+    await create(overlay, { format: 'qcow2', backingFile: path.resolve(request.path), backingFormat: format });
+  }
+  return open(request.overlay, { format: 'qcow2', readOnly: request.readOnly, cache: request.cache, followFileNames: true });
+}
+
 /** Open images the way qemu-io does: backing and data file names followed, errors worded like qemu's. */
 async function openForIo(request: IoOpenRequest) {
   let format: ImageFormat | undefined = request.format;
   try {
+    // Read-only from the start, an overlay would change nothing: the image itself is opened.
+    if (request.overlay !== undefined || (request.snapshot && !request.readOnly)) {
+      return await openOverlay(request, format ?? (await probeFormat(request.path)));
+    }
     const probedRaw = format === undefined && (format = await probeFormat(request.path)) === 'raw';
     // qemu warns only where writes are restricted: images opened writable.
     if (probedRaw && !request.again && !request.readOnly) process.stderr.write(rawProbeWarning(request.path));
@@ -135,8 +156,8 @@ export async function run(argv: string[]): Promise<number> {
     process.stderr.write(`${PREFIX}Invalid cache option: ${cache}\n`);
     return 1;
   }
-  if (args.positional.length > 1 || args.options.has('image-opts') || args.options.has('s')) {
-    if (args.positional.length <= 1) process.stderr.write(`${PREFIX}--image-opts and -s are not supported\n`);
+  if (args.positional.length > 1 || args.options.has('image-opts')) {
+    if (args.positional.length <= 1) process.stderr.write(`${PREFIX}--image-opts is not supported\n`);
     process.stdout.write(USAGE);
     return 1;
   }
@@ -156,7 +177,13 @@ export async function run(argv: string[]): Promise<number> {
         session.error(`can't open device ${path}: ${(error as Error).message}`);
         return 1;
       }
-      const opened = await openInSession(session, { path, format, readOnly: args.options.has('r'), cache: cache as CacheMode });
+      const opened = await openInSession(session, {
+        path,
+        format,
+        readOnly: args.options.has('r'),
+        cache: cache as CacheMode,
+        snapshot: args.options.has('s'),
+      });
       if (!opened) return 1;
     }
     const commands = args.options.get('c');

@@ -446,13 +446,9 @@ async function openCommand(s: IoSession, flags: Flags, operands: string[]): Prom
     s.error(`Invalid cache option: ${cacheText}`);
     return false;
   }
-  if (flags.has('s')) {
-    s.error(`can't open device ${path}: snapshot mode (-s) is not supported`);
-    return false;
-  }
   const format = openFormat(s, path, flags.get('o') ?? []);
   if (format === false) return false;
-  return openInSession(s, { path, format, readOnly: flags.has('r'), cache: cacheText as CacheMode });
+  return openInSession(s, { path, format, readOnly: flags.has('r'), cache: cacheText as CacheMode, snapshot: flags.has('s') });
 }
 
 /** Open an image into the session, printing qemu-io's "can't open device" on failure. */

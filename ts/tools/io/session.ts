@@ -1,4 +1,7 @@
 /** An interactive qemu-io session: the open image, where text goes, and the requests still running. */
+import { rm } from 'node:fs/promises';
+import path from 'node:path';
+
 import type { Image, ImageFormat } from '../../image.js';
 import type { CacheMode } from '../../native.js';
 import { corruptionNotice, errorText } from './format.js';
@@ -23,6 +26,10 @@ export interface IoOpenRequest {
   cache: CacheMode;
   /** The image is opened again (reopen): warnings already given are not repeated. */
   again?: boolean;
+  /** Snapshot mode (qemu-io -s): writes go to a temporary overlay, dropped when the image is closed. */
+  snapshot?: boolean;
+  /** The temporary overlay a snapshot-mode open made (the opener sets it; reopen keeps using it). */
+  overlay?: string;
 }
 
 /** Opens images for a session; the CLI decides how (file names followed, cache defaults). */
@@ -83,8 +90,13 @@ export class IoSession {
   async closeImage(): Promise<void> {
     await this.drain();
     const image = this.image;
+    const overlay = this.opened?.overlay;
     this.image = undefined;
     this.opened = undefined;
-    await image?.close();
+    try {
+      await image?.close();
+    } finally {
+      if (overlay !== undefined) await rm(path.dirname(overlay), { recursive: true, force: true });
+    }
   }
 }
