@@ -213,22 +213,22 @@ async function writeDifferences(image: Image, old: Buffer, fresh: Buffer, offset
   }
 }
 
+/** One unit of safe mode's work: a stretch to compare, and which side reads as zeros without a read. */
+interface Chunk {
+  offset: number;
+  length: number;
+  oldIsZero: boolean;
+  newIsZero: boolean;
+}
+
 /**
- * Safe mode's copy, in qemu-img rebase's steps: from each offset, the run (at most 2 MiB) over which
- * the image's own allocation stays the same; runs the image allocates are skipped, as are runs the
- * new backing file supplies itself when it is part of the old chain; the rest are compared.
+ * The units of work in qemu-img rebase's steps: from each offset, the run (at most 2 MiB) over
+ * which the image's own allocation stays the same; runs the image allocates are skipped, as are
+ * runs the new backing file supplies itself when it is part of the old chain; a run is also cut
+ * where the old or the new backing file ends.
  */
-async function copyDifferences(image: Image, target: NewBacking, options: RebaseOptions): Promise<void> {
-  const extents: Extent[] = [];
-  for await (const e of image.extents()) extents.push(e);
-  const size = image.size;
-  const oldSize = image instanceof Qcow2Image && image.backing ? image.backing.size : 0;
-  const total = size === 0 ? 1 : Math.max(1, Math.floor(size / Math.min(size, REBASE_CHUNK)));
-  const old = allocAligned(REBASE_CHUNK);
-  const fresh = allocAligned(REBASE_CHUNK);
-  let done = 0;
+function* chunksToCompare(extents: readonly Extent[], size: number, oldSize: number, target: NewBacking): Generator<Chunk> {
   for (let offset = 0, n = 0; offset < size; offset += n) {
-    options.signal?.throwIfAborted();
     const own = runOf(extents, offset, Math.min(REBASE_CHUNK, size - offset), ownedByTop);
     n = own.length;
     if (own.value) continue;
@@ -241,14 +241,44 @@ async function copyDifferences(image: Image, target: NewBacking, options: Rebase
     if (!oldIsZero) n = Math.min(n, oldSize - offset);
     const newIsZero = target.image === undefined || offset >= target.size;
     if (!newIsZero) n = Math.min(n, target.size - offset);
-    const reads: Promise<void>[] = [];
-    if (oldIsZero) old.fill(0, 0, n);
-    else reads.push(image.read(old.subarray(0, n), offset));
-    if (newIsZero) fresh.fill(0, 0, n);
-    else reads.push(target.image!.read(fresh.subarray(0, n), offset));
-    await Promise.all(reads);
-    await writeDifferences(image, old, fresh, offset, n, oldIsZero);
-    options.onProgress?.(++done, total);
+    yield { offset, length: n, oldIsZero, newIsZero };
   }
+}
+
+/** Units of work in flight at once: each reads both sides, then writes what differs. */
+const REBASE_PARALLEL = 4;
+
+/** Safe mode's copy: every unit compared and its differences written, REBASE_PARALLEL at a time. */
+async function copyDifferences(image: Image, target: NewBacking, options: RebaseOptions): Promise<void> {
+  const extents: Extent[] = [];
+  for await (const e of image.extents()) extents.push(e);
+  const size = image.size;
+  const oldSize = image instanceof Qcow2Image && image.backing ? image.backing.size : 0;
+  const total = size === 0 ? 1 : Math.max(1, Math.floor(size / Math.min(size, REBASE_CHUNK)));
+  const chunks = chunksToCompare(extents, size, oldSize, target);
+  let done = 0;
+  let failed = false;
+  const worker = async (): Promise<void> => {
+    const old = allocAligned(REBASE_CHUNK);
+    const fresh = allocAligned(REBASE_CHUNK);
+    for (let next = chunks.next(); !next.done && !failed; next = chunks.next()) {
+      options.signal?.throwIfAborted();
+      const { offset, length, oldIsZero, newIsZero } = next.value;
+      const reads: Promise<void>[] = [];
+      if (oldIsZero) old.fill(0, 0, length);
+      else reads.push(image.read(old.subarray(0, length), offset));
+      if (newIsZero) fresh.fill(0, 0, length);
+      else reads.push(target.image!.read(fresh.subarray(0, length), offset));
+      await Promise.all(reads);
+      await writeDifferences(image, old, fresh, offset, length, oldIsZero);
+      options.onProgress?.(++done, total);
+    }
+  };
+  const guarded = () =>
+    worker().catch((error: unknown) => {
+      failed = true;
+      throw error;
+    });
+  await Promise.all(Array.from({ length: REBASE_PARALLEL }, guarded));
   await image.flush();
 }
