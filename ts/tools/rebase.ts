@@ -189,15 +189,25 @@ export function suppliedAbove(e: Extent, depth: number): boolean {
   return e.kind === 'unallocated' ? e.depth + 1 < depth : e.depth < depth;
 }
 
+/** Sectors compared at once while the buffers agree: agreeing stretches are long, and one comparison is cheaper than 128. */
+const AGREE_BLOCK = 128 * SECTOR;
+
 /** Where two buffers agree or differ, in runs of whole sectors: the first run's kind and length. */
 function sectorRun(a: Buffer, b: Buffer, from: number, to: number): { differs: boolean; length: number } {
-  const sectorDiffers = (at: number) => {
-    const end = Math.min(at + SECTOR, to);
+  const differ = (at: number, bytes: number) => {
+    const end = Math.min(at + bytes, to);
     return a.compare(b, at, end, at, end) !== 0;
   };
-  const differs = sectorDiffers(from);
+  const differs = differ(from, SECTOR);
   let at = from + SECTOR;
-  while (at < to && sectorDiffers(at) === differs) at += SECTOR;
+  while (at < to) {
+    if (!differs && !differ(at, AGREE_BLOCK)) {
+      at += AGREE_BLOCK;
+      continue;
+    }
+    if (differ(at, SECTOR) !== differs) break;
+    at += SECTOR;
+  }
   return { differs, length: Math.min(at, to) - from };
 }
 
