@@ -1,5 +1,7 @@
 #include "buffer.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -27,6 +29,33 @@ FreeLists& Free() {
   return *lists;
 }
 
+// Buffers of at least a huge page are whole huge pages: the kernel then hands a direct transfer
+// over to the device as a few physically contiguous segments, where 4 KiB pages make one segment
+// each (a 2 MiB request in 512 pieces, split into several requests and costly to a virtual disk).
+constexpr size_t kHugePage = 2u << 20;
+
+uint8_t* AllocateBlock(size_t capacity) {
+  if (capacity < kHugePage) return static_cast<uint8_t*>(std::aligned_alloc(kBufferAlign, capacity));
+  const size_t rounded = (capacity + kHugePage - 1) & ~(kHugePage - 1);
+  void* p = mmap(nullptr, rounded + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+  // Keep the huge-page-aligned part of the mapping, give back the rest.
+  auto* base = static_cast<uint8_t*>(p);
+  const size_t lead = (kHugePage - reinterpret_cast<uintptr_t>(base) % kHugePage) % kHugePage;
+  if (lead > 0) munmap(base, lead);
+  munmap(base + lead + rounded, kHugePage - lead);
+  madvise(base + lead, rounded, MADV_HUGEPAGE);
+  return base + lead;
+}
+
+void FreeBlock(uint8_t* data, size_t capacity) {
+  if (capacity < kHugePage) {
+    std::free(data);
+  } else {
+    munmap(data, (capacity + kHugePage - 1) & ~(kHugePage - 1));
+  }
+}
+
 int ClassShift(size_t size) {
   int shift = kMinClassShift;
   while ((size_t{1} << shift) < size) shift++;
@@ -41,7 +70,7 @@ uint8_t* AcquireAligned(size_t size, size_t* capacity) {
   if (shift > kMaxClassShift) {
     size_t rounded = (size + kBufferAlign - 1) & ~(kBufferAlign - 1);
     *capacity = rounded;
-    return static_cast<uint8_t*>(std::aligned_alloc(kBufferAlign, rounded));
+    return AllocateBlock(rounded);
   }
   *capacity = size_t{1} << shift;
   {
@@ -54,7 +83,7 @@ uint8_t* AcquireAligned(size_t size, size_t* capacity) {
       return p;
     }
   }
-  return static_cast<uint8_t*>(std::aligned_alloc(kBufferAlign, *capacity));
+  return AllocateBlock(*capacity);
 }
 
 void ReleaseAligned(uint8_t* data, size_t capacity) {
@@ -69,7 +98,7 @@ void ReleaseAligned(uint8_t* data, size_t capacity) {
       return;
     }
   }
-  std::free(data);
+  FreeBlock(data, capacity);
 }
 
 AlignedBuffer::AlignedBuffer(size_t size) : size_(size) {
