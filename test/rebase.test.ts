@@ -160,6 +160,10 @@ test('library: typed errors; a header that does not fit or would be invalid is r
     code: 'ENOENT',
     message: `Could not open new backing file 'nope.qcow2': Could not open '${path.join(dir, 'nope.qcow2')}': No such file or directory`,
   });
+  await t.throwsAsync(rebase(image, { backingFile: 'small.qcow2', backingFormat: 'qcow2' }), {
+    code: ErrorCodes.BACKING_LOOP,
+    message: `Could not open new backing file 'small.qcow2': it is the image being rebased ('${image}')`,
+  });
   await rebase(image, { backingFile: 'x.qcow2', backingFormat: 'raw', unsafe: true });
   const { header } = await readHeader(image);
   t.is(header.backingFile, 'x.qcow2');

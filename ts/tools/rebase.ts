@@ -132,6 +132,13 @@ async function openNewBacking(image: Image, options: RebaseOptions): Promise<New
   const resolved = combineFileName(image.path, cString(options.backingFile));
   const identity = await fileIdentity(resolved);
   const chain = chainOf(image);
+  if (identity !== undefined && identity === (await fileIdentity(image.path))) {
+    // qemu-img fails here on its own image lock; a header naming the image itself would make a loop.
+    throw new Qcow2Error(
+      ErrorCodes.BACKING_LOOP,
+      `Could not open new backing file '${options.backingFile}': it is the image being rebased ('${image.path}')`,
+    );
+  }
   for (let depth = 1; depth < chain.length && identity !== undefined; depth++) {
     if ((await fileIdentity(chain[depth].path)) === identity && (options.backingFormat ?? chain[depth].format) === chain[depth].format) {
       return { image: chain[depth], size: chain[depth].size, chainDepth: depth, owned: false };
