@@ -2,7 +2,7 @@
  * `qcow2 snapshot` against `qemu-img snapshot` on twin images: the same output and exit codes, and
  * after every step our image checks clean and reads (active layer and every snapshot) like qemu's.
  */
-import { readFile, copyFile } from 'node:fs/promises';
+import { copyFile, open as fsOpen, readFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import test, { ExecutionContext } from 'ava';
@@ -227,6 +227,28 @@ test('snapshots qemu-img made are listed, applied and deleted by ours, and ours 
     t.deepEqual(await snapshotIds(file), []);
     await qemuIo('-c', 'read -P 1 0 512k', file);
   }
+});
+
+test('a snapshot whose L1 table points past the file is refused before anything changes', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'h.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', file, '4M');
+  await qemuIo('-c', 'write -P 1 0 1M', file);
+  await qemuImg('snapshot', '-c', 's', file);
+  const [snapshot] = await listSnapshots(file);
+  const handle = await fsOpen(file, 'r+');
+  const entry = Buffer.alloc(8);
+  entry.writeBigUInt64BE(0x00fffffffff00000n);
+  await handle.write(entry, 0, 8, snapshot.l1TableOffset);
+  await handle.close();
+  const before = await readFile(file);
+  for (const action of [['-d', 's'], ['-a', 's']]) {
+    const result = await qcow2Cli('snapshot', ...action, file);
+    t.is(result.code, 1);
+    t.regex(result.stderr, new RegExp(`^qcow2: Could not ${action[0] === '-d' ? 'delete' : 'apply'} snapshot 's': the L1 table at ${snapshot.l1TableOffset} \\(1 entries\\) cannot be walked: ERROR`));
+    t.true((await readFile(file)).equals(before), `${action.join(' ')} left the file as it was`);
+  }
+  await t.throwsAsync(deleteSnapshot(file, 's'), { code: ErrorCodes.CORRUPT });
 });
 
 test('usage and open errors like qemu-img snapshot', async (t) => {

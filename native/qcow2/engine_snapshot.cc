@@ -21,8 +21,16 @@ constexpr const char* kInvalidArgument = "ERR_QCOW2_INVALID_ARGUMENT";
 
 uint64_t DivUp(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 
-/// References one L1 table makes, per host cluster: (cluster, count), clusters ascending.
-using References = std::vector<std::pair<uint64_t, uint64_t>>;
+/// Clusters [first, first + length) each referenced `count` times by one L1 table.
+struct ReferenceRun {
+  uint64_t first;
+  uint64_t length;
+  uint64_t count;
+};
+
+/// References one L1 table makes, as runs of clusters with the same count, ascending (a disk
+/// written front to back is a handful of runs, however large).
+using References = std::vector<ReferenceRun>;
 
 }  // namespace
 
@@ -75,7 +83,7 @@ class SnapshotOps {
     uint64_t l1Offset = 0, tableOffset = 0;
     {
       std::lock_guard<std::mutex> lock(e_.metaMu_);
-      for (const auto& [cluster, count] : refs) QCOW2_TRY(e_.refcounts_->Add(cluster, static_cast<int64_t>(count)));
+      QCOW2_TRY(AddAll(refs));
       if (l1Entries > 0) QCOW2_TRY(Allocate(l1Entries * 8, &l1Offset));
       QCOW2_TRY(Allocate(c.table.size(), &tableOffset));
     }
@@ -125,7 +133,7 @@ class SnapshotOps {
   Status ApplyChecked(const SnapshotChange& c, const References& gained, const References& lost) {
     {
       std::lock_guard<std::mutex> lock(e_.metaMu_);
-      for (const auto& [cluster, count] : gained) QCOW2_TRY(e_.refcounts_->Add(cluster, static_cast<int64_t>(count)));
+      QCOW2_TRY(AddAll(gained));
     }
     QCOW2_TRY(WriteRefcounts());
     if (c.l1Entries > e_.mapper_->l1Entries()) QCOW2_TRY(e_.GrowL1(c.l1Entries));
@@ -183,7 +191,20 @@ class SnapshotOps {
       uint64_t n = counts.Get(k);
       if (k == 0 && n > 0) n--;
       if (!withL1 && l1Entries > 0 && k >= l1First && k <= l1Last && n > 0) n--;
-      if (n > 0) out->emplace_back(k, n);
+      if (n == 0) continue;
+      if (!out->empty() && out->back().first + out->back().length == k && out->back().count == n) {
+        out->back().length++;
+      } else {
+        out->push_back({k, 1, n});
+      }
+    }
+    return Status::Ok();
+  }
+
+  /// Add every reference of `refs` to the refcounts; under metaMu_, after CheckChange().
+  Status AddAll(const References& refs) {
+    for (const ReferenceRun& run : refs) {
+      for (uint64_t k = run.first; k < run.first + run.length; k++) QCOW2_TRY(e_.refcounts_->Add(k, static_cast<int64_t>(run.count)));
     }
     return Status::Ok();
   }
@@ -191,18 +212,25 @@ class SnapshotOps {
   /// Every refcount can take `sign` × its references (checked before anything changes); under metaMu_.
   Status CheckChange(const References& refs, int sign) {
     const uint64_t max = e_.refcounts_->maxValue();
-    for (const auto& [cluster, count] : refs) {
-      uint64_t now = 0;
-      QCOW2_TRY(e_.refcounts_->Get(cluster, &now));
-      if (sign > 0 && max - now < count) {
-        return Status::Error("EINVAL", "cluster " + std::to_string(cluster) + " has refcount " + std::to_string(now) +
-                                           "; " + std::to_string(count) + " more references pass the largest refcount the image holds, " +
-                                           std::to_string(max));
+    for (const ReferenceRun& run : refs) {
+      for (uint64_t cluster = run.first; cluster < run.first + run.length; cluster++) {
+        QCOW2_TRY(CheckOne(cluster, run.count, sign, max));
       }
-      if (sign < 0 && now < count) {
-        return Status::Error(kCorrupt, "cluster " + std::to_string(cluster) + " has refcount " + std::to_string(now) +
-                                           " but " + std::to_string(count) + " references to drop");
-      }
+    }
+    return Status::Ok();
+  }
+
+  Status CheckOne(uint64_t cluster, uint64_t count, int sign, uint64_t max) {
+    uint64_t now = 0;
+    QCOW2_TRY(e_.refcounts_->Get(cluster, &now));
+    if (sign > 0 && max - now < count) {
+      return Status::Error("EINVAL", "cluster " + std::to_string(cluster) + " has refcount " + std::to_string(now) + "; " +
+                                         std::to_string(count) + " more references pass the largest refcount the image holds, " +
+                                         std::to_string(max));
+    }
+    if (sign < 0 && now < count) {
+      return Status::Error(kCorrupt, "cluster " + std::to_string(cluster) + " has refcount " + std::to_string(now) + " but " +
+                                         std::to_string(count) + " references to drop");
     }
     return Status::Ok();
   }
@@ -253,21 +281,12 @@ class SnapshotOps {
     return e_.TrackMetadata();
   }
 
-  /// One free per reference (runs of clusters with a single reference merged); the commit drops them.
+  /// Queue the references of `refs` to be dropped (a free takes one from each cluster of its range); the commit drops them.
   void QueueFrees(const References& refs) {
     std::lock_guard<std::mutex> lock(e_.metaMu_);
     const uint64_t cs = g_.clusterSize;
-    for (size_t i = 0; i < refs.size();) {
-      const auto [cluster, count] = refs[i];
-      if (count > 1) {
-        for (uint64_t n = 0; n < count; n++) e_.pendingFrees_.push_back({cluster * cs, cs, false});
-        i++;
-        continue;
-      }
-      size_t j = i + 1;
-      while (j < refs.size() && refs[j].second == 1 && refs[j].first == refs[j - 1].first + 1) j++;
-      e_.pendingFrees_.push_back({cluster * cs, (refs[j - 1].first - cluster + 1) * cs, false});
-      i = j;
+    for (const ReferenceRun& run : refs) {
+      for (uint64_t n = 0; n < run.count; n++) e_.pendingFrees_.push_back({run.first * cs, run.length * cs, false});
     }
   }
 

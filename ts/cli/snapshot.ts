@@ -96,7 +96,11 @@ async function openTarget(path: string, readOnly: boolean, forceShare: boolean):
 
 /** The list qemu-img snapshot -l prints: nothing without snapshots. */
 async function printList(image: Image): Promise<void> {
-  const entries = await listSnapshots(image);
+  // qemu reads the snapshot table when it opens the image: a bad one fails the open.
+  const entries = await listSnapshots(image).catch((error: unknown) => {
+    const cause = asQcow2Error(error);
+    throw new Qcow2Error(cause.code, `Could not open '${image.path}': ${cause.message}`, { cause });
+  });
   if (entries.length === 0) return;
   const rows = entries.map((e) => ({ id: e.id, name: e.name, vmStateSize: e.vmStateSize, dateSec: e.dateSec, vmClockNsec: e.vmClockNsec, icount: e.icount }));
   // Names are written as the bytes the image stores, like qemu-img does.
