@@ -5,7 +5,7 @@ import path from 'node:path';
 import test, { ExecutionContext } from 'ava';
 
 import { ErrorCodes, Image, Qcow2Error, Qcow2Image, allocAligned, open } from '../ts/index.js';
-import { patternBytes, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
+import { patternBytes, qcow2Cli, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
 
 const COPIED = 1n << 63n;
 const COMPRESSED = 1n << 62n;
@@ -303,4 +303,23 @@ test('a FIFO is refused at once, whatever the format asked, instead of waiting f
     t.is(error?.code, ErrorCodes.INVALID_ARGUMENT, `format ${format}`);
     t.regex(error?.message ?? '', /'file' driver requires '.*pipe' to be a regular file/);
   }
+});
+
+test('an external data file cluster mapped away from its guest offset is corrupt, for us as for qemu-io', async (t) => {
+  const file = await smallImage(t, `cluster_size=4096,data_file=${path.join(await tempDir(t), 'data.raw')}`);
+  const l = await Layout.load(file);
+  t.is(l.l2Entry(1), COPIED | 4096n, 'qemu maps guest cluster 1 at host offset 4096 of the data file');
+  l.setL2Entry(1, COPIED | (4n << 20n));
+  await l.save();
+  const image = await open(file, { readOnly: true, followFileNames: true });
+  try {
+    await t.throwsAsync(readRange(image, 4096, 4096), { code: ErrorCodes.CORRUPT, message: /does not match the guest cluster offset 4096/ });
+    t.true((await readRange(image, 0, 4096)).equals(Buffer.alloc(4096, 1)), 'cluster 0 still reads');
+  } finally {
+    await image.close();
+  }
+  const [ours, theirs] = [await qcow2Cli('io', '-r', '-c', 'read 4k 4k', file), await runProgram('qemu-io', ['-r', '-c', 'read 4k 4k', file])];
+  t.is(ours.stdout, theirs.stdout);
+  t.is(ours.stdout, 'read failed: Input/output error\n');
+  t.is(ours.code, theirs.code);
 });

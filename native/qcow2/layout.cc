@@ -43,6 +43,12 @@ Status DecodeStandard(const Geometry& g, const HostBounds& bounds, GuestOffset w
   }
   out->host = host;
   out->hostAllocated = host != 0 || (bounds.externalData && (raw & kCopiedFlag));
+  const uint64_t guest = where.value & ~(g.clusterSize - 1);
+  if (bounds.externalData && out->hostAllocated && host != guest) {
+    // An external data file holds each cluster at its guest offset (QEMU refuses any other as corrupt).
+    return Corrupt(L2What(where, raw) + ": host offset " + std::to_string(host) +
+                   " in the external data file does not match the guest cluster offset " + std::to_string(guest));
+  }
   bool readsHost;
   if (g.extendedL2) {
     out->allocMask = static_cast<uint32_t>(bitmap);
