@@ -7,13 +7,14 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { ErrorCodes, Qcow2Error, check } from '../errors.js';
+import { ErrorCodes, Qcow2Error, check as checkArgument, settle } from '../errors.js';
 import type { Extent, Image, ImageFormat } from '../image.js';
-import { CacheMode, allocAligned } from '../native.js';
+import { CacheMode, allocAligned, native } from '../native.js';
 import { open } from '../open.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { cString, combineFileName } from '../qcow2/text.js';
 import { chainOf, fileIdentity, openChainImage } from './chain-open.js';
+import { check, checkExitCode } from './check.js';
 import { suppliedAbove } from './rebase.js';
 import { resizeImage } from './resize.js';
 
@@ -62,7 +63,7 @@ interface Piece {
  */
 export async function commit(path: string, options: CommitOptions = {}): Promise<void> {
   const rate = options.rateLimit ?? 0;
-  check(Number.isSafeInteger(rate) && rate >= 0, `commit: rateLimit must be a non-negative integer, got ${rate}`);
+  checkArgument(Number.isSafeInteger(rate) && rate >= 0, `commit: rateLimit must be a non-negative integer, got ${rate}`);
   const top = await openChainImage(path, {
     format: options.format,
     readOnly: true,
@@ -182,7 +183,8 @@ async function writePieces(top: Image, base: Image, pieces: Piece[], options: Co
 /**
  * Make every cluster of the image unallocated, so that it reads through to its backing file.
  * Opened without its backing file, a discard unmaps clusters that hold no data and turns data
- * clusters into zero clusters (version 3); a second pass unmaps those too.
+ * clusters into zero clusters (version 3); a second pass unmaps those too. The file is then cut
+ * after its last cluster in use, as qemu's emptying leaves it small.
  */
 async function emptyImage(path: string, options: CommitOptions): Promise<void> {
   const image = await open(path, {
@@ -198,5 +200,22 @@ async function emptyImage(path: string, options: CommitOptions): Promise<void> {
     await image.flush();
   } finally {
     await image.close();
+  }
+  await cutAfterLastCluster(path, options.cache);
+}
+
+/** Truncate the qcow2 file at `path` after the last cluster its refcounts count as used, when its metadata checks clean. */
+async function cutAfterLastCluster(path: string, cache: CacheMode = 'writeback'): Promise<void> {
+  const result = await check(path, { format: 'qcow2', cache });
+  const end = result.imageEndOffset;
+  if (checkExitCode(result) !== 0 || end === undefined) return;
+  const file = await settle(native.NativeFile.open(path, { writable: true, cache }));
+  try {
+    if ((await settle(file.size())) > end) {
+      await settle(file.truncate(end));
+      await settle(file.flush());
+    }
+  } finally {
+    await file.close();
   }
 }
