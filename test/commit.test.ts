@@ -1,5 +1,5 @@
 /** `qcow2 commit` against `qemu-img commit` on twin chains: the same output, exit codes, contents and allocation of every image. */
-import { copyFile, readFile } from 'node:fs/promises';
+import { copyFile, readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
 
 import test, { ExecutionContext } from 'ava';
@@ -78,6 +78,9 @@ test('into the backing file: data and zeros committed, the backing file grown, t
   await commitBoth(t, dirs, ['top.qcow2']);
   const mid = path.join(dirs.ours, 'mid.qcow2');
   t.regex(await qemuImg('compare', path.join(dirs.ours, 'top.qcow2.orig'), mid), /Images are identical/, 'mid reads as top did');
+  const top = path.join(dirs.ours, 'top.qcow2');
+  const end = (JSON.parse(await qemuImg('check', '--output=json', top)) as { 'image-end-offset': number })['image-end-offset'];
+  t.is((await stat(top)).size, end, 'the emptied overlay ends after its last cluster in use');
   await restore(dirs);
   await commitBoth(t, dirs, ['-q', '-t', 'none', '-r', '64M', 'top.qcow2']);
   await restore(dirs);
