@@ -120,7 +120,11 @@ test('a dirty image is cleaned before its header changes', async (t) => {
 
 test('errors: messages and exit codes of qemu-img amend, nothing changed', async (t) => {
   const dirs = await twinImages(t);
+  for (const dir of [dirs.theirs, dirs.ours]) {
+    await qemuImg('create', '-q', '-f', 'qcow2', '-u', '-b', 'gone.qcow2', '-F', 'qcow2', path.join(dir, 'orphan.qcow2'), '1M');
+  }
   const cases: [string[], string][] = [
+    [['-o', 'compat=0.10', 'orphan.qcow2'], 'v3.qcow2'],
     [['-o', 'foo=1', 'v3.qcow2'], 'v3.qcow2'],
     [['-o', 'cluster_size=4k', 'v3.qcow2'], 'v3.qcow2'],
     [['-o', 'lazy_refcounts=maybe', 'v3.qcow2'], 'v3.qcow2'],

@@ -115,8 +115,12 @@ test('progress: -p draws qemu-img\'s display from 0 to 100', async (t) => {
 
 test('errors: messages and exit codes of qemu-img commit, nothing changed', async (t) => {
   const dirs = await twinChains(t);
+  for (const dir of [dirs.theirs, dirs.ours]) {
+    await qemuImg('create', '-q', '-f', 'qcow2', '-u', '-b', 'gone.qcow2', '-F', 'qcow2', path.join(dir, 'orphan.qcow2'), '1M');
+  }
   const cases = [
     ['nope.qcow2'],
+    ['orphan.qcow2'],
     ['base.qcow2'],
     ['-b', 'nope.qcow2', 'top.qcow2'],
     ['-b', 'top.qcow2', 'top.qcow2'],

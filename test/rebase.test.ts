@@ -114,8 +114,12 @@ test('unsafe mode rewrites only the header, and the header cluster qemu-img writ
 
 test('errors: messages and exit codes of qemu-img rebase, nothing changed', async (t) => {
   const dirs = await twinChains(t);
+  for (const dir of [dirs.theirs, dirs.ours]) {
+    await qemuImg('create', '-q', '-f', 'qcow2', '-u', '-b', 'gone.qcow2', '-F', 'qcow2', path.join(dir, 'orphan.qcow2'), '1M');
+  }
   const cases = [
     ['-u', '-b', 'new.qcow2', 'top.qcow2'],
+    ['-b', 'new.qcow2', '-F', 'qcow2', 'orphan.qcow2'],
     ['-b', 'new.qcow2', '-F', 'qcow2', 'nope.qcow2'],
     ['-p', '-b', 'nope.qcow2', '-F', 'qcow2', 'top.qcow2'],
     ['-b', 'new.qcow2', '-F', 'foo', 'top.qcow2'],

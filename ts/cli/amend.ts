@@ -135,8 +135,8 @@ export async function run(argv: string[]): Promise<number> {
     const cache = parseCache(lastOption(args, 't'), 'cache') ?? DEFAULT_CACHE;
     const format = imageFormatOption(formatText, file);
     await warnIfProbedRaw(file, format);
-    // qemu-img opens the image before it looks at the options: its open errors come first.
-    const image = await openChainImage(file, { format, cache, readOnly: true, backing: false, followFileNames: true });
+    // qemu-img opens the image (and its backing chain) before it looks at the options: its open errors come first.
+    const image = await openChainImage(file, { format, cache, readOnly: true, followFileNames: true });
     await image.close();
     if (image.format !== 'qcow2') throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `Format driver '${image.format}' does not support option amendment`);
     if (isHelpRequest(options)) {
