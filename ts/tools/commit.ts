@@ -8,7 +8,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { ErrorCodes, Qcow2Error, check as checkArgument, settle } from '../errors.js';
-import type { Extent, Image, ImageFormat } from '../image.js';
+import type { Image, ImageFormat } from '../image.js';
 import { CacheMode, allocAligned, native } from '../native.js';
 import { open } from '../open.js';
 import { Qcow2Image } from '../qcow2/image.js';
@@ -101,16 +101,12 @@ async function piecesAbove(top: Image, baseDepth: number): Promise<Piece[]> {
   const pieces: Piece[] = [];
   for await (const e of top.extents()) {
     if (!suppliedAbove(e, baseDepth)) continue;
-    const data = isData(e);
+    const data = e.kind === 'data';
     const last = pieces[pieces.length - 1];
     if (last && last.data === data && last.offset + last.length === e.offset) last.length += e.length;
     else pieces.push({ offset: e.offset, length: e.length, data });
   }
   return pieces;
-}
-
-function isData(e: Extent): boolean {
-  return e.kind === 'data';
 }
 
 /** Open the base writable (without its own backing chain: nothing is read from it), grow it if needed, and write the pieces. */
