@@ -21,6 +21,7 @@ void FileWrap::Init(Napi::Env env, Napi::Object exports) {
       InstanceMethod<&FileWrap::AllocatedBytes>("allocatedBytes"),
       InstanceMethod<&FileWrap::SeekData>("seekData"),
       InstanceMethod<&FileWrap::SeekHole>("seekHole"),
+      InstanceMethod<&FileWrap::DataRuns>("dataRuns"),
       InstanceMethod<&FileWrap::Close>("close"),
       InstanceAccessor<&FileWrap::Info>("info"),
   });
@@ -163,6 +164,38 @@ Napi::Value FileWrap::SeekHole(const Napi::CallbackInfo& info) {
   uint64_t off = Args(info).Offset(0, "offset");
   auto file = Live(info.Env());
   return QueryNumber(info.Env(), [file, off](uint64_t* out) { return file->SeekHole(off, out); });
+}
+
+Napi::Value FileWrap::DataRuns(const Napi::CallbackInfo& info) {
+  Args args(info);
+  const uint64_t from = args.Offset(0, "offset");
+  const uint64_t end = args.Offset(1, "end");
+  const uint64_t maxRuns = args.Offset(2, "maxRuns");
+  if (maxRuns == 0 || maxRuns > (1u << 20)) throw Napi::RangeError::New(info.Env(), "maxRuns must be between 1 and 1048576");
+  auto file = Live(info.Env());
+  auto runs = std::make_shared<std::vector<double>>();
+  return RunAsync(
+      info.Env(),
+      [=]() -> Status {
+        // One crossing for many runs: a file with holes every few clusters has tens of thousands.
+        for (uint64_t pos = from; pos < end && runs->size() < 2 * maxRuns;) {
+          uint64_t data = 0, hole = 0;
+          QCOW2_TRY(file->SeekData(pos, &data));
+          if (data >= end) break;
+          QCOW2_TRY(file->SeekHole(data, &hole));
+          // A hole at or before the data it follows means the file changed meanwhile: stop here.
+          if (hole <= data) break;
+          runs->push_back(static_cast<double>(data));
+          runs->push_back(static_cast<double>(std::min(hole, end)));
+          pos = hole;
+        }
+        return Status::Ok();
+      },
+      [runs](Napi::Env env) {
+        Napi::Float64Array out = Napi::Float64Array::New(env, runs->size());
+        std::copy(runs->begin(), runs->end(), out.Data());
+        return out;
+      });
 }
 
 Napi::Value FileWrap::Close(const Napi::CallbackInfo& info) {

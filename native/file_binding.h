@@ -28,6 +28,8 @@ class FileWrap : public Napi::ObjectWrap<FileWrap> {
   Napi::Value AllocatedBytes(const Napi::CallbackInfo& info);
   Napi::Value SeekData(const Napi::CallbackInfo& info);
   Napi::Value SeekHole(const Napi::CallbackInfo& info);
+  /// dataRuns(offset, end, maxRuns): the data runs of [offset, end) as [start, end, ...] pairs, at most maxRuns.
+  Napi::Value DataRuns(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value Info(const Napi::CallbackInfo& info);
   /// The open file, or a JS error when it was closed.

@@ -1,5 +1,5 @@
 /** Raw images through the public API: reads, writes, zeroes, discard, extents, streams, probing. */
-import { readFile, stat, truncate, writeFile } from 'node:fs/promises';
+import { open as fsOpen, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import test from 'ava';
@@ -171,4 +171,30 @@ test('a raw file that is not whole sectors maps and converts like qemu-img (roun
   const theirs = await readFile(path.join(dir, 'theirs.raw'));
   t.is(theirs.length, 1024);
   t.deepEqual(await readFile(path.join(dir, 'ours.raw')), theirs);
+});
+
+test('extents of a file with more data runs than one native call lists (20,000) come out whole and in order', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'many.raw');
+  const runs = 20000;
+  const handle = await fsOpen(file, 'w');
+  try {
+    const block = Buffer.alloc(4096, 1);
+    for (let i = 0; i < runs; i++) await handle.write(block, 0, 4096, i * 65536);
+    await handle.truncate(runs * 65536 + 1000);
+  } finally {
+    await handle.close();
+  }
+  const image = await open(file, { format: 'raw' });
+  const data: number[] = [];
+  let pos = 0;
+  for await (const e of image.extents()) {
+    t.is(e.offset, pos);
+    pos += e.length;
+    if (e.kind === 'data') data.push(e.offset);
+  }
+  await image.close();
+  t.is(pos, runs * 65536 + 1024, 'the last partial sector counted as zero');
+  t.is(data.length, runs);
+  t.true(data.every((offset, i) => offset === i * 65536));
 });

@@ -48,6 +48,11 @@ export interface NativeFile {
   seekData(offset: number): Promise<number>;
   /** The next offset ≥ `offset` in a hole, or the file size. */
   seekHole(offset: number): Promise<number>;
+  /**
+   * The data runs of [offset, end) as [start, end, start, end, …], at most `maxRuns` of them
+   * (fewer means none follows before `end`); what lies between them reads as zero.
+   */
+  dataRuns(offset: number, end: number, maxRuns: number): Promise<Float64Array>;
   close(): Promise<void>;
 }
 

@@ -22,6 +22,9 @@ export function rawDiskSize(fileSize: number): number {
   return Math.ceil(fileSize / 512) * 512;
 }
 
+/** Data runs asked of the file per native call when listing extents. */
+const RUNS_PER_CALL = 8192;
+
 /** How RawImage.open() opens the file: read-only or not, and its host cache mode (default 'none'). */
 export interface RawOpenOptions {
   readOnly?: boolean;
@@ -153,18 +156,17 @@ export class RawImage implements Image {
   async *extents(options?: ExtentOptions): AsyncGenerator<Extent> {
     const file = this.#live();
     const { offset, end } = extentRange(options, this.#size);
-    const fileSize = await settle(file.size());
-    for (let pos = offset; pos < end; ) {
-      const data = pos < fileSize ? Math.min(await settle(file.seekData(pos)), end) : end;
-      if (data > pos) {
-        yield { offset: pos, length: data - pos, kind: 'zero', depth: 0 };
-        pos = data;
-        continue;
+    let pos = offset;
+    for (;;) {
+      const runs = await settle(file.dataRuns(pos, end, RUNS_PER_CALL));
+      for (let i = 0; i < runs.length; i += 2) {
+        if (runs[i] > pos) yield { offset: pos, length: runs[i] - pos, kind: 'zero', depth: 0 };
+        yield { offset: runs[i], length: runs[i + 1] - runs[i], kind: 'data', depth: 0, hostOffset: runs[i], file: this.path };
+        pos = runs[i + 1];
       }
-      const stop = Math.min(await settle(file.seekHole(pos)), end);
-      yield { offset: pos, length: stop - pos, kind: 'data', depth: 0, hostOffset: pos, file: this.path };
-      pos = stop;
+      if (runs.length < 2 * RUNS_PER_CALL) break;
     }
+    if (pos < end) yield { offset: pos, length: end - pos, kind: 'zero', depth: 0 };
   }
 
   createReadStream(options?: ReadStreamOptions): Readable {
