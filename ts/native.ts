@@ -85,6 +85,8 @@ export interface Qcow2EngineParams {
   incompatibleFeatures?: number;
   /** Structures decoded in TypeScript that writes must never land on (writable opens). */
   structures?: Qcow2Structure[];
+  /** Persistent bitmaps the engine loads and keeps up to date (writable opens of images whose bitmaps are consistent). */
+  bitmaps?: Qcow2EngineBitmap[];
   /** Where the header fields the engine updates itself lie (writable opens): ts/qcow2/header.ts HEADER_FIELD_OFFSETS. */
   headerFields?: Qcow2HeaderFields;
 }
@@ -104,6 +106,15 @@ export interface Qcow2Structure {
   kind: 'snapshotTable' | 'inactiveL1' | 'bitmapDirectory';
   offset: number;
   bytes: number;
+}
+
+/** A persistent dirty bitmap as its directory entry (ts/qcow2/bitmaps.ts) describes it. */
+export interface Qcow2EngineBitmap {
+  tableOffset: number;
+  tableEntries: number;
+  granularityBits: number;
+  /** The auto flag: every change of the disk is recorded. */
+  enabled: boolean;
 }
 
 /** What Qcow2Engine.format() lays out: the structures the header must point at. */
@@ -184,6 +195,13 @@ export interface Qcow2Engine {
   resize(size: number, options?: { shrink?: boolean; preallocation?: 'off' | 'metadata' | 'falloc' | 'full' }): Promise<void>;
   /** Create, delete or apply an internal snapshot (the table encoded by ts/qcow2/snapshots.ts); every other request waits. */
   changeSnapshots(change: Qcow2SnapshotChange): Promise<{ l1Offset: number; tableOffset: number }>;
+  /**
+   * Write the bitmaps loaded at open back (data, then tables, flushed), in the order they were given;
+   * what their old tables used stays allocated until releaseBitmapClusters().
+   */
+  storeBitmaps(): Promise<{ tableOffset: number; tableEntries: number }[]>;
+  /** The bitmap directory names the stored tables now: free the clusters the old ones used. */
+  releaseBitmapClusters(): Promise<void>;
   /** Flush (when writable), refuse further requests and drop the cached tables; the files stay open. */
   close(): Promise<void>;
 }

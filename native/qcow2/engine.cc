@@ -126,6 +126,7 @@ Status Engine::Open(const EngineConfig& config, std::shared_ptr<File> image, std
   engine->dataFile_ = std::move(dataFile);
   engine->backing_ = std::move(backing);
   if (config.writable) QCOW2_TRY(engine->TrackMetadata());
+  if (config.writable) QCOW2_TRY(engine->LoadBitmaps());
   *out = std::move(engine);
   return Status::Ok();
 }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "file.h"
+#include "qcow2/bitmaps.h"
 #include "qcow2/compress.h"
 #include "qcow2/compressed_stream.h"
 #include "qcow2/format.h"
@@ -52,6 +53,8 @@ struct EngineConfig {
     uint64_t bytes;
   };
   std::vector<Structure> structures;
+  /// The persistent bitmaps to keep up to date (writable opens of images whose bitmaps are consistent).
+  std::vector<BitmapConfig> bitmaps;
 };
 
 /// A change of the internal snapshots (engine_snapshot.cc). The snapshot table is encoded in
@@ -210,6 +213,12 @@ class Engine {
   void BeginRead() { readsInflight_.fetch_add(1, std::memory_order_acq_rel); }
   void EndRead() { readsInflight_.fetch_sub(1, std::memory_order_acq_rel); }
 
+  /// Write the bitmaps loaded at open back (data, then tables; flushed). The clusters they no longer
+  /// use stay allocated until ReleaseBitmapClusters(): the directory on disk still points at them.
+  Status StoreBitmaps(std::vector<StoredBitmap>* out);
+  /// The bitmap directory now names the stored tables: free the clusters StoreBitmaps() left behind.
+  Status ReleaseBitmapClusters();
+
   /// Flush when writable, then refuse further requests and drop the cached tables.
   Status Close();
   ~Engine();
@@ -324,6 +333,20 @@ class Engine {
   Status MapBacking(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out);
   Status MapRaw(GuestOffset at, uint64_t len, uint32_t depth, size_t maxRuns, std::vector<MapRun>* out);
 
+  // Persistent dirty bitmaps (engine_bitmaps.cc).
+  /// Read the configured bitmaps' tables and data, and note their clusters as metadata.
+  Status LoadBitmaps();
+  Status LoadBitmap(const BitmapConfig& config, std::unique_ptr<DirtyBitmap>* out);
+  /// Record that guest bytes [at, at + len) changed, in every enabled bitmap, as QEMU marks a request.
+  void MarkDirty(uint64_t at, uint64_t len);
+  /// Follow a disk size change in every bitmap.
+  void ResizeBitmaps(uint64_t size);
+  /// Write a bitmap's data clusters (reusing those it had) and its table in memory; under resizeMu_.
+  Status StoreBitmapData(DirtyBitmap& bitmap, std::vector<uint64_t>* table);
+  Status StoreBitmapTable(DirtyBitmap& bitmap, const std::vector<uint64_t>& table, StoredBitmap* out);
+  /// `count` contiguous clusters from the allocator, noted as metadata of `kind`.
+  Status AllocateMetadataClusters(uint64_t count, uint32_t kind, uint64_t* offset);
+
   EngineConfig config_;
   std::shared_ptr<File> image_;
   std::shared_ptr<File> dataFile_;
@@ -370,6 +393,11 @@ class Engine {
   std::unique_ptr<CompressedStream> compressedStream_;
   /// The size GrowFileAhead() gave the file; 0 when it never grew it.
   uint64_t grownTo_ = 0;
+  /// Persistent bitmaps being kept up to date; fixed at open, their bits under bitmapMu_.
+  std::vector<std::unique_ptr<DirtyBitmap>> bitmaps_;
+  std::mutex bitmapMu_;
+  /// Clusters the stored bitmaps no longer use (metadata kind, where), freed once the directory stops naming them.
+  std::vector<std::pair<uint32_t, HostFree>> bitmapFrees_;
 };
 
 /// Append `run` to `out`, merging it into the last run when it continues it exactly.

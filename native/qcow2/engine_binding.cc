@@ -35,6 +35,8 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         InstanceMethod<&EngineWrap::Flush>("flush"),
         InstanceMethod<&EngineWrap::Resize>("resize"),
         InstanceMethod<&EngineWrap::ChangeSnapshots>("changeSnapshots"),
+        InstanceMethod<&EngineWrap::StoreBitmaps>("storeBitmaps"),
+        InstanceMethod<&EngineWrap::ReleaseBitmapClusters>("releaseBitmapClusters"),
         StaticMethod<&EngineWrap::Format>("format"),
         StaticMethod<&EngineWrap::RebuildRefcounts>("rebuildRefcounts"),
         StaticMethod<&EngineWrap::Check>("check"),
@@ -71,6 +73,8 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   Napi::Value Flush(const Napi::CallbackInfo& info);
   Napi::Value Resize(const Napi::CallbackInfo& info);
   Napi::Value ChangeSnapshots(const Napi::CallbackInfo& info);
+  Napi::Value StoreBitmaps(const Napi::CallbackInfo& info);
+  Napi::Value ReleaseBitmapClusters(const Napi::CallbackInfo& info);
   static Napi::Value Format(const Napi::CallbackInfo& info);
   static Napi::Value RebuildRefcounts(const Napi::CallbackInfo& info);
   static Napi::Value Check(const Napi::CallbackInfo& info);
@@ -140,6 +144,27 @@ std::vector<EngineConfig::Structure> ParseStructures(const Napi::Object& o) {
   return out;
 }
 
+/// The bitmaps to keep up to date: `bitmaps: [{ tableOffset, tableEntries, granularityBits, enabled }]`.
+std::vector<BitmapConfig> ParseBitmaps(const Napi::Object& o) {
+  std::vector<BitmapConfig> out;
+  Napi::Value value = o.Get("bitmaps");
+  if (value.IsUndefined()) return out;
+  const char* shape = "option bitmaps must be an array of { tableOffset, tableEntries, granularityBits, enabled }";
+  if (!value.IsArray()) throw Napi::TypeError::New(o.Env(), shape);
+  Napi::Array list = value.As<Napi::Array>();
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    if (!list.Get(i).IsObject()) throw Napi::TypeError::New(o.Env(), shape);
+    Napi::Object item = list.Get(i).As<Napi::Object>();
+    BitmapConfig c;
+    c.tableOffset = RequiredOffset(item, "tableOffset");
+    c.tableEntries = RequiredOffset(item, "tableEntries");
+    c.granularityBits = SmallInteger(item, "granularityBits", 63);
+    c.enabled = OptionBool(item, "enabled", false);
+    out.push_back(c);
+  }
+  return out;
+}
+
 EngineConfig ParseConfig(const Napi::Object& o) {
   EngineConfig c;
   c.clusterBits = SmallInteger(o, "clusterBits", 63);
@@ -167,6 +192,7 @@ EngineConfig ParseConfig(const Napi::Object& o) {
     c.refcountTableClusters = RequiredOffset(o, "refcountTableClusters");
     c.incompatibleFeatures = OptionOffset(o, "incompatibleFeatures", 0);
     c.structures = ParseStructures(o);
+    c.bitmaps = ParseBitmaps(o);
     c.header = ParseHeaderFields(o);
   }
   return c;
@@ -359,6 +385,28 @@ Napi::Value EngineWrap::ChangeSnapshots(const Napi::CallbackInfo& info) {
         out.Set("tableOffset", static_cast<double>(result->tableOffset));
         return out;
       });
+}
+
+Napi::Value EngineWrap::StoreBitmaps(const Napi::CallbackInfo& info) {
+  auto engine = Live(info.Env());
+  auto stored = std::make_shared<std::vector<StoredBitmap>>();
+  return RunAsync(
+      info.Env(), [=] { return engine->StoreBitmaps(stored.get()); },
+      [stored](Napi::Env env) -> Napi::Value {
+        Napi::Array out = Napi::Array::New(env, stored->size());
+        for (size_t i = 0; i < stored->size(); i++) {
+          Napi::Object item = Napi::Object::New(env);
+          item.Set("tableOffset", static_cast<double>((*stored)[i].tableOffset));
+          item.Set("tableEntries", static_cast<double>((*stored)[i].tableEntries));
+          out.Set(static_cast<uint32_t>(i), item);
+        }
+        return out;
+      });
+}
+
+Napi::Value EngineWrap::ReleaseBitmapClusters(const Napi::CallbackInfo& info) {
+  auto engine = Live(info.Env());
+  return RunAsync(info.Env(), [=] { return engine->ReleaseBitmapClusters(); });
 }
 
 Preallocation ParsePreallocation(const Napi::Object& o) {

@@ -257,6 +257,7 @@ Status Engine::TableFor(const Mapper::RawEntry& e, uint64_t* tableOffset, std::v
 Status Engine::Write(const uint8_t* buf, uint64_t len, GuestOffset at) {
   QCOW2_TRY(CheckWrite(at, len, "write"));
   if (len == 0) return Status::Ok();
+  MarkDirty(at.value, len);
   std::shared_lock<std::shared_mutex> resizing(resizeMu_);
   const Geometry& g = geometry();
   const uint64_t first = at.value >> g.clusterBits, last = (at.value + len - 1) >> g.clusterBits;
@@ -795,6 +796,7 @@ Status Engine::WriteZeroBytes(uint64_t from, uint64_t to) {
 Status Engine::WriteZeroes(GuestOffset at, uint64_t len, bool unmap) {
   QCOW2_TRY(CheckWrite(at, len, "write of zeros"));
   if (len == 0) return Status::Ok();
+  MarkDirty(at.value, len);
   const Geometry& g = geometry();
   const uint64_t end = at.value + len;
   // Version 2 has no zero flag: over a backing image only written zeros hide it.
@@ -822,6 +824,8 @@ Status Engine::WriteZeroes(GuestOffset at, uint64_t len, bool unmap) {
 
 Status Engine::Discard(GuestOffset at, uint64_t len) {
   QCOW2_TRY(CheckWrite(at, len, "discard"));
+  // The whole request counts as changed, even the parts no cluster is dropped from (as QEMU marks it).
+  MarkDirty(at.value, len);
   const Geometry& g = geometry();
   const uint64_t end = at.value + len;
   const uint64_t inner = (at.value + g.clusterSize - 1) & ~(g.clusterSize - 1);
@@ -846,6 +850,7 @@ Status Engine::WriteCompressed(const uint8_t* buf, uint64_t len, GuestOffset at)
                                                            std::to_string(g.clusterSize));
   }
   if (len == 0) return Status::Ok();
+  MarkDirty(at.value, len);
   const uint64_t count = (len + g.clusterSize - 1) >> g.clusterBits;
   AlignedBuffer packed(count * g.clusterSize);
   AlignedBuffer cluster;
@@ -1125,6 +1130,7 @@ Status Engine::Resize(uint64_t newSize, bool shrink, Preallocation preallocation
   StoreBE64(field, newSize);
   QCOW2_TRY(WriteHeaderField(config_.header.size, field, sizeof field));
   mapper_->SetVirtualSize(newSize);
+  ResizeBitmaps(newSize);
   if (newSize < oldSize) QCOW2_TRY(Fail(TrimToLastCluster()));
   return Status::Ok();
 }

@@ -15,6 +15,8 @@ const char* MetadataKindName(uint32_t kind) {
     case kMetaSnapshotTable: return "snapshot table";
     case kMetaInactiveL1: return "inactive L1 table";
     case kMetaBitmapDirectory: return "bitmap directory";
+    case kMetaBitmapTable: return "bitmap table";
+    case kMetaBitmapData: return "bitmap data";
     default: return "metadata";
   }
 }

@@ -22,6 +22,8 @@ enum MetadataKind : uint32_t {
   kMetaSnapshotTable = 32,
   kMetaInactiveL1 = 64,
   kMetaBitmapDirectory = 128,
+  kMetaBitmapTable = 256,
+  kMetaBitmapData = 512,
 };
 
 /// The name QEMU's message gives a structure ("active L1 table", …).

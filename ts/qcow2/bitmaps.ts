@@ -3,7 +3,7 @@ import { ErrorCodes, Qcow2Error } from '../errors.js';
 import { align8 } from './extensions.js';
 import type { Qcow2Header } from './header.js';
 import { MetadataFile, readRange } from './metadata-file.js';
-import { decodeName } from './text.js';
+import { decodeName, encodeName } from './text.js';
 
 /** Bitmap directory entry flags. */
 export const BitmapFlag = { IN_USE: 1, AUTO: 2, EXTRA_DATA_COMPATIBLE: 4 } as const;
@@ -144,4 +144,35 @@ export async function readBitmapTables(file: MetadataFile, header: Qcow2Header):
   const { bitmapDirectoryOffset, bitmapDirectorySize } = header.bitmaps;
   const dir = await readRange(file, bitmapDirectoryOffset, bitmapDirectorySize, 'bitmap directory');
   return decodeDirectory(dir, header, file.size, true).map(({ entry, tableOffset }) => ({ offset: tableOffset, entries: entry.bitmapTableSize }));
+}
+
+/** Bytes of the directory entry of `entry` (padding included). */
+function entrySize(entry: BitmapEntry): number {
+  return align8(FIXED_ENTRY_SIZE + entry.extraData.length + encodeName(entry.name).length);
+}
+
+/** Encode a bitmap directory: the entries in order, each padded with zeros to a multiple of 8 bytes. */
+export function encodeBitmapDirectory(entries: readonly BitmapEntry[]): Buffer {
+  const out = Buffer.alloc(entries.reduce((sum, e) => sum + entrySize(e), 0));
+  let at = 0;
+  for (const e of entries) {
+    const name = encodeName(e.name);
+    out.writeBigUInt64BE(BigInt(e.bitmapTableOffset), at);
+    out.writeUInt32BE(e.bitmapTableSize, at + 8);
+    out.writeUInt32BE(e.flags >>> 0, at + 12);
+    out[at + 16] = e.type;
+    out[at + 17] = e.granularityBits;
+    out.writeUInt16BE(name.length, at + 18);
+    out.writeUInt32BE(e.extraData.length, at + 20);
+    e.extraData.copy(out, at + FIXED_ENTRY_SIZE);
+    name.copy(out, at + FIXED_ENTRY_SIZE + e.extraData.length);
+    at += entrySize(e);
+  }
+  return out;
+}
+
+/** `entry` with the in_use flag set or cleared. */
+export function withInUse(entry: BitmapEntry, inUse: boolean): BitmapEntry {
+  const flags = inUse ? entry.flags | BitmapFlag.IN_USE : entry.flags & ~BitmapFlag.IN_USE;
+  return { ...entry, flags, inUse };
 }

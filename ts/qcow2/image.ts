@@ -14,6 +14,7 @@ import {
   imageReadStream,
 } from '../image.js';
 import { MAP_RUN_FIELDS, MapFlags, MapKind, NativeFile, Qcow2Engine, native } from '../native.js';
+import type { BitmapTracking } from './bitmap-tracking.js';
 import type { Qcow2Header } from './header.js';
 
 /**
@@ -38,6 +39,8 @@ export interface Qcow2ImageParts {
   /** The external data file and its resolved path, when the image has one. */
   dataFile?: { file: NativeFile; path: string };
   backing?: Image;
+  /** The persistent bitmaps a writable open keeps up to date. */
+  bitmaps?: BitmapTracking;
 }
 
 /** One run of an engine map() result, before it becomes an Extent. */
@@ -85,8 +88,10 @@ export class Qcow2Image implements Image {
   #closing: Promise<void> | undefined;
   #chainFiles: { path: string; dataFile?: string }[] | undefined;
   #size: number;
+  #bitmaps: BitmapTracking | undefined;
 
   constructor(parts: Qcow2ImageParts) {
+    this.#bitmaps = parts.bitmaps;
     this.#size = parts.header.size;
     this.path = parts.path;
     this.readOnly = parts.readOnly;
@@ -225,6 +230,11 @@ export class Qcow2Image implements Image {
         `resize: shrinking '${this.path}' from ${this.size} to ${size} bytes needs { shrink: true }`,
       );
     }
+    const inconsistent = this.#bitmaps?.inconsistent[0];
+    if (inconsistent !== undefined) {
+      // As qemu-img resize refuses: an in-use bitmap cannot follow the new size.
+      throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `Bitmap '${inconsistent}' is inconsistent and cannot be used`);
+    }
     await this.#track(engine.resize(size, { shrink: options.shrink ?? false, preallocation }));
     this.#size = size;
   }
@@ -240,8 +250,10 @@ export class Qcow2Image implements Image {
     if (!engine) return;
     this.#engine = undefined;
     if (this.#inflight > 0) await new Promise<void>((resolve) => (this.#drained = resolve));
+    // Bitmaps go back to disk before the engine's last flush; a failure leaves them in use (inconsistent).
+    const stored = await Promise.allSettled([this.#bitmaps?.store(engine, this.#file)]);
     // The engine flushes what it wrote before the files it writes to may close.
-    const closed = await Promise.allSettled([engine.close()]);
+    const closed = [...stored, ...(await Promise.allSettled([engine.close()]))];
     const results = [...closed, ...(await Promise.allSettled([this.#file.close(), this.#dataFile?.close()]))];
     const backing = await Promise.allSettled([this.backing?.close()]);
     for (const r of [...results, ...backing]) {

@@ -6,6 +6,7 @@ import type { Image } from '../image.js';
 import { CacheMode, NativeFile, Qcow2EngineBacking, Qcow2EngineParams, Qcow2Structure, native } from '../native.js';
 import { DEFAULT_MAX_CHAIN_DEPTH, OpenOptions, checkOpenOptions, probeFormat } from '../open.js';
 import { RawImage } from '../raw.js';
+import { BitmapTracking } from './bitmap-tracking.js';
 import { HEADER_FIELD_OFFSETS, Qcow2Header, clearUnknownAutoclear, readHeader } from './header.js';
 import { Qcow2Image } from './image.js';
 import { openMetadataFile } from './metadata-file.js';
@@ -118,7 +119,12 @@ function checkOpenable(imagePath: string, header: Qcow2Header, readOnly: boolean
   }
 }
 
-function engineParams(header: Qcow2Header, options: Qcow2OpenOptions, structures: Qcow2Structure[] | undefined): Qcow2EngineParams {
+function engineParams(
+  header: Qcow2Header,
+  options: Qcow2OpenOptions,
+  structures: Qcow2Structure[] | undefined,
+  bitmaps: BitmapTracking | undefined,
+): Qcow2EngineParams {
   return {
     ...(options.l2CacheSize !== undefined ? { l2CacheSize: options.l2CacheSize } : {}),
     ...(options.l2SliceSize !== undefined ? { l2SliceSize: options.l2SliceSize } : {}),
@@ -140,6 +146,7 @@ function engineParams(header: Qcow2Header, options: Qcow2OpenOptions, structures
           incompatibleFeatures: Number(header.incompatibleFeatures),
           structures,
           headerFields: HEADER_FIELD_OFFSETS,
+          ...(bitmaps ? { bitmaps: bitmaps.engineBitmaps() } : {}),
         }
       : {}),
   };
@@ -177,7 +184,7 @@ async function rebuildRefcounts(imagePath: string, file: NativeFile, header: Qco
 
 /**
  * A writable open clears the autoclear bits this package does not keep valid: unknown ones, and the
- * bitmaps bit (bitmaps are not updated by writes here) unless `keepBitmaps`, as the spec asks of any writer.
+ * bitmaps bit unless the bitmaps are kept up to date or `keepBitmaps`, as the spec asks of any writer.
  */
 async function clearAutoclear(file: NativeFile, header: Qcow2Header, keepBitmaps: boolean): Promise<Qcow2Header> {
   const cleared = clearUnknownAutoclear(header, keepBitmaps ? 3n : 2n);
@@ -209,7 +216,8 @@ async function openMember(imagePath: string, options: Qcow2OpenOptions, state: C
   try {
     const file = await openFile(imagePath, readOnly, cache, opened);
     if (!readOnly && header.dirty) header = await rebuildRefcounts(imagePath, file, header);
-    if (!readOnly) header = await clearAutoclear(file, header, options.keepBitmaps ?? false);
+    const bitmaps = readOnly ? undefined : await BitmapTracking.load(imagePath, header);
+    if (!readOnly) header = await clearAutoclear(file, header, bitmaps !== undefined || (options.keepBitmaps ?? false));
     let dataFile: { file: NativeFile; path: string } | undefined;
     if (header.externalDataFile && header.dataFile !== undefined) {
       const dataPath = resolveName(imagePath, header.dataFile);
@@ -224,8 +232,16 @@ async function openMember(imagePath: string, options: Qcow2OpenOptions, state: C
     }
     const structures = readOnly ? undefined : await decodedStructures(imagePath, header);
     const active = state.depth === 0 && options.snapshot ? snapshotView(imagePath, header, options.snapshot, readOnly) : header;
-    const engine = await settle(native.Qcow2Engine.open(file, engineParams(active, options, structures), dataFile?.file, engineBacking(backing)));
-    return new Qcow2Image({ path: imagePath, readOnly, header, engine, file, dataFile, backing });
+    const engine = await settle(
+      native.Qcow2Engine.open(file, engineParams(active, options, structures, bitmaps), dataFile?.file, engineBacking(backing)),
+    );
+    try {
+      await bitmaps?.markInUse(file);
+    } catch (error) {
+      await Promise.allSettled([engine.close()]);
+      throw error;
+    }
+    return new Qcow2Image({ path: imagePath, readOnly, header, engine, file, dataFile, backing, bitmaps });
   } catch (error) {
     await Promise.allSettled(opened.map((o) => o.close()));
     throw asQcow2Error(error);
