@@ -15,11 +15,14 @@ export class BitmapTracking {
   readonly #directoryOffset: number;
   /** Indices in #entries of the bitmaps the engine loaded (consistent at open), in the engine's order. */
   readonly #loaded: number[];
+  /** Names of the bitmaps that were in use (inconsistent) at open: they stay so. */
+  readonly inconsistent: string[];
 
   private constructor(entries: BitmapEntry[], directoryOffset: number) {
     this.#entries = entries;
     this.#directoryOffset = directoryOffset;
     this.#loaded = entries.flatMap((e, i) => (usable(e) ? [i] : []));
+    this.inconsistent = entries.filter((e) => e.inUse).map((e) => e.name);
   }
 
   /**
@@ -44,11 +47,6 @@ export class BitmapTracking {
       const e = this.#entries[i];
       return { tableOffset: e.bitmapTableOffset, tableEntries: e.bitmapTableSize, granularityBits: e.granularityBits, enabled: e.auto };
     });
-  }
-
-  /** Names of the bitmaps that were in use (inconsistent) at open: they stay so. */
-  get inconsistent(): string[] {
-    return this.#entries.filter((e) => e.inUse).map((e) => e.name);
   }
 
   /** Mark the loaded bitmaps in use on disk, before anything is written. */
