@@ -32,6 +32,21 @@ void Advance(std::vector<struct iovec>* rest, size_t* first, size_t done) {
   }
 }
 
+/// The iovecs with neighbours in memory merged: a request's clusters often lie side by side in one
+/// buffer, and one long piece costs the kernel less than many short ones.
+std::vector<struct iovec> Coalesced(const struct iovec* iov, int count) {
+  std::vector<struct iovec> out;
+  out.reserve(static_cast<size_t>(count));
+  for (int i = 0; i < count; i++) {
+    if (!out.empty() && static_cast<uint8_t*>(out.back().iov_base) + out.back().iov_len == iov[i].iov_base) {
+      out.back().iov_len += iov[i].iov_len;
+    } else {
+      out.push_back(iov[i]);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 bool ParseCacheMode(const std::string& name, CacheMode* mode) {
@@ -309,17 +324,18 @@ Status File::Readv(const struct iovec* iov, int count, uint64_t off) {
   size_t total = 0;
   for (int i = 0; i < count && aligned; i++) aligned = Aligned(iov[i].iov_base, iov[i].iov_len, 0);
   for (int i = 0; i < count; i++) total += iov[i].iov_len;
-  if (!aligned || count > IOV_MAX) {
+  if (!aligned) {
     for (int i = 0; i < count; i++) {
       QCOW2_TRY(Read(iov[i].iov_base, iov[i].iov_len, pos));
       pos += iov[i].iov_len;
     }
     return Status::Ok();
   }
-  std::vector<struct iovec> rest(iov, iov + count);
+  std::vector<struct iovec> rest = Coalesced(iov, count);
   size_t got = 0, first = 0;
   while (got < total) {
-    ssize_t n = ::preadv(fd(), rest.data() + first, static_cast<int>(rest.size() - first), static_cast<off_t>(off + got));
+    const int pieces = static_cast<int>(std::min<size_t>(rest.size() - first, IOV_MAX));
+    ssize_t n = ::preadv(fd(), rest.data() + first, pieces, static_cast<off_t>(off + got));
     if (n < 0) {
       if (errno == EINTR) continue;
       return Fail(errno, "read", off, total);
@@ -339,7 +355,7 @@ Status File::Writev(const struct iovec* iov, int count, uint64_t off) {
   size_t total = 0;
   for (int i = 0; i < count && aligned; i++) aligned = Aligned(iov[i].iov_base, iov[i].iov_len, 0);
   for (int i = 0; i < count; i++) total += iov[i].iov_len;
-  if (!aligned || count > IOV_MAX || off + total > sizeHint_.load(std::memory_order_acquire)) {
+  if (!aligned || off + total > sizeHint_.load(std::memory_order_acquire)) {
     uint64_t pos = off;
     for (int i = 0; i < count; i++) {
       QCOW2_TRY(Write(iov[i].iov_base, iov[i].iov_len, pos));
@@ -349,10 +365,12 @@ Status File::Writev(const struct iovec* iov, int count, uint64_t off) {
   }
   std::unique_ptr<RangeLock> lock;
   if (direct_) lock = std::make_unique<RangeLock>(*this, off, off + total);
-  std::vector<struct iovec> rest(iov, iov + count);
+  std::vector<struct iovec> rest = Coalesced(iov, count);
   size_t put = 0, first = 0;
   while (put < total) {
-    ssize_t n = ::pwritev(fd(), rest.data() + first, static_cast<int>(rest.size() - first), static_cast<off_t>(off + put));
+    // Longer lists go in several calls of at most IOV_MAX pieces.
+    const int pieces = static_cast<int>(std::min<size_t>(rest.size() - first, IOV_MAX));
+    ssize_t n = ::pwritev(fd(), rest.data() + first, pieces, static_cast<off_t>(off + put));
     if (n < 0) {
       if (errno == EINTR) continue;
       return Fail(errno, "write", off, total);

@@ -66,11 +66,23 @@ interface CopyPlan {
   keepUnallocated: boolean;
   compress: boolean;
   sparseSize: number;
+  /** Bytes per window, a multiple of COPY_CHUNK (so of every cluster size). */
+  windowBytes: number;
   inOrder: boolean;
   parallel: number;
   signal?: AbortSignal;
   onProgress?: (done: number, total: number) => void;
 }
+
+/**
+ * Windows of a copy without compression: large, so that a window's data moves in few large requests,
+ * and the engine allocates its clusters in one piece (windows allocating at once may swap places in
+ * the target; the fewer the windows, the closer the target stays to guest order). A multiple of
+ * COPY_CHUNK, written out: convert.js and this module import each other.
+ */
+const PLAIN_WINDOW = 8 << 20;
+/** Data spans of a window closer than this are read with one request, the gap between them with it. */
+const READ_GAP = 256 << 10;
 
 /**
  * Write `inputs` (concatenated, `size` bytes in all) into the qcow2 image `target`, created
@@ -97,6 +109,7 @@ export async function convertToQcow2(inputs: Image[], target: string, size: numb
       keepUnallocated: hasBacking,
       compress: qcow2.compress ?? false,
       sparseSize: options.sparseSize ?? 4096,
+      windowBytes: (qcow2.compress ?? false) ? COPY_CHUNK : PLAIN_WINDOW,
       inOrder: !options.outOfOrder,
       parallel: options.parallel ?? 8,
       signal: options.signal,
@@ -161,7 +174,7 @@ async function copyToQcow2(plan: CopyPlan): Promise<void> {
   const windows = windowsOf(plan);
   let failure: Qcow2Error | undefined;
   const worker = async () => {
-    const buffer = allocAligned(COPY_CHUNK);
+    const buffer = allocAligned(plan.windowBytes);
     while (!failure) {
       let next: IteratorResult<Window>;
       try {
@@ -236,9 +249,9 @@ async function* windowsOf(plan: CopyPlan): AsyncGenerator<Window> {
   for await (const span of spansOf(plan)) {
     checkAborted(plan.signal);
     for (let pos = span.offset; pos < span.end; ) {
-      const windowStart = pos - (pos % COPY_CHUNK);
+      const windowStart = pos - (pos % plan.windowBytes);
       if (pending && pending.offset !== windowStart) yield close();
-      const stop = Math.min(span.end, windowStart + COPY_CHUNK);
+      const stop = Math.min(span.end, windowStart + plan.windowBytes);
       if (span.action !== Action.Skip) {
         pending ??= { offset: windowStart, spans: [] };
         pending.spans.push({ offset: pos, end: stop, action: span.action });
@@ -273,7 +286,8 @@ async function copyWindow(plan: CopyPlan, window: Window, buffer: Buffer): Promi
     const readFrom = plan.compress ? alignDown(first, plan.clusterSize) : first;
     const readTo = plan.compress ? Math.min(alignUp(last, plan.clusterSize), plan.target.size) : last;
     const view = buffer.subarray(0, readTo - readFrom);
-    await readSources(plan.segments, view, readFrom);
+    if (plan.compress) await readSources(plan.segments, view, readFrom);
+    else await readSpans(plan.segments, copies, view, readFrom);
     if (plan.compress) {
       writes.push(...compressedWrites(plan, copies, view, readFrom));
       for (const span of zeroes) writes.push(...zeroWritesOutside(plan, span, copies));
@@ -399,6 +413,28 @@ function isZero(buffer: Buffer, start: number, end: number): boolean {
     if (buffer.compare(ZERO_BLOCK, 0, stop - pos, pos, stop) !== 0) return false;
   }
   return true;
+}
+
+/**
+ * Fill the parts of `view` (target offset `viewOffset` on) that `copies` cover, reading nearby spans
+ * together; large gaps are not read (a hole read through would cost transfer time, and a buffered
+ * read of it can make the source's later extent queries report it as data).
+ */
+async function readSpans(segments: Segment[], copies: Span[], view: Buffer, viewOffset: number): Promise<void> {
+  const ranges: Array<{ from: number; to: number }> = [];
+  for (const { offset, end } of copies) {
+    const last = ranges[ranges.length - 1];
+    if (last && offset - last.to < READ_GAP) last.to = end;
+    else ranges.push({ from: offset, to: end });
+  }
+  const reads = ranges.map(({ from, to }) => readSources(segments, view.subarray(from - viewOffset, to - viewOffset), from));
+  await settleAll(reads);
+}
+
+/** Wait for every promise (buffers they fill stay theirs until then), then throw the first failure. */
+async function settleAll(promises: Array<Promise<void>>): Promise<void> {
+  const failed = (await Promise.allSettled(promises)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
 }
 
 /** Fill `buffer` from target offset `offset` of the concatenated sources; bytes past their end read as zero. */
