@@ -168,6 +168,8 @@ export interface Qcow2EngineInfo {
   l2CachedSlices: number;
   /** Reads served without a worker thread: through io_uring from cached tables, or zeros. */
   directReads: number;
+  /** Writes served without a worker thread: through io_uring into clusters the image owns or allocates from memory. */
+  directWrites: number;
 }
 
 /** The native qcow2 read engine of one image; reads fall through its backing in C++. */

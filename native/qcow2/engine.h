@@ -93,6 +93,8 @@ struct SnapshotChangeResult {
 class ClusterLocks {
  public:
   void Lock(uint64_t first, uint64_t last, bool shared);
+  /// Lock() without waiting: false, holding nothing, when another request holds a conflicting cluster.
+  bool TryLock(uint64_t first, uint64_t last, bool shared);
   void Unlock(uint64_t first, uint64_t last, bool shared);
   /// True when a request changing the mapping holds any cluster of [first, last] (never blocks).
   bool Busy(uint64_t first, uint64_t last);
@@ -197,6 +199,22 @@ class Engine {
 
   /// Write `len` guest bytes from `buf` at `at`; returns once the mapping that shows them is written.
   Status Write(const uint8_t* buf, uint64_t len, GuestOffset at);
+
+  /// A small write planned on the JS thread (engine_direct_write.cc, submitted by direct_writes.cc).
+  struct DirectWrite;
+  /// Plan a write on the JS thread, from cached tables and without waiting: true when its data goes
+  /// into clusters the image owns, or into fresh clusters allocated now (in memory), with at most
+  /// DirectWrite::kMaxPieces host writes that the data file can take as they are. The clusters stay
+  /// held, and a resize waits, until FinishDirectWrite().
+  bool PlanDirectWrite(const uint8_t* buf, uint64_t len, GuestOffset at, DirectWrite* plan);
+  /// The data of a planned write has landed (or failed: `written`): publish the new mappings and
+  /// release what the plan held. `*commitDue` says enough metadata waits: run CommitDue() on a worker.
+  Status FinishDirectWrite(DirectWrite* plan, const Status& written, bool* commitDue);
+  /// Write back the metadata queued up to the plan's ticket (a worker's part of a direct write).
+  Status CommitDue(const DirectWrite& plan);
+  /// Writes served without a worker thread so far (for statistics).
+  void CountDirectWrite() { directWrites_.fetch_add(1, std::memory_order_relaxed); }
+  uint64_t directWrites() const { return directWrites_.load(std::memory_order_relaxed); }
   /// Make [at, at + len) read as zeros; `unmap` lets whole clusters give up their host space.
   Status WriteZeroes(GuestOffset at, uint64_t len, bool unmap);
   /// Drop the whole clusters of [at, at + len), as QEMU's qcow2 discard does.
@@ -252,7 +270,8 @@ class Engine {
     bool dataFile;
   };
   /// Decide how a write of bytes [from, to) of guest cluster `cluster` is stored.
-  Status PlanCluster(uint64_t cluster, uint64_t from, uint64_t to, ClusterPlan* plan);
+  /// With `cachedOnly`, a table missing from the cache is ERR_QCOW2_WOULD_BLOCK.
+  Status PlanCluster(uint64_t cluster, uint64_t from, uint64_t to, ClusterPlan* plan, bool cachedOnly = false);
   /// The cluster at guest offset `guest`, mapped by `e`, reads as zeros (no copy-on-write source).
   bool ReadsAsZeros(const Mapper::RawEntry& e, uint64_t guest) const;
   /// The L2 table for L1 entry `l1Index`: its offset, or a new table's (allocated under metaMu_).
@@ -263,6 +282,8 @@ class Engine {
   Status WriteData(const uint8_t* buf, uint64_t len, GuestOffset at, std::vector<ClusterPlan>& plans);
   /// Apply mapping changes in memory and queue frees; commit when enough waits to be written back.
   Status Publish(std::vector<L2Update> updates, std::vector<HostFree> frees);
+  /// Enough changes wait in memory for a commit to write them back; under metaMu_.
+  bool CommitWanted() const;
   Status CommitUpTo(uint64_t ticket);
   Status RunCommit(uint64_t* done);
   Status WriteRefcountChanges();
@@ -325,6 +346,13 @@ class Engine {
   /// Host space for `bytes` of compressed data, counted in the refcounts; under metaMu_.
   Status PackCompressed(uint64_t bytes, uint64_t* host);
   Status ReadBacking(uint8_t* buf, uint64_t len, GuestOffset at);
+  /// PlanDirectWrite() for clusters held alone: some need fresh clusters, allocated here under metaMu_.
+  bool PlanDirectAllocation(const uint8_t* buf, uint64_t len, GuestOffset at, DirectWrite* plan);
+  /// Add the host pieces of `plans` to `plan`; false when they do not fit or the file cannot take them as they are.
+  bool AddDirectPieces(const uint8_t* buf, uint64_t len, GuestOffset at, const std::vector<ClusterPlan>& plans,
+                       DirectWrite* plan);
+  /// A resize waits here (holding resizeMu_ alone) for the direct writes still in flight.
+  void WaitForDirectWrites();
   /// Copy the part of a compressed cluster this thread inflated last; false when it was another.
   bool ServeFromLastInflated(uint8_t* dst, const Segment& seg, GuestOffset at);
   /// Read the batch's compressed bytes with one I/O and inflate each cluster; empties the batch.
@@ -398,6 +426,53 @@ class Engine {
   std::mutex bitmapMu_;
   /// Clusters the stored bitmaps no longer use (metadata kind, where), freed once the directory stops naming them.
   std::vector<std::pair<uint32_t, HostFree>> bitmapFrees_;
+  std::atomic<uint64_t> directWrites_{0};
+  /// Direct writes planned and not yet finished; a resize waits for none to be left.
+  std::atomic<int64_t> directInflight_{0};
+  std::mutex directMu_;
+  std::condition_variable directCv_;
+};
+
+/// What a write does to one guest cluster.
+struct Engine::ClusterPlan {
+  enum Action : uint8_t {
+    InPlace,   ///< the cluster owns its host cluster: write the request's bytes there
+    Fill,      ///< write the whole cluster to its own host cluster, then map it as data
+    Allocate,  ///< write the whole cluster to a new host cluster, then map it (and drop the old one)
+  };
+  Action action = InPlace;
+  Mapper::RawEntry entry;
+  uint64_t host = 0;
+  uint64_t table = 0;
+  bool freeOld = false;
+  /// The bytes of the cluster the write stores, [from, to): the request's part, widened to the whole
+  /// cluster or (extended L2) to the subclusters that become allocated; the widening shows what the guest saw.
+  uint64_t from = 0, to = 0;
+  /// The subcluster bitmap of the new mapping (extended L2).
+  uint64_t bitmap = 0;
+  /// The new host cluster reads as zeros already, and so did the guest cluster: only the written bytes need writing.
+  bool zeroed = false;
+};
+
+struct Engine::DirectWrite {
+  static constexpr size_t kMaxPieces = 8;
+  /// `length` bytes of the request from `at` go to host offset `host` of `file`.
+  struct Piece {
+    uint64_t at;
+    uint64_t length;
+    uint64_t host;
+  };
+  Piece pieces[kMaxPieces];
+  size_t count = 0;
+  int fd = -1;
+  File* file = nullptr;
+  /// The guest clusters held: shared for writes in place, alone when mappings change.
+  uint64_t first = 0, last = 0;
+  bool allocating = false;
+  /// The mappings of the clusters allocated, published once the data has landed.
+  std::vector<L2Update> updates;
+  /// The commit that writes them back, when one is due.
+  uint64_t ticket = 0;
 };
 
 /// Append `run` to `out`, merging it into the last run when it continues it exactly.

@@ -8,6 +8,7 @@
 #include "js.h"
 #include "qcow2/check.h"
 #include "qcow2/direct_reads.h"
+#include "qcow2/direct_writes.h"
 #include "qcow2/engine.h"
 #include "qcow2/rebuild.h"
 
@@ -282,6 +283,8 @@ Napi::Value EngineWrap::Write(const Napi::CallbackInfo& info) {
   PinnedBytes buf = args.Bytes(0, "buffer", &keep);
   uint64_t off = args.Offset(1, "offset");
   auto engine = Live(info.Env());
+  Napi::Value direct = TryDirectEngineWrite(info.Env(), engine, buf.data, buf.length, GuestOffset{off}, info[0]);
+  if (!direct.IsEmpty()) return direct;
   return RunAsync(
       info.Env(), [=] { return engine->Write(buf.data, buf.length, GuestOffset{off}); }, nullptr, std::move(keep));
 }
@@ -608,6 +611,7 @@ Napi::Value EngineWrap::Info(const Napi::CallbackInfo& info) {
   o.Set("l2CacheMisses", static_cast<double>(stats.misses));
   o.Set("l2CachedSlices", static_cast<double>(stats.slices));
   o.Set("directReads", static_cast<double>(engine->directReads()));
+  o.Set("directWrites", static_cast<double>(engine->directWrites()));
   return o;
 }
 

@@ -70,6 +70,15 @@ void ClusterLocks::Unlock(uint64_t first, uint64_t last, bool shared) {
   cv_.notify_all();
 }
 
+bool ClusterLocks::TryLock(uint64_t first, uint64_t last, bool shared) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const Held& h : held_) {
+    if (h.first <= last && first <= h.last && !(shared && h.shared)) return false;
+  }
+  held_.push_back({first, last, shared});
+  return true;
+}
+
 bool ClusterLocks::Busy(uint64_t first, uint64_t last) {
   std::lock_guard<std::mutex> lock(mu_);
   for (const Held& h : held_) {
@@ -77,27 +86,6 @@ bool ClusterLocks::Busy(uint64_t first, uint64_t last) {
   }
   return false;
 }
-
-/// What a write does to one guest cluster.
-struct Engine::ClusterPlan {
-  enum Action : uint8_t {
-    InPlace,   ///< the cluster owns its host cluster: write the request's bytes there
-    Fill,      ///< write the whole cluster to its own host cluster, then map it as data
-    Allocate,  ///< write the whole cluster to a new host cluster, then map it (and drop the old one)
-  };
-  Action action = InPlace;
-  Mapper::RawEntry entry;
-  uint64_t host = 0;
-  uint64_t table = 0;
-  bool freeOld = false;
-  /// The bytes of the cluster the write stores, [from, to): the request's part, widened to the whole
-  /// cluster or (extended L2) to the subclusters that become allocated; the widening shows what the guest saw.
-  uint64_t from = 0, to = 0;
-  /// The subcluster bitmap of the new mapping (extended L2).
-  uint64_t bitmap = 0;
-  /// The new host cluster reads as zeros already, and so did the guest cluster: only the written bytes need writing.
-  bool zeroed = false;
-};
 
 Status Engine::Writable() const {
   QCOW2_TRY(Live());
@@ -153,9 +141,9 @@ Status Engine::WriteHeaderField(uint64_t offset, const void* bytes, size_t lengt
   return image_->Flush();
 }
 
-Status Engine::PlanCluster(uint64_t cluster, uint64_t from, uint64_t to, ClusterPlan* plan) {
+Status Engine::PlanCluster(uint64_t cluster, uint64_t from, uint64_t to, ClusterPlan* plan, bool cachedOnly) {
   const Geometry& g = geometry();
-  QCOW2_TRY(mapper_->EntryAt(GuestOffset{cluster << g.clusterBits}, &plan->entry));
+  QCOW2_TRY(mapper_->EntryAt(GuestOffset{cluster << g.clusterBits}, &plan->entry, cachedOnly));
   const Mapper::RawEntry& e = plan->entry;
   const L2Entry& l2 = e.entry;
   const bool owned = Owned(e);
@@ -369,11 +357,15 @@ Status Engine::Publish(std::vector<L2Update> updates, std::vector<HostFree> free
     std::lock_guard<std::mutex> lock(metaMu_);
     QCOW2_TRY(Fail(ApplyUpdates(updates)));
     pendingFrees_.insert(pendingFrees_.end(), frees.begin(), frees.end());
-    // Metadata is written back like a cache: on flush, or once enough of it waits.
-    if (dirtySlices_.size() < kMaxDirtySlices && pendingFrees_.size() < kMaxPendingFrees) return Status::Ok();
+    if (!CommitWanted()) return Status::Ok();
     ticket = ++ticket_;
   }
   return CommitUpTo(ticket);
+}
+
+bool Engine::CommitWanted() const {
+  // Metadata is written back like a cache: on flush, or once enough of it waits.
+  return dirtySlices_.size() >= kMaxDirtySlices || pendingFrees_.size() >= kMaxPendingFrees;
 }
 
 Status Engine::ApplyUpdates(const std::vector<L2Update>& updates) {
@@ -1111,6 +1103,7 @@ Status Engine::TrimToLastCluster() {
 Status Engine::Resize(uint64_t newSize, bool shrink, Preallocation preallocation) {
   QCOW2_TRY(Writable());
   std::unique_lock<std::shared_mutex> resizing(resizeMu_);
+  WaitForDirectWrites();
   const Geometry& g = geometry();
   const uint64_t oldSize = size();
   if (newSize < oldSize && !shrink) {

@@ -171,7 +171,7 @@ Status Mapper::ResolveIn(GuestOffset at, uint64_t maxLength, Segment* out, bool 
   return Status::Ok();
 }
 
-Status Mapper::EntryAt(GuestOffset at, RawEntry* out) {
+Status Mapper::EntryAt(GuestOffset at, RawEntry* out, bool cachedOnly) {
   const Geometry& g = geometry_;
   *out = RawEntry{};
   out->l1Index = g.L1Index(at);
@@ -184,7 +184,7 @@ Status Mapper::EntryAt(GuestOffset at, RawEntry* out) {
   if (out->l2Offset == 0) return Status::Ok();
   std::shared_ptr<const L2Slice> slice;
   uint64_t firstCluster, sliceEnd;
-  QCOW2_TRY(L2SliceFor(at, out->l2Offset, false, false, &slice, &firstCluster, &sliceEnd));
+  QCOW2_TRY(L2SliceFor(at, out->l2Offset, false, cachedOnly, &slice, &firstCluster, &sliceEnd));
   const uint64_t index = (at.value >> g.clusterBits) - firstCluster;
   out->raw = g.extendedL2 ? slice->Word(2 * index) : slice->Word(index);
   out->bitmap = g.extendedL2 ? slice->Word(2 * index + 1) : 0;

@@ -59,7 +59,8 @@ class Mapper {
     uint64_t bitmap = 0;
     L2Entry entry;
   };
-  Status EntryAt(GuestOffset at, RawEntry* out);
+  /// With `cachedOnly`, a table missing from the cache is ERR_QCOW2_WOULD_BLOCK instead of a read.
+  Status EntryAt(GuestOffset at, RawEntry* out, bool cachedOnly = false);
   /// Publish a new L1 entry (already on disk).
   void SetL1(uint64_t index, uint64_t raw) { l1_[index].store(raw, std::memory_order_release); }
   uint64_t L1Raw(uint64_t index) const { return l1_[index].load(std::memory_order_acquire); }

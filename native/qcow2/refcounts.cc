@@ -272,6 +272,28 @@ Status Refcounts::AllocateUpTo(uint64_t most, uint64_t* first, uint64_t* got, bo
   }
 }
 
+bool Refcounts::AllocatesInMemory(uint64_t count, uint64_t* end, bool* fresh) const {
+  // A short look: the free clusters a small write needs lie right at the cursor in a busy image.
+  constexpr uint64_t kMaxLook = 4096;
+  *fresh = true;
+  uint64_t found = 0;
+  auto block = blocks_.end();
+  for (uint64_t c = cursor_; found < count; c++) {
+    if (c - cursor_ >= kMaxLook) return false;
+    const uint64_t index = c / perBlock_;
+    if (block == blocks_.end() || block->first != index) {
+      if (index >= table_.size() || table_[index] == 0) return false;
+      block = blocks_.find(index);
+      if (block == blocks_.end()) return false;
+    }
+    if (GetRefcount(block->second.bytes.data(), bits_, c % perBlock_) != 0) continue;
+    found++;
+    *fresh = *fresh && c >= highWater_;
+    *end = c + 1;
+  }
+  return true;
+}
+
 Status Refcounts::DropEmptyTail(uint64_t* end) {
   *end = 0;
   for (uint64_t i = table_.size(); i-- > 0;) {

@@ -51,6 +51,10 @@ class Refcounts {
   /// Allocate the first free clusters, as many (up to `most`) as lie contiguous there: `*got` of them
   /// from `*first`; `*fresh` as for Allocate(). Fills holes that a run of `most` would skip.
   Status AllocateUpTo(uint64_t most, uint64_t* first, uint64_t* got, bool* fresh);
+  /// Whether the next `count` clusters AllocateUpTo() hands out come from blocks in memory, without
+  /// making any (so without I/O): then `*end` is the cluster after the last of them, and `*fresh`
+  /// says they all lie past everything the file ever held. False when that is not known cheaply.
+  bool AllocatesInMemory(uint64_t count, uint64_t* end, bool* fresh) const;
   /// Drop the blocks at the top that count only themselves, and say where the clusters in use end
   /// (`*end`, in clusters): what a shrunk image's file keeps.
   Status DropEmptyTail(uint64_t* end);
