@@ -351,7 +351,8 @@ class Engine {
   /// Add the host pieces of `plans` to `plan`; false when they do not fit or the file cannot take them as they are.
   bool AddDirectPieces(const uint8_t* buf, uint64_t len, GuestOffset at, const std::vector<ClusterPlan>& plans,
                        DirectWrite* plan);
-  /// A resize waits here (holding resizeMu_ alone) for the direct writes still in flight.
+  /// Whoever holds resizeMu_ alone to keep every request out (resize, snapshot changes) waits here
+  /// for the direct writes still in flight.
   void WaitForDirectWrites();
   /// Copy the part of a compressed cluster this thread inflated last; false when it was another.
   bool ServeFromLastInflated(uint8_t* dst, const Segment& seg, GuestOffset at);

@@ -372,6 +372,7 @@ Status Engine::ChangeSnapshots(const SnapshotChange& change, SnapshotChangeResul
                                                ") and snapshots_offset (" + std::to_string(change.offsetField) + ") must be adjacent");
   }
   std::unique_lock<std::shared_mutex> held(resizeMu_);
+  WaitForDirectWrites();
   // The walks read the tables from the file: every change made so far must be there.
   QCOW2_TRY(Flush());
   SnapshotOps ops(*this);
