@@ -54,6 +54,7 @@ class CommitJob : public Job {
   explicit CommitJob(EngineWrite* write) : write_(write) {}
   void Execute() override { status_ = write_->engine->CommitDue(write_->plan); }
   void Complete(Napi::Env env) override { write_->Settle(env, status_); }
+  void Failed(Status error) override { status_ = std::move(error); }
 
  private:
   EngineWrite* write_;
