@@ -17,7 +17,7 @@ import { chainOf, cleanIfDirty, couldNotOpen, fileIdentity, isErrno, openChainIm
 /** qemu-img rebase's unit of work: at most this many bytes are read from each side at once. */
 export const REBASE_CHUNK = 2 << 20;
 
-/** Granule of the comparison: differing 512-byte sectors are what gets written, as qemu-img does. */
+/** qemu-img's granule of comparison: it writes the differing 512-byte sectors of a unit of work. */
 const SECTOR = 512;
 
 /** What rebase does. */
@@ -196,38 +196,47 @@ export function suppliedAbove(e: Extent, depth: number): boolean {
   return e.kind === 'unallocated' ? e.depth + 1 < depth : e.depth < depth;
 }
 
-/** Sectors compared at once while the buffers agree: agreeing stretches are long, and one comparison is cheaper than 128. */
-const AGREE_BLOCK = 128 * SECTOR;
-
-/** Where two buffers agree or differ, in runs of whole sectors: the first run's kind and length. */
-function sectorRun(a: Buffer, b: Buffer, from: number, to: number): { differs: boolean; length: number } {
-  const differ = (at: number, bytes: number) => {
-    const end = Math.min(at + bytes, to);
+/**
+ * Where two buffers agree or differ, in runs of `unit`-byte pieces aligned to guest offsets
+ * (`base` is the guest offset of byte 0): the first run's kind and length, clipped to `to`.
+ */
+function unitRun(a: Buffer, b: Buffer, base: number, from: number, to: number, unit: number): { differs: boolean; length: number } {
+  const pieceEnd = (at: number) => Math.min(to, at + unit - ((base + at) % unit));
+  const differ = (at: number) => {
+    const end = pieceEnd(at);
     return a.compare(b, at, end, at, end) !== 0;
   };
-  const differs = differ(from, SECTOR);
-  let at = from + SECTOR;
-  while (at < to) {
-    if (!differs && !differ(at, AGREE_BLOCK)) {
-      at += AGREE_BLOCK;
-      continue;
-    }
-    if (differ(at, SECTOR) !== differs) break;
-    at += SECTOR;
-  }
-  return { differs, length: Math.min(at, to) - from };
+  const differs = differ(from);
+  let at = pieceEnd(from);
+  while (at < to && differ(at) === differs) at = pieceEnd(at);
+  return { differs, length: at - from };
 }
 
-/** Write into the image, from `old`, every sector of [offset, offset + n) where `old` and `fresh` differ. */
+/**
+ * Write into the image every piece of [offset, offset + n) where `old` and `fresh` differ, from
+ * `old`. qemu-img writes differing 512-byte sectors; comparing whole allocation units (the image's
+ * cluster or subcluster) instead gives the same image: a unit with one differing sector is
+ * allocated by qemu's write too, and its other sectors get the old content by copy-on-write from
+ * the old backing file, which is what is written here. Zeros past the old backing file's end are
+ * written sector by sector, as qemu writes them (a zero write's result depends on its extent).
+ */
 async function writeDifferences(image: Image, old: Buffer, fresh: Buffer, offset: number, n: number, oldIsZero: boolean): Promise<void> {
+  const unit = oldIsZero ? SECTOR : allocationUnit(image);
   for (let at = 0; at < n; ) {
-    const { differs, length } = sectorRun(old, fresh, at, n);
+    // Sectors count from the start of the unit of work, as in qemu; allocation units from guest offset 0.
+    const { differs, length } = unitRun(old, fresh, oldIsZero ? 0 : offset, at, n, unit);
     if (differs) {
       if (oldIsZero) await image.writeZeroes(offset + at, length);
       else await image.write(old.subarray(at, at + length), offset + at);
     }
     at += length;
   }
+}
+
+/** The least the image allocates at once: its subcluster (extended L2) or cluster. */
+function allocationUnit(image: Image): number {
+  if (!(image instanceof Qcow2Image)) return SECTOR;
+  return image.header.extendedL2 ? image.clusterSize / 32 : image.clusterSize;
 }
 
 /** One unit of safe mode's work: a stretch to compare, and which side reads as zeros without a read. */
