@@ -89,6 +89,20 @@ test('safe mode: onto another image, onto nothing, onto the base of the chain, w
   t.regex(await qemuImg('compare', orig, path.join(dirs.ours, 'top.qcow2')), /Images are identical/);
 });
 
+test('extended-L2 and version 2 images get the allocation qemu-img gives them', async (t) => {
+  const dirs = await twinChains(t);
+  for (const dir of [dirs.theirs, dirs.ours]) {
+    for (const [name, options] of [['xl2.qcow2', 'extended_l2=on'], ['v2.qcow2', 'compat=0.10']]) {
+      await qemuImg('create', '-q', '-f', 'qcow2', '-o', options, '-b', 'mid.qcow2', '-F', 'qcow2', path.join(dir, name));
+      await qemuIo('-c', 'write -P 6 8k 4k', '-c', 'write -z 3M 64k', path.join(dir, name));
+    }
+  }
+  for (const name of ['xl2.qcow2', 'v2.qcow2']) {
+    await rebaseBoth(t, dirs, ['-b', 'new.qcow2', '-F', 'qcow2', name], name);
+    await rebaseBoth(t, dirs, ['-b', '', name], name);
+  }
+});
+
 test('relative names are looked up beside the image and stored as given', async (t) => {
   const dirs = await twinChains(t);
   for (const dir of [dirs.theirs, dirs.ours]) {
