@@ -192,7 +192,7 @@ export async function amend(path: string, options: AmendOptions): Promise<void> 
   if (steps.version > header.version) await checkUpgrade(path, header);
   const resize = steps.size !== undefined && steps.size !== header.size;
   if (resize || steps.version < header.version || header.dirty) {
-    // Only these need the engine: a clean image opened writable would lose its bitmaps' autoclear bit for nothing.
+    // Only these need the engine; a header-only change never opens the image for writing.
     const writable = (await openChainImage(path, { ...opening, format: 'qcow2', readOnly: false })) as Qcow2Image;
     try {
       if (resize) await writable.resize(steps.size!, { shrink: true });

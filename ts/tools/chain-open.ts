@@ -100,7 +100,7 @@ export async function fileIdentity(path: string): Promise<string | undefined> {
 /**
  * An image left dirty (lazy refcounts, no clean close) is opened writable once, which counts its
  * refcounts again and clears the dirty bit, so that its header may be rewritten. A clean image is
- * not opened for writing: that would clear its bitmaps' autoclear bit for nothing.
+ * not opened for writing: a header-only change needs no engine.
  */
 export async function cleanIfDirty(path: string, options: Omit<ChainOpenOptions, 'readOnly' | 'backing'>): Promise<void> {
   if (!(await readHeader(path)).header.dirty) return;
