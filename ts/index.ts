@@ -45,3 +45,5 @@ export type { DdOptions, DdPlan } from './tools/dd.js';
 export { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots, nextSnapshotId } from './tools/snapshot.js';
 export type { SnapshotOptions, SnapshotTarget } from './tools/snapshot.js';
 export type { SnapshotEntry } from './qcow2/snapshots.js';
+export { bitmap, defaultGranularity } from './tools/bitmap.js';
+export type { BitmapAction, BitmapOptions } from './tools/bitmap.js';

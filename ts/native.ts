@@ -204,6 +204,19 @@ export interface Qcow2Engine {
   storeBitmaps(): Promise<{ tableOffset: number; tableEntries: number }[]>;
   /** The bitmap directory names the stored tables now: free the clusters the old ones used. */
   releaseBitmapClusters(): Promise<void>;
+  /** Add an empty bitmap (stored by storeBitmaps()); resolves to its index among the loaded ones. */
+  addBitmap(granularityBits: number, enabled: boolean): Promise<number>;
+  /** Remove, clear, enable, disable loaded bitmap `index`, or merge `bits` (at `granularityBits`) into it. */
+  changeBitmap(index: number, change: 'remove' | 'clear' | 'enable' | 'disable'): Promise<void>;
+  changeBitmap(index: number, change: 'merge', bits: Uint8Array, granularityBits: number): Promise<void>;
+  /** The bits of loaded bitmap `index` now (bit i of byte j: granule 8j + i). */
+  bitmapBits(index: number): Promise<Buffer>;
+  /** The bits of the bitmap whose table is given, read from the image (read-only engines too). */
+  readBitmap(bitmap: { tableOffset: number; tableEntries: number; granularityBits: number }): Promise<Buffer>;
+  /** Free the clusters of a bitmap that was not loaded (in use) with the next releaseBitmapClusters(). */
+  dropBitmapTable(tableOffset: number, tableEntries: number): Promise<void>;
+  /** Write a new bitmap directory (none when empty), flushed; resolves to its offset. The old one is freed by releaseBitmapClusters(). */
+  writeBitmapDirectory(directory: Uint8Array, oldOffset: number, oldBytes: number): Promise<number>;
   /** Flush (when writable), refuse further requests and drop the cached tables; the files stay open. */
   close(): Promise<void>;
 }

@@ -73,6 +73,21 @@ void DirtyBitmap::Mark(uint64_t at, uint64_t len) {
   for (; first < end; first++) bytes_[first >> 3] |= static_cast<uint8_t>(1u << (first & 7));
 }
 
+void DirtyBitmap::Merge(const uint8_t* bits, uint64_t bytes, uint32_t granularityBits) {
+  const uint64_t granule = 1ull << granularityBits;
+  for (uint64_t i = 0; i < bytes; i++) {
+    if (bits[i] == 0) continue;
+    for (uint32_t bit = 0; bit < 8; bit++) {
+      if (bits[i] & (1u << bit)) Mark((i * 8 + bit) * granule, granule);
+    }
+  }
+}
+
+void DirtyBitmap::Clear() {
+  std::memset(bytes_.data(), 0, bytes_.size());
+  changed_ = true;
+}
+
 void DirtyBitmap::ClearTail() {
   const uint64_t firstByte = (granules_ + 7) / 8;
   if (granules_ & 7) bytes_[granules_ >> 3] &= static_cast<uint8_t>((1u << (granules_ & 7)) - 1);

@@ -56,6 +56,14 @@ class DirtyBitmap {
   void Mark(uint64_t at, uint64_t len);
   /// Follow a change of the disk size: granules past the new end are dropped, new ones start clear.
   void Resize(uint64_t diskSize);
+  /// Set the granules that the set bits of `bits` (of another bitmap, at `granularityBits`) cover.
+  void Merge(const uint8_t* bits, uint64_t bytes, uint32_t granularityBits);
+  /// Clear every bit.
+  void Clear();
+  void SetEnabled(bool enabled) { config_.enabled = enabled; }
+  /// Removed from the image: neither marked nor stored any more.
+  void Remove() { removed_ = true; }
+  bool removed() const { return removed_; }
   /// Clear the bits past the last granule (loaded data may hold some; they must read as zero).
   void ClearTail();
   /// The bits are on disk in `stored` at `offset`: unchanged from now on.
@@ -82,6 +90,7 @@ class DirtyBitmap {
   uint64_t granules_;
   std::vector<uint8_t> bytes_;
   bool changed_ = false;
+  bool removed_ = false;
 };
 
 /// Bitmap table entries a bitmap of `granularityBits` needs for a disk of `diskSize` bytes.

@@ -236,6 +236,20 @@ class Engine {
   Status StoreBitmaps(std::vector<StoredBitmap>* out);
   /// The bitmap directory now names the stored tables: free the clusters StoreBitmaps() left behind.
   Status ReleaseBitmapClusters();
+  /// Add an empty bitmap, stored by the next StoreBitmaps(); `*index` is its place among the loaded ones.
+  Status AddBitmap(uint32_t granularityBits, bool enabled, size_t* index);
+  /// Change loaded bitmap `index`: remove it (its clusters freed by ReleaseBitmapClusters()), clear
+  /// it, enable or disable it, or merge the set bits of `bits` (granularity `granularityBits`) into it.
+  enum class BitmapChange { Remove, Clear, Enable, Disable, Merge };
+  Status ChangeBitmap(size_t index, BitmapChange change, const std::vector<uint8_t>& bits = {}, uint32_t granularityBits = 0);
+  /// The bits of loaded bitmap `index` as they are now (whole clusters).
+  Status BitmapBits(size_t index, std::vector<uint8_t>* out);
+  /// The bits of the bitmap whose table `config` names, read from the image (read-only engines too).
+  Status ReadBitmap(const BitmapConfig& config, std::vector<uint8_t>* out);
+  /// Queue the clusters of a bitmap the engine did not load (in use) to be freed with ReleaseBitmapClusters().
+  Status DropBitmapTable(uint64_t tableOffset, uint64_t tableEntries);
+  /// Write a new bitmap directory (none when `bytes` is empty) and flush; the old one is freed by ReleaseBitmapClusters().
+  Status WriteBitmapDirectory(const std::vector<uint8_t>& bytes, uint64_t oldOffset, uint64_t oldBytes, uint64_t* offset);
 
   /// Flush when writable, then refuse further requests and drop the cached tables.
   Status Close();
@@ -366,6 +380,10 @@ class Engine {
   /// Read the configured bitmaps' tables and data, and note their clusters as metadata.
   Status LoadBitmaps();
   Status LoadBitmap(const BitmapConfig& config, std::unique_ptr<DirtyBitmap>* out);
+  /// Read a bitmap's table and data into `bitmap` (nothing noted as metadata).
+  Status ReadBitmapInto(const BitmapConfig& config, DirtyBitmap* bitmap);
+  /// Queue the clusters `bitmap`'s table and data use for ReleaseBitmapClusters(); under bitmapMu_.
+  void QueueBitmapFrees(const DirtyBitmap& bitmap);
   /// Record that guest bytes [at, at + len) changed, in every enabled bitmap, as QEMU marks a request.
   void MarkDirty(uint64_t at, uint64_t len);
   /// Follow a disk size change in every bitmap.
@@ -424,6 +442,8 @@ class Engine {
   uint64_t grownTo_ = 0;
   /// Persistent bitmaps being kept up to date; fixed at open, their bits under bitmapMu_.
   std::vector<std::unique_ptr<DirtyBitmap>> bitmaps_;
+  /// bitmaps_ is not empty: requests take bitmapMu_ only then.
+  std::atomic<bool> hasBitmaps_{false};
   std::mutex bitmapMu_;
   /// Clusters the stored bitmaps no longer use (metadata kind, where), freed once the directory stops naming them.
   std::vector<std::pair<uint32_t, HostFree>> bitmapFrees_;

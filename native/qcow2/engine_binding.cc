@@ -38,6 +38,12 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         InstanceMethod<&EngineWrap::ChangeSnapshots>("changeSnapshots"),
         InstanceMethod<&EngineWrap::StoreBitmaps>("storeBitmaps"),
         InstanceMethod<&EngineWrap::ReleaseBitmapClusters>("releaseBitmapClusters"),
+        InstanceMethod<&EngineWrap::AddBitmap>("addBitmap"),
+        InstanceMethod<&EngineWrap::ChangeBitmap>("changeBitmap"),
+        InstanceMethod<&EngineWrap::BitmapBits>("bitmapBits"),
+        InstanceMethod<&EngineWrap::ReadBitmap>("readBitmap"),
+        InstanceMethod<&EngineWrap::DropBitmapTable>("dropBitmapTable"),
+        InstanceMethod<&EngineWrap::WriteBitmapDirectory>("writeBitmapDirectory"),
         StaticMethod<&EngineWrap::Format>("format"),
         StaticMethod<&EngineWrap::RebuildRefcounts>("rebuildRefcounts"),
         StaticMethod<&EngineWrap::Check>("check"),
@@ -76,6 +82,12 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   Napi::Value ChangeSnapshots(const Napi::CallbackInfo& info);
   Napi::Value StoreBitmaps(const Napi::CallbackInfo& info);
   Napi::Value ReleaseBitmapClusters(const Napi::CallbackInfo& info);
+  Napi::Value AddBitmap(const Napi::CallbackInfo& info);
+  Napi::Value ChangeBitmap(const Napi::CallbackInfo& info);
+  Napi::Value BitmapBits(const Napi::CallbackInfo& info);
+  Napi::Value ReadBitmap(const Napi::CallbackInfo& info);
+  Napi::Value DropBitmapTable(const Napi::CallbackInfo& info);
+  Napi::Value WriteBitmapDirectory(const Napi::CallbackInfo& info);
   static Napi::Value Format(const Napi::CallbackInfo& info);
   static Napi::Value RebuildRefcounts(const Napi::CallbackInfo& info);
   static Napi::Value Check(const Napi::CallbackInfo& info);
@@ -410,6 +422,91 @@ Napi::Value EngineWrap::StoreBitmaps(const Napi::CallbackInfo& info) {
 Napi::Value EngineWrap::ReleaseBitmapClusters(const Napi::CallbackInfo& info) {
   auto engine = Live(info.Env());
   return RunAsync(info.Env(), [=] { return engine->ReleaseBitmapClusters(); });
+}
+
+/// Bytes produced by a job, handed to JS as a Buffer.
+Napi::Value BytesResult(Napi::Env env, const std::vector<uint8_t>& bytes) {
+  return Napi::Buffer<uint8_t>::Copy(env, bytes.data(), bytes.size());
+}
+
+Napi::Value EngineWrap::AddBitmap(const Napi::CallbackInfo& info) {
+  Args args(info);
+  const uint32_t granularityBits = static_cast<uint32_t>(std::min<uint64_t>(args.Offset(0, "granularityBits"), 64));
+  const bool enabled = info[1].ToBoolean();
+  auto engine = Live(info.Env());
+  auto index = std::make_shared<size_t>(0);
+  return RunAsync(
+      info.Env(), [=] { return engine->AddBitmap(granularityBits, enabled, index.get()); },
+      [index](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, static_cast<double>(*index)); });
+}
+
+Napi::Value EngineWrap::ChangeBitmap(const Napi::CallbackInfo& info) {
+  static const std::pair<const char*, Engine::BitmapChange> kinds[] = {
+      {"remove", Engine::BitmapChange::Remove}, {"clear", Engine::BitmapChange::Clear},
+      {"enable", Engine::BitmapChange::Enable}, {"disable", Engine::BitmapChange::Disable},
+      {"merge", Engine::BitmapChange::Merge}};
+  Args args(info);
+  const size_t index = static_cast<size_t>(args.Offset(0, "index"));
+  const std::string kind = args.String(1, "change");
+  auto found = std::find_if(std::begin(kinds), std::end(kinds), [&](const auto& k) { return kind == k.first; });
+  if (found == std::end(kinds)) {
+    throw Napi::TypeError::New(info.Env(), "change must be 'remove', 'clear', 'enable', 'disable' or 'merge', got '" + kind + "'");
+  }
+  std::vector<uint8_t> bits;
+  uint32_t granularityBits = 0;
+  if (found->second == Engine::BitmapChange::Merge) {
+    Keep keep;
+    PinnedBytes source = args.Bytes(2, "bits", &keep);
+    bits.assign(source.data, source.data + source.length);
+    granularityBits = static_cast<uint32_t>(std::min<uint64_t>(args.Offset(3, "granularityBits"), 64));
+  }
+  auto engine = Live(info.Env());
+  const Engine::BitmapChange change = found->second;
+  return RunAsync(info.Env(), [=] { return engine->ChangeBitmap(index, change, bits, granularityBits); });
+}
+
+Napi::Value EngineWrap::BitmapBits(const Napi::CallbackInfo& info) {
+  const size_t index = static_cast<size_t>(Args(info).Offset(0, "index"));
+  auto engine = Live(info.Env());
+  auto bits = std::make_shared<std::vector<uint8_t>>();
+  return RunAsync(
+      info.Env(), [=] { return engine->BitmapBits(index, bits.get()); },
+      [bits](Napi::Env env) { return BytesResult(env, *bits); });
+}
+
+Napi::Value EngineWrap::ReadBitmap(const Napi::CallbackInfo& info) {
+  Napi::Object o = Args(info).Object(0, "bitmap");
+  BitmapConfig config;
+  config.tableOffset = RequiredOffset(o, "tableOffset");
+  config.tableEntries = RequiredOffset(o, "tableEntries");
+  config.granularityBits = SmallInteger(o, "granularityBits", 63);
+  auto engine = Live(info.Env());
+  auto bits = std::make_shared<std::vector<uint8_t>>();
+  return RunAsync(
+      info.Env(), [=] { return engine->ReadBitmap(config, bits.get()); },
+      [bits](Napi::Env env) { return BytesResult(env, *bits); });
+}
+
+Napi::Value EngineWrap::DropBitmapTable(const Napi::CallbackInfo& info) {
+  Args args(info);
+  const uint64_t offset = args.Offset(0, "tableOffset");
+  const uint64_t entries = args.Offset(1, "tableEntries");
+  auto engine = Live(info.Env());
+  return RunAsync(info.Env(), [=] { return engine->DropBitmapTable(offset, entries); });
+}
+
+Napi::Value EngineWrap::WriteBitmapDirectory(const Napi::CallbackInfo& info) {
+  Args args(info);
+  Keep keep;
+  PinnedBytes source = args.Bytes(0, "directory", &keep);
+  std::vector<uint8_t> bytes(source.data, source.data + source.length);
+  const uint64_t oldOffset = args.Offset(1, "oldOffset");
+  const uint64_t oldBytes = args.Offset(2, "oldBytes");
+  auto engine = Live(info.Env());
+  auto offset = std::make_shared<uint64_t>(0);
+  return RunAsync(
+      info.Env(), [=] { return engine->WriteBitmapDirectory(bytes, oldOffset, oldBytes, offset.get()); },
+      [offset](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, static_cast<double>(*offset)); });
 }
 
 Preallocation ParsePreallocation(const Napi::Object& o) {

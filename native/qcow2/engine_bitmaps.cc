@@ -43,12 +43,24 @@ Status Engine::LoadBitmaps() {
     QCOW2_TRY(LoadBitmap(c, &bitmap));
     bitmaps_.push_back(std::move(bitmap));
   }
+  hasBitmaps_.store(!bitmaps_.empty(), std::memory_order_release);
   return Status::Ok();
 }
 
 Status Engine::LoadBitmap(const BitmapConfig& c, std::unique_ptr<DirtyBitmap>* out) {
+  auto bitmap = std::make_unique<DirtyBitmap>(c, size(), clusterSize());
+  QCOW2_TRY(ReadBitmapInto(c, bitmap.get()));
   const uint64_t cs = clusterSize();
-  auto bitmap = std::make_unique<DirtyBitmap>(c, size(), cs);
+  for (const BitmapTableEntry& e : bitmap->table) {
+    if (e.host != 0) metadata_->Add(kMetaBitmapData, e.host, cs);
+  }
+  if (c.tableEntries > 0) metadata_->Add(kMetaBitmapTable, c.tableOffset, (c.tableEntries * 8 + cs - 1) / cs * cs);
+  *out = std::move(bitmap);
+  return Status::Ok();
+}
+
+Status Engine::ReadBitmapInto(const BitmapConfig& c, DirtyBitmap* bitmap) {
+  const uint64_t cs = clusterSize();
   if (c.tableEntries != bitmap->entries()) {
     return Status::Error("ERR_QCOW2_CORRUPT", "bitmap table of " + std::to_string(c.tableEntries) +
                                                   " entries does not match the " + std::to_string(bitmap->entries()) +
@@ -70,27 +82,153 @@ Status Engine::LoadBitmap(const BitmapConfig& c, std::unique_ptr<DirtyBitmap>* o
     uint8_t* chunk = bitmap->data() + j * cs;
     if (e.host != 0) {
       QCOW2_TRY(image_->ReadExact(chunk, cs, e.host));
-      metadata_->Add(kMetaBitmapData, e.host, cs);
     } else if (e.allOnes) {
       std::memset(chunk, 0xff, cs);
     }
   }
   bitmap->ClearTail();
-  if (tableBytes > 0) metadata_->Add(kMetaBitmapTable, c.tableOffset, (tableBytes + cs - 1) / cs * cs);
-  *out = std::move(bitmap);
   return Status::Ok();
 }
 
+Status Engine::ReadBitmap(const BitmapConfig& config, std::vector<uint8_t>* out) {
+  QCOW2_TRY(Live());
+  if (config.granularityBits < kMinGranularityBits || config.granularityBits > kMaxGranularityBits) {
+    return Status::Error("ERR_QCOW2_CORRUPT", "bitmap granularity bits " + std::to_string(config.granularityBits) +
+                                                  " is outside " + std::to_string(kMinGranularityBits) + ".." +
+                                                  std::to_string(kMaxGranularityBits));
+  }
+  if (BitmapTableEntriesFor(size(), config.granularityBits, clusterSize()) * clusterSize() > kMaxBitmapBytes) {
+    return Status::Error("ERR_QCOW2_UNSUPPORTED", "the bitmap needs more than " + std::to_string(kMaxBitmapBytes) + " bytes of memory");
+  }
+  std::shared_lock<std::shared_mutex> resizing(resizeMu_);
+  DirtyBitmap bitmap(config, size(), clusterSize());
+  QCOW2_TRY(ReadBitmapInto(config, &bitmap));
+  out->assign(bitmap.data(), bitmap.data() + bitmap.entries() * clusterSize());
+  return Status::Ok();
+}
+
+Status Engine::AddBitmap(uint32_t granularityBits, bool enabled, size_t* index) {
+  QCOW2_TRY(Writable());
+  if (granularityBits < kMinGranularityBits || granularityBits > kMaxGranularityBits) {
+    return Status::Error("ERR_QCOW2_INVALID_ARGUMENT", "bitmap granularity bits " + std::to_string(granularityBits) +
+                                                           " is outside " + std::to_string(kMinGranularityBits) + ".." +
+                                                           std::to_string(kMaxGranularityBits));
+  }
+  std::unique_lock<std::shared_mutex> resizing(resizeMu_);
+  std::lock_guard<std::mutex> lock(bitmapMu_);
+  BitmapConfig config;
+  config.granularityBits = granularityBits;
+  config.enabled = enabled;
+  config.tableEntries = BitmapTableEntriesFor(size(), granularityBits, clusterSize());
+  auto bitmap = std::make_unique<DirtyBitmap>(config, size(), clusterSize());
+  // Stored even while all clear: the directory needs its table.
+  bitmap->Clear();
+  bitmaps_.push_back(std::move(bitmap));
+  hasBitmaps_.store(true, std::memory_order_release);
+  *index = bitmaps_.size() - 1;
+  return Status::Ok();
+}
+
+void Engine::QueueBitmapFrees(const DirtyBitmap& b) {
+  const uint64_t cs = clusterSize();
+  for (const BitmapTableEntry& e : b.table) {
+    if (e.host != 0) bitmapFrees_.push_back({kMetaBitmapData, {e.host, cs, false}});
+  }
+  const uint64_t tableClusters = (b.table.size() * 8 + cs - 1) / cs;
+  if (b.tableOffset != 0 && tableClusters > 0) bitmapFrees_.push_back({kMetaBitmapTable, {b.tableOffset, tableClusters * cs, false}});
+}
+
+Status Engine::ChangeBitmap(size_t index, BitmapChange change, const std::vector<uint8_t>& bits, uint32_t granularityBits) {
+  QCOW2_TRY(Writable());
+  std::lock_guard<std::mutex> lock(bitmapMu_);
+  if (index >= bitmaps_.size() || bitmaps_[index]->removed()) {
+    return Status::Error("ERR_QCOW2_INVALID_ARGUMENT", "no loaded bitmap " + std::to_string(index));
+  }
+  DirtyBitmap& b = *bitmaps_[index];
+  switch (change) {
+    case BitmapChange::Remove:
+      QueueBitmapFrees(b);
+      b.Remove();
+      break;
+    case BitmapChange::Clear: b.Clear(); break;
+    case BitmapChange::Enable: b.SetEnabled(true); break;
+    case BitmapChange::Disable: b.SetEnabled(false); break;
+    case BitmapChange::Merge:
+      if (granularityBits < kMinGranularityBits || granularityBits > kMaxGranularityBits) {
+        return Status::Error("ERR_QCOW2_INVALID_ARGUMENT", "merged bitmap granularity bits " + std::to_string(granularityBits) +
+                                                               " is outside " + std::to_string(kMinGranularityBits) + ".." +
+                                                               std::to_string(kMaxGranularityBits));
+      }
+      b.Merge(bits.data(), bits.size(), granularityBits);
+      break;
+  }
+  return Status::Ok();
+}
+
+Status Engine::BitmapBits(size_t index, std::vector<uint8_t>* out) {
+  QCOW2_TRY(Live());
+  std::lock_guard<std::mutex> lock(bitmapMu_);
+  if (index >= bitmaps_.size() || bitmaps_[index]->removed()) {
+    return Status::Error("ERR_QCOW2_INVALID_ARGUMENT", "no loaded bitmap " + std::to_string(index));
+  }
+  DirtyBitmap& b = *bitmaps_[index];
+  out->assign(b.data(), b.data() + b.entries() * clusterSize());
+  return Status::Ok();
+}
+
+Status Engine::DropBitmapTable(uint64_t tableOffset, uint64_t tableEntries) {
+  QCOW2_TRY(Writable());
+  const uint64_t cs = clusterSize();
+  const uint64_t tableBytes = tableEntries * 8;
+  if (tableBytes > 0 && (tableOffset % cs != 0 || tableOffset < cs || tableOffset > imageFileSize_ ||
+                         imageFileSize_ - tableOffset < tableBytes)) {
+    return Status::Error("ERR_QCOW2_CORRUPT", "bitmap table at " + std::to_string(tableOffset) + " (+" +
+                                                  std::to_string(tableBytes) + " bytes) is not cluster-aligned inside " +
+                                                  std::to_string(cs) + ".." + std::to_string(imageFileSize_));
+  }
+  std::vector<uint8_t> raw(tableBytes);
+  if (tableBytes > 0) QCOW2_TRY(image_->ReadExact(raw.data(), tableBytes, tableOffset));
+  DirtyBitmap dropped(BitmapConfig{}, 0, cs);
+  dropped.tableOffset = tableOffset;
+  dropped.table.resize(tableEntries);
+  for (uint64_t j = 0; j < tableEntries; j++) {
+    QCOW2_TRY(DecodeBitmapTableEntry(LoadBE64(raw.data() + 8 * j), j, cs, imageFileSize_, &dropped.table[j]));
+  }
+  std::lock_guard<std::mutex> lock(bitmapMu_);
+  QueueBitmapFrees(dropped);
+  return Status::Ok();
+}
+
+Status Engine::WriteBitmapDirectory(const std::vector<uint8_t>& bytes, uint64_t oldOffset, uint64_t oldBytes, uint64_t* offset) {
+  QCOW2_TRY(Writable());
+  const uint64_t cs = clusterSize();
+  *offset = 0;
+  if (!bytes.empty()) {
+    const uint64_t clusters = (bytes.size() + cs - 1) / cs;
+    QCOW2_TRY(Fail(AllocateMetadataClusters(clusters, kMetaBitmapDirectory, offset)));
+    std::vector<uint8_t> padded(clusters * cs, 0);
+    std::memcpy(padded.data(), bytes.data(), bytes.size());
+    QCOW2_TRY(Guard(*offset, padded.size(), kMetaBitmapDirectory));
+    QCOW2_TRY(image_->Write(padded.data(), padded.size(), *offset));
+  }
+  if (oldOffset != 0 && oldBytes > 0) {
+    std::lock_guard<std::mutex> lock(bitmapMu_);
+    bitmapFrees_.push_back({kMetaBitmapDirectory, {oldOffset, oldBytes, false}});
+  }
+  // The directory and the refcounts counting it are durable before the header names it.
+  return Flush();
+}
+
 void Engine::MarkDirty(uint64_t at, uint64_t len) {
-  if (bitmaps_.empty()) return;
+  if (!hasBitmaps_.load(std::memory_order_acquire)) return;
   std::lock_guard<std::mutex> lock(bitmapMu_);
   for (const auto& b : bitmaps_) {
-    if (b->enabled()) b->Mark(at, len);
+    if (b->enabled() && !b->removed()) b->Mark(at, len);
   }
 }
 
 void Engine::ResizeBitmaps(uint64_t newSize) {
-  if (bitmaps_.empty()) return;
+  if (!hasBitmaps_.load(std::memory_order_acquire)) return;
   std::lock_guard<std::mutex> lock(bitmapMu_);
   for (const auto& b : bitmaps_) b->Resize(newSize);
 }
@@ -116,13 +254,14 @@ Status Engine::StoreBitmaps(std::vector<StoredBitmap>* out) {
   std::lock_guard<std::mutex> marking(bitmapMu_);
   std::vector<std::vector<uint64_t>> tables(bitmaps_.size());
   for (size_t i = 0; i < bitmaps_.size(); i++) {
-    if (bitmaps_[i]->changed()) QCOW2_TRY(Fail(StoreBitmapData(*bitmaps_[i], &tables[i])));
+    if (bitmaps_[i]->changed() && !bitmaps_[i]->removed()) QCOW2_TRY(Fail(StoreBitmapData(*bitmaps_[i], &tables[i])));
   }
   // The data, and the refcounts counting its new clusters, are durable before a table points at them.
   QCOW2_TRY(Flush());
   out->assign(bitmaps_.size(), StoredBitmap{});
   for (size_t i = 0; i < bitmaps_.size(); i++) {
     DirtyBitmap& b = *bitmaps_[i];
+    if (b.removed()) continue;
     if (b.changed()) {
       QCOW2_TRY(Fail(StoreBitmapTable(b, tables[i], &(*out)[i])));
     } else {

@@ -10,6 +10,7 @@ export type Command = (argv: string[]) => Promise<number>;
 const COMMANDS: Record<string, () => { run: Command }> = {
   amend: () => require('./amend.js'),
   bench: () => require('./bench.js'),
+  bitmap: () => require('./bitmap.js'),
   check: () => require('./check.js'),
   commit: () => require('./commit.js'),
   compare: () => require('./compare.js'),

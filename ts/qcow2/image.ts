@@ -112,6 +112,11 @@ export class Qcow2Image implements Image {
     return this.header.clusterSize;
   }
 
+  /** The persistent bitmaps of a writable open (ts/qcow2/bitmap-tracking.ts); undefined when read-only or inconsistent. */
+  get persistentBitmaps(): BitmapTracking | undefined {
+    return this.#bitmaps;
+  }
+
   /** The native engine, for an overlay whose engine reads this image directly. */
   get engine(): Qcow2Engine {
     return this.#live();
@@ -251,7 +256,7 @@ export class Qcow2Image implements Image {
     this.#engine = undefined;
     if (this.#inflight > 0) await new Promise<void>((resolve) => (this.#drained = resolve));
     // Bitmaps go back to disk before the engine's last flush; a failure leaves them in use (inconsistent).
-    const stored = await Promise.allSettled([this.#bitmaps?.store(engine, this.#file)]);
+    const stored = await Promise.allSettled([this.#bitmaps?.store(engine, this.#file, this.path)]);
     // The engine flushes what it wrote before the files it writes to may close.
     const closed = [...stored, ...(await Promise.allSettled([engine.close()]))];
     const results = [...closed, ...(await Promise.allSettled([this.#file.close(), this.#dataFile?.close()]))];
