@@ -9,10 +9,11 @@ import path from 'node:path';
 
 import test, { ExecutionContext } from 'ava';
 
-import { Qcow2Image, open } from '../ts/index.js';
+import { ErrorCodes, Qcow2Error, Qcow2Image, bitmap, open } from '../ts/index.js';
 import { parseBitmapDirectory } from '../ts/qcow2/bitmaps.js';
 import { parseHeader } from '../ts/qcow2/header.js';
 import { CLI, patternBytes, qcow2Cli, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
+import { runIn, runTwin, twinDirs } from './helpers/twin.js';
 
 /** One bitmap as the test reads it from the file, independently of the engine. */
 interface BitmapState {
@@ -77,6 +78,8 @@ async function twins(t: ExecutionContext, size: string, add: string[][], create:
 async function sameBitmaps(t: ExecutionContext, files: { theirs: string; ours: string }, label: string): Promise<void> {
   t.deepEqual(await bitmapStates(files.ours), await bitmapStates(files.theirs), `bitmaps after ${label}`);
   t.deepEqual(await infoBitmaps(files.ours), await infoBitmaps(files.theirs), `qemu-img info after ${label}`);
+  const info = await qcow2Cli('info', files.ours);
+  t.is(info.stdout, await qemuImg('info', files.ours), `qcow2 info after ${label}`);
   const check = await checkOf(files.ours);
   t.is(check.code, 0, `check after ${label}: ${check.stdout}`);
   t.deepEqual(check, await checkOf(files.theirs), `check report after ${label}`);
@@ -258,4 +261,116 @@ test('read-only opens leave the bitmaps alone', async (t) => {
   await image.read(buffer, 0);
   await image.close();
   t.true((await readFile(files.ours)).equals(before));
+});
+
+/** Make the same images in both folders: `img.qcow2` (and `src.qcow2`) with the steps given. */
+async function twinFolders(t: ExecutionContext, setup: string[][]): Promise<{ theirs: string; ours: string }> {
+  const dirs = await twinDirs(await tempDir(t));
+  for (const dir of [dirs.theirs, dirs.ours]) {
+    for (const [program, ...args] of setup) {
+      const r = await runIn(dir, program, args);
+      if (r.code !== 0) throw new Error(`${program} ${args.join(' ')}: ${r.stderr}`);
+    }
+  }
+  return dirs;
+}
+
+/** Run `bitmap ARGS` with qemu-img and with us; same output and exit code, then the same bitmaps in `img.qcow2`. */
+async function sameCommand(t: ExecutionContext, dirs: { theirs: string; ours: string }, args: string[]): Promise<void> {
+  const { theirs, ours } = await runTwin(dirs, ['bitmap', ...args]);
+  const label = args.join(' ');
+  t.is(ours.code, theirs.code, `exit code of ${label}: ${ours.stderr}`);
+  t.is(ours.stdout, theirs.stdout, `stdout of ${label}`);
+  t.is(ours.stderr, theirs.stderr, `stderr of ${label}`);
+  await sameBitmaps(t, { theirs: path.join(dirs.theirs, 'img.qcow2'), ours: path.join(dirs.ours, 'img.qcow2') }, label);
+}
+
+test('qcow2 bitmap: add, remove, clear, enable, disable and merge like qemu-img bitmap', async (t) => {
+  const dirs = await twinFolders(t, [
+    ['qemu-img', 'create', '-q', '-f', 'qcow2', 'img.qcow2', '10M'],
+    ['qemu-img', 'create', '-q', '-f', 'qcow2', 'src.qcow2', '10M'],
+    ['qemu-img', 'bitmap', '--add', '-g', '128k', 'src.qcow2', 'src'],
+    ['qemu-io', '-c', 'write 0 4k', '-c', 'write 5M 300k', 'src.qcow2'],
+  ]);
+  const steps = [
+    ['--add', 'img.qcow2', 'a'],
+    ['--add', '-g', '512', 'img.qcow2', 'fine'],
+    ['--add', '--disable', '-g', '1M', 'img.qcow2', 'off'],
+    ['--add', 'img.qcow2', 'a'],
+    ['--merge', 'src', '-b', 'src.qcow2', '-F', 'qcow2', 'img.qcow2', 'a'],
+    ['--merge', 'a', 'img.qcow2', 'fine'],
+    ['--merge', 'a', 'img.qcow2', 'off'],
+    ['--clear', 'img.qcow2', 'a'],
+    ['--disable', 'img.qcow2', 'fine'],
+    ['--enable', 'img.qcow2', 'off'],
+    ['--add', '--remove', 'img.qcow2', 'brief'],
+    ['--add', '--merge', 'off', '--disable', 'img.qcow2', 'copy'],
+    ['--remove', 'img.qcow2', 'fine'],
+    ['--merge', 'nope', 'img.qcow2', 'a'],
+    ['--merge', 'a', 'img.qcow2', 'nope'],
+    ['--merge', 'src', '-b', 'src.qcow2', '-F', 'raw', 'img.qcow2', 'a'],
+    ['--clear', 'img.qcow2', 'nope'],
+    ['--add', '-g', '1000', 'img.qcow2', 'g'],
+    ['--add', '-g', '4G', 'img.qcow2', 'g'],
+    ['--add', '-g', '2G', 'img.qcow2', 'huge'],
+  ];
+  for (const step of steps) await sameCommand(t, dirs, step);
+  // Writes after the commands are recorded in the enabled bitmaps only.
+  await ioBoth({ theirs: path.join(dirs.theirs, 'img.qcow2'), ours: path.join(dirs.ours, 'img.qcow2') }, ['write 7M 64k']);
+  await sameBitmaps(t, { theirs: path.join(dirs.theirs, 'img.qcow2'), ours: path.join(dirs.ours, 'img.qcow2') }, 'writes after');
+  for (const name of ['a', 'off', 'copy', 'huge']) await sameCommand(t, dirs, ['--remove', 'img.qcow2', name]);
+  // No bitmap left: the extension is gone and the autoclear bit clear, as qemu leaves them.
+  const ours = await readFile(path.join(dirs.ours, 'img.qcow2'));
+  const theirs = await readFile(path.join(dirs.theirs, 'img.qcow2'));
+  t.true(ours.subarray(0, 512).equals(theirs.subarray(0, 512)), 'header area');
+  await sameCommand(t, dirs, ['--add', 'img.qcow2', 'again']);
+});
+
+test('qcow2 bitmap: in-use bitmaps, usage errors, other formats', async (t) => {
+  const dirs = await twinFolders(t, [
+    ['qemu-img', 'create', '-q', '-f', 'qcow2', 'img.qcow2', '10M'],
+    ['qemu-img', 'bitmap', '--add', 'img.qcow2', 'used'],
+    ['qemu-img', 'bitmap', '--add', 'img.qcow2', 'good'],
+    ['qemu-img', 'create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', 'v2.qcow2', '1M'],
+    ['qemu-img', 'create', '-q', '-f', 'raw', 'disk.raw', '1M'],
+  ]);
+  for (const dir of [dirs.theirs, dirs.ours]) await setInUse(path.join(dir, 'img.qcow2'), 'used');
+  const steps = [
+    ['--clear', 'img.qcow2', 'used'],
+    ['--enable', 'img.qcow2', 'used'],
+    ['--disable', 'img.qcow2', 'used'],
+    ['--merge', 'good', 'img.qcow2', 'used'],
+    ['--merge', 'used', 'img.qcow2', 'good'],
+    ['--remove', 'img.qcow2', 'used'],
+    [],
+    ['img.qcow2', 'good'],
+    ['--add', 'img.qcow2'],
+    ['--add', 'img.qcow2', 'a', 'b'],
+    ['-g', '64k', '--remove', 'img.qcow2', 'good'],
+    ['-b', 'img.qcow2', '--add', 'img.qcow2', 'x'],
+    ['-F', 'qcow2', '--add', 'img.qcow2', 'x'],
+    ['--add', '-g', 'abc', 'img.qcow2', 'x'],
+    ['--frob', 'img.qcow2', 'x'],
+    ['--add', 'missing.qcow2', 'x'],
+    ['--clear', '-f', 'raw', 'disk.raw', 'x'],
+    ['--clear', 'disk.raw', 'x'],
+  ];
+  for (const step of steps) await sameCommand(t, dirs, step);
+  const { theirs, ours } = await runTwin(dirs, ['bitmap', '--add', 'v2.qcow2', 'x']);
+  t.is(ours.code, theirs.code);
+  t.regex(ours.stderr, /^PROG: Operation add on bitmap x failed: Can't make bitmap 'x' persistent in '.*': Cannot store dirty bitmaps in qcow2 v2 files\n$/);
+});
+
+test('library bitmap(): actions in order, errors with codes, earlier actions kept', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'img.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', file, '4M');
+  await bitmap(file, 'b', [{ kind: 'add' }, { kind: 'disable' }], { granularity: 65536 });
+  const error = await t.throwsAsync<Qcow2Error>(bitmap(file, 'c', [{ kind: 'add' }, { kind: 'clear' }, { kind: 'merge', source: 'none' }]));
+  t.is(error?.code, 'ENOENT');
+  t.is(error?.message, "Operation merge on bitmap c failed: Dirty bitmap 'none' not found");
+  t.deepEqual((await bitmapStates(file)).map((s) => [s.name, s.flags]), [['b', 0], ['c', 2]]);
+  await t.throwsAsync(bitmap(file, 'b', []), { code: ErrorCodes.INVALID_ARGUMENT });
+  await t.throwsAsync(bitmap(file, 'b', [{ kind: 'remove' }], { granularity: 4096 }), { message: 'granularity only supported with --add' });
+  t.is((await checkOf(file)).code, 0);
 });

@@ -84,6 +84,7 @@ export async function run(argv: string[]): Promise<number> {
     sourceFile: lastOption(args, 'b'),
     sourceFormat: parseFormat(lastOption(args, 'F')),
     format: parseFormat(lastOption(args, 'f')),
+    onWarning: (text) => process.stderr.write(text),
   });
   return 0;
 }

@@ -86,10 +86,7 @@ export class BitmapTracking {
   /** Add an empty bitmap, enabled (`auto`) unless `disabled`, as qemu-img bitmap --add does. */
   async add(engine: Qcow2Engine, name: string, granularity: number, imagePath: string): Promise<void> {
     if (this.#find(name)) throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, `Bitmap already exists: ${name}`);
-    const bits = Math.log2(granularity);
-    if (!Number.isInteger(bits) || bits < MIN_GRANULARITY_BITS || bits > MAX_GRANULARITY_BITS) {
-      throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, 'Granularity must be power of 2 and at least 512');
-    }
+    const bits = checkGranularity(granularity);
     if (encodeName(name).length > MAX_BITMAP_NAME) {
       throw new Qcow2Error(
         ErrorCodes.INVALID_ARGUMENT,
@@ -209,6 +206,15 @@ export class BitmapTracking {
     this.#directoryBytes = directory.length;
     this.#reshaped = false;
   }
+}
+
+/** The granularity bits of `granularity` bytes, or qemu's complaint when it is no power of two from 512 to 2 GiB. */
+export function checkGranularity(granularity: number): number {
+  const bits = Math.log2(granularity);
+  if (!Number.isInteger(bits) || bits < MIN_GRANULARITY_BITS || bits > MAX_GRANULARITY_BITS) {
+    throw new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, 'Granularity must be power of 2 and at least 512');
+  }
+  return bits;
 }
 
 /** A bitmap QEMU loads: consistent, its extra data (if any) declared compatible. */

@@ -3,10 +3,11 @@ import { ErrorCodes, Qcow2Error, asQcow2Error } from '../errors.js';
 import type { Image, ImageFormat } from '../image.js';
 import type { CacheMode } from '../native.js';
 import { open } from '../open.js';
-import type { BitmapTracking } from '../qcow2/bitmap-tracking.js';
+import { BitmapTracking, checkGranularity } from '../qcow2/bitmap-tracking.js';
 import { readBitmaps } from '../qcow2/bitmaps.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { openMetadataFile } from '../qcow2/metadata-file.js';
+import { rawProbeWarning } from './io/probe-guard.js';
 
 /** One action on a bitmap; `merge` sets the bits of bitmap `source` (of options.sourceFile, or of the image itself). */
 export type BitmapAction =
@@ -24,6 +25,8 @@ export interface BitmapOptions {
   format?: ImageFormat;
   /** Host cache mode (default 'writeback', as qemu-img). */
   cache?: CacheMode;
+  /** Called with the warnings qemu-img prints on stderr (a format probed as raw). */
+  onWarning?: (text: string) => void;
 }
 
 /** qemu's default granularity: the cluster size, bounded to 4 KiB..64 KiB. */
@@ -37,10 +40,8 @@ export function defaultGranularity(clusterSize: number): number {
  */
 export async function bitmap(path: string, name: string, actions: readonly BitmapAction[], options: BitmapOptions = {}): Promise<void> {
   checkOptions(actions, options);
-  const image = await open(path, { format: options.format, cache: options.cache ?? 'writeback', followFileNames: true }).catch((error: unknown) => {
-    const cause = asQcow2Error(error);
-    throw new Qcow2Error(cause.code, `Could not open '${path}': ${cause.message}`, { cause });
-  });
+  const image = await openTarget(path, options);
+  if (options.format === undefined && image.format === 'raw') options.onWarning?.(rawProbeWarning(path));
   try {
     for (const action of actions) {
       try {
@@ -55,6 +56,18 @@ export async function bitmap(path: string, name: string, actions: readonly Bitma
   }
 }
 
+/** The image opened for writing; a failure reads "Could not open 'PATH': REASON" as qemu-img's does. */
+async function openTarget(path: string, options: BitmapOptions): Promise<Image> {
+  try {
+    // A file that cannot be opened is named as qemu-img names it ("Could not open 'PATH': No such file or directory").
+    await (await openMetadataFile(path)).handle.close();
+    return await open(path, { format: options.format, cache: options.cache ?? 'writeback', followFileNames: true });
+  } catch (error) {
+    const cause = asQcow2Error(error);
+    throw new Qcow2Error(cause.code, `Could not open '${path}': ${cause.message}`, { cause });
+  }
+}
+
 function checkOptions(actions: readonly BitmapAction[], options: BitmapOptions): void {
   const invalid = (message: string) => new Qcow2Error(ErrorCodes.INVALID_ARGUMENT, message);
   if (actions.length === 0) throw invalid('Need at least one of --add, --remove, --clear, --enable, --disable, or --merge');
@@ -66,17 +79,22 @@ function checkOptions(actions: readonly BitmapAction[], options: BitmapOptions):
 }
 
 /** The bitmaps of a writable qcow2 image; other images cannot hold persistent bitmaps. */
-function bitmapsOf(image: Image, name: string, action: BitmapAction): BitmapTracking {
+function bitmapsOf(image: Image, name: string, action: BitmapAction, options: BitmapOptions): BitmapTracking {
   const tracking = image instanceof Qcow2Image ? image.persistentBitmaps : undefined;
   if (tracking) return tracking;
   if (action.kind === 'add') {
+    // qemu checks the granularity before it asks the format to store the bitmap.
+    if (options.granularity !== undefined) checkGranularity(options.granularity);
+    if (image instanceof Qcow2Image && image.header.version < 3) {
+      throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `Can't make bitmap '${name}' persistent in '${image.path}': Cannot store dirty bitmaps in qcow2 v2 files`);
+    }
     throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `Can't store persistent bitmaps to '${image.path}': Operation not supported`);
   }
   throw new Qcow2Error('ENOENT', `Dirty bitmap '${name}' not found`);
 }
 
 async function apply(image: Image, name: string, action: BitmapAction, options: BitmapOptions): Promise<void> {
-  const tracking = bitmapsOf(image, name, action);
+  const tracking = bitmapsOf(image, name, action, options);
   const engine = (image as Qcow2Image).engine;
   switch (action.kind) {
     case 'add':
