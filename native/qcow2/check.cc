@@ -11,6 +11,7 @@
 #include <thread>
 #include <utility>
 
+#include "qcow2/bitmaps.h"
 #include "qcow2/layout.h"
 #include "qcow2/overlap.h"
 #include "qcow2/refcounts.h"
@@ -27,9 +28,6 @@ constexpr const char* kCorrupt = "ERR_QCOW2_CORRUPT";
 
 /// Refcount table entry bits 0-8 are reserved.
 constexpr uint64_t kReftableReservedMask = 0x1ffull;
-/// Bitmap table entries: bits 9-55 are the offset; bit 0 means "all ones" without one.
-constexpr uint64_t kBitmapEntryReservedMask = 0xff000000000001feull;
-constexpr uint64_t kBitmapAllOnes = 1;
 /// qemu's bound on a snapshot's L1 table, in entries.
 constexpr uint64_t kMaxL1Entries = kMaxL1Bytes / 8;
 /// Reading L2 tables in groups of this many bytes keeps the disk busy without holding every table in memory.
@@ -577,8 +575,8 @@ class Walker {
 
   bool ValidBitmapEntry(uint64_t entry) const {
     if (entry & kBitmapEntryReservedMask) return false;
-    const uint64_t offset = entry & kOffsetMask;
-    return offset == 0 || (!(entry & kBitmapAllOnes) && !(offset & (g_.clusterSize - 1)));
+    const uint64_t offset = entry & kBitmapEntryOffsetMask;
+    return offset == 0 || (!(entry & kBitmapEntryAllOnes) && !(offset & (g_.clusterSize - 1)));
   }
 
   /// Every refcount block the table names must be aligned, inside the image and referenced once.

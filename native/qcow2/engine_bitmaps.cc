@@ -116,6 +116,13 @@ Status Engine::AddBitmap(uint32_t granularityBits, bool enabled, size_t* index) 
   }
   std::unique_lock<std::shared_mutex> resizing(resizeMu_);
   std::lock_guard<std::mutex> lock(bitmapMu_);
+  uint64_t total = BitmapTableEntriesFor(size(), granularityBits, clusterSize()) * clusterSize();
+  for (const auto& b : bitmaps_) total += b->removed() ? 0 : b->entries() * clusterSize();
+  if (total > kMaxBitmapBytes) {
+    return Status::Error("ERR_QCOW2_UNSUPPORTED", "the image's bitmaps would need " + std::to_string(total) +
+                                                      " bytes of memory, more than the limit of " +
+                                                      std::to_string(kMaxBitmapBytes));
+  }
   BitmapConfig config;
   config.granularityBits = granularityBits;
   config.enabled = enabled;
