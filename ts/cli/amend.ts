@@ -3,8 +3,8 @@ import { ErrorCodes, Qcow2Error } from '../errors.js';
 import { AmendChanges, amend } from '../tools/amend.js';
 import { openChainImage } from '../tools/chain-open.js';
 import { isHelpRequest, parseOptionBool, parseOptionNumber, parseOptionSize, splitOptionString } from '../tools/qemu-options.js';
-import { HELP_HINT, UsageError, lastOption, parseArgs, qemuUsage } from './args.js';
-import { imageFormatOption, refuseObjectOptions, warnIfProbedRaw } from './chain-options.js';
+import { HELP_HINT, UsageError, lastOption } from './args.js';
+import { imageFormatOption, parseChainCommand, warnIfProbedRaw } from './chain-options.js';
 import { DEFAULT_CACHE, ProgressPrinter, hasFlag, parseCache } from './common.js';
 
 const SPEC = {
@@ -108,18 +108,8 @@ function applyOption(changes: AmendChanges, name: string, value: string): void {
 
 /** Run `qcow2 amend` with `argv`; resolves to the exit code. */
 export async function run(argv: string[]): Promise<number> {
-  let args;
-  try {
-    args = parseArgs(argv, SPEC);
-  } catch (error) {
-    if (error instanceof UsageError) throw qemuUsage(error, argv);
-    throw error;
-  }
-  if (hasFlag(args, 'h')) {
-    process.stdout.write(USAGE);
-    return 0;
-  }
-  refuseObjectOptions(args);
+  const args = parseChainCommand(argv, SPEC, USAGE);
+  if (!args) return 0;
   const texts = args.options.get('o');
   if (!texts) throw new UsageError(`Must specify options (-o)${HELP_HINT}`);
   const options = texts.join(',');

@@ -3,8 +3,28 @@ import { ErrorCodes, Qcow2Error } from '../errors.js';
 import type { ImageFormat } from '../image.js';
 import { probeFormat } from '../open.js';
 import { rawProbeWarning } from '../tools/io/probe-guard.js';
-import { ParsedArgs } from './args.js';
+import { ArgSpec, ParsedArgs, UsageError, parseArgs, qemuUsage } from './args.js';
 import { hasFlag } from './common.js';
+
+/**
+ * The command line of a chain command: parsed with qemu-img's usage messages, -h answered with
+ * `usage` (then undefined: nothing more to do), --object and --image-opts refused.
+ */
+export function parseChainCommand(argv: string[], spec: ArgSpec, usage: string): ParsedArgs | undefined {
+  let args;
+  try {
+    args = parseArgs(argv, spec);
+  } catch (error) {
+    if (error instanceof UsageError) throw qemuUsage(error, argv);
+    throw error;
+  }
+  if (hasFlag(args, 'h')) {
+    process.stdout.write(usage);
+    return undefined;
+  }
+  refuseObjectOptions(args);
+  return args;
+}
 
 /** --object and --image-opts (secrets, option strings instead of file names) are not implemented: say so instead of ignoring them. */
 export function refuseObjectOptions(args: ParsedArgs): void {

@@ -1,7 +1,7 @@
 /** `qcow2 commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] [-r rate_limit] filename`, as qemu-img commit. */
 import { commit } from '../tools/commit.js';
-import { HELP_HINT, UsageError, lastOption, parseArgs, qemuUsage } from './args.js';
-import { imageFormatOption, refuseObjectOptions, warnIfProbedRaw } from './chain-options.js';
+import { HELP_HINT, UsageError, lastOption } from './args.js';
+import { imageFormatOption, parseChainCommand, warnIfProbedRaw } from './chain-options.js';
 import { DEFAULT_CACHE, ProgressPrinter, hasFlag, parseCache, parseSizeOption } from './common.js';
 
 const SPEC = {
@@ -28,18 +28,8 @@ function parseRateLimit(text: string | undefined): number | undefined {
 
 /** Run `qcow2 commit` with `argv`; resolves to the exit code. */
 export async function run(argv: string[]): Promise<number> {
-  let args;
-  try {
-    args = parseArgs(argv, SPEC);
-  } catch (error) {
-    if (error instanceof UsageError) throw qemuUsage(error, argv);
-    throw error;
-  }
-  if (hasFlag(args, 'h')) {
-    process.stdout.write(USAGE);
-    return 0;
-  }
-  refuseObjectOptions(args);
+  const args = parseChainCommand(argv, SPEC, USAGE);
+  if (!args) return 0;
   const rateLimit = parseRateLimit(lastOption(args, 'r'));
   const quiet = hasFlag(args, 'q');
   if (args.positional.length !== 1) throw new UsageError(`Expecting one image file name${HELP_HINT}`);

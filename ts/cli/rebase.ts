@@ -1,9 +1,9 @@
 /** `qcow2 rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename`, as qemu-img rebase. */
 import type { ImageFormat } from '../image.js';
 import { rebase } from '../tools/rebase.js';
-import { HELP_HINT, UsageError, lastOption, parseArgs, qemuUsage } from './args.js';
+import { HELP_HINT, UsageError, lastOption } from './args.js';
 import { DEFAULT_CACHE, ProgressPrinter, hasFlag, parseCache } from './common.js';
-import { imageFormatOption, refuseObjectOptions, warnIfProbedRaw } from './chain-options.js';
+import { imageFormatOption, parseChainCommand, warnIfProbedRaw } from './chain-options.js';
 
 const SPEC = {
   short: 'hf:F:b:upt:T:qU',
@@ -23,18 +23,8 @@ const PROGRESS_STEP = 2;
 
 /** Run `qcow2 rebase` with `argv`; resolves to the exit code. */
 export async function run(argv: string[]): Promise<number> {
-  let args;
-  try {
-    args = parseArgs(argv, SPEC);
-  } catch (error) {
-    if (error instanceof UsageError) throw qemuUsage(error, argv);
-    throw error;
-  }
-  if (hasFlag(args, 'h')) {
-    process.stdout.write(USAGE);
-    return 0;
-  }
-  refuseObjectOptions(args);
+  const args = parseChainCommand(argv, SPEC, USAGE);
+  if (!args) return 0;
   const quiet = hasFlag(args, 'q');
   const unsafe = hasFlag(args, 'u');
   const backingFile = lastOption(args, 'b');
