@@ -5,7 +5,7 @@ import path from 'node:path';
 import test, { ExecutionContext } from 'ava';
 
 import { ErrorCodes, amend, readHeader } from '../ts/index.js';
-import { qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
+import { mapShape, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
 import { runTwin, twinDirs } from './helpers/twin.js';
 
 type Dirs = { theirs: string; ours: string };
@@ -46,19 +46,6 @@ async function headerFacts(file: string): Promise<unknown> {
     dataFile: specific['data-file'],
     dataFileRaw: specific['data-file-raw'],
   };
-}
-
-/** qemu-img map --output=json without host offsets, runs that continue each other merged: each allocator places clusters its own way. */
-async function mapShape(file: string): Promise<string> {
-  const entries = JSON.parse(await qemuImg('map', '--output=json', file)) as Record<string, unknown>[];
-  const runs: Record<string, unknown>[] = [];
-  for (const { offset: _offset, ...entry } of entries) {
-    const last = runs[runs.length - 1];
-    const same = last && ['depth', 'present', 'zero', 'data'].every((k) => last[k] === entry[k]);
-    if (same && (last.start as number) + (last.length as number) === entry.start) last.length = (last.length as number) + (entry.length as number);
-    else runs.push(entry);
-  }
-  return JSON.stringify(runs);
 }
 
 /** Run `amend ARGS` with both tools; outputs, exit codes, and the header, content and allocation of `image` must agree. */

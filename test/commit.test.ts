@@ -5,7 +5,7 @@ import path from 'node:path';
 import test, { ExecutionContext } from 'ava';
 
 import { ErrorCodes, commit } from '../ts/index.js';
-import { qemuImg, qemuIo, tempDir } from './helpers/qemu.js';
+import { mapShape, qemuImg, qemuIo, tempDir } from './helpers/qemu.js';
 import { runTwin, twinDirs } from './helpers/twin.js';
 
 type Dirs = { theirs: string; ours: string };
@@ -38,19 +38,6 @@ async function restore(dirs: Dirs): Promise<void> {
   for (const dir of [dirs.theirs, dirs.ours]) {
     for (const name of IMAGES) await copyFile(path.join(dir, `${name}.orig`), path.join(dir, name));
   }
-}
-
-/** qemu-img map --output=json without host offsets, runs that continue each other merged: each allocator places clusters its own way. */
-async function mapShape(file: string): Promise<string> {
-  const entries = JSON.parse(await qemuImg('map', '--output=json', file)) as Record<string, unknown>[];
-  const runs: Record<string, unknown>[] = [];
-  for (const { offset: _offset, ...entry } of entries) {
-    const last = runs[runs.length - 1];
-    const same = last && ['depth', 'present', 'zero', 'data'].every((k) => last[k] === entry[k]);
-    if (same && (last.start as number) + (last.length as number) === entry.start) last.length = (last.length as number) + (entry.length as number);
-    else runs.push(entry);
-  }
-  return JSON.stringify(runs);
 }
 
 async function virtualSize(file: string): Promise<number> {

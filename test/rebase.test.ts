@@ -6,7 +6,7 @@ import path from 'node:path';
 import test, { ExecutionContext } from 'ava';
 
 import { ErrorCodes, Qcow2Error, readHeader, rebase, rewriteHeader } from '../ts/index.js';
-import { CLI, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
+import { CLI, mapShape, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
 import { runIn, runTwin, twinDirs } from './helpers/twin.js';
 
 type Dirs = { theirs: string; ours: string };
@@ -48,19 +48,6 @@ async function headerFacts(file: string): Promise<unknown> {
     compat: specific.compat,
     lazy: specific['lazy-refcounts'],
   };
-}
-
-/** qemu-img map --output=json without host offsets, runs that continue each other merged: each allocator places clusters its own way. */
-async function mapShape(file: string): Promise<string> {
-  const entries = JSON.parse(await qemuImg('map', '--output=json', file)) as Record<string, unknown>[];
-  const runs: Record<string, unknown>[] = [];
-  for (const { offset: _offset, ...entry } of entries) {
-    const last = runs[runs.length - 1];
-    const same = last && ['depth', 'present', 'zero', 'data'].every((k) => last[k] === entry[k]);
-    if (same && (last.start as number) + (last.length as number) === entry.start) last.length = (last.length as number) + (entry.length as number);
-    else runs.push(entry);
-  }
-  return JSON.stringify(runs);
 }
 
 /** Run `rebase ARGS` with both tools; outputs, exit codes, headers, contents and allocation of `image` must agree. */

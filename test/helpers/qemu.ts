@@ -75,3 +75,16 @@ export function patternBytes(length: number, seed: number): Buffer {
   }
   return out;
 }
+
+/** qemu-img map --output=json without host offsets, runs that continue each other merged: each allocator places clusters its own way. */
+export async function mapShape(file: string): Promise<string> {
+  const entries = JSON.parse(await qemuImg('map', '--output=json', file)) as Record<string, unknown>[];
+  const runs: Record<string, unknown>[] = [];
+  for (const { offset: _offset, ...entry } of entries) {
+    const last = runs[runs.length - 1];
+    const same = last && ['depth', 'present', 'zero', 'data'].every((k) => last[k] === entry[k]);
+    if (same && (last.start as number) + (last.length as number) === entry.start) last.length = (last.length as number) + (entry.length as number);
+    else runs.push(entry);
+  }
+  return JSON.stringify(runs);
+}
