@@ -4,7 +4,7 @@
  * bitmaps (flags, granularity, the dirty granules) and `qemu-img info` / `check` must agree.
  */
 import { spawn } from 'node:child_process';
-import { copyFile, readFile } from 'node:fs/promises';
+import { copyFile, open as openFile, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import test, { ExecutionContext } from 'ava';
@@ -190,7 +190,7 @@ async function setInUse(file: string, name: string): Promise<void> {
   let entryAt = at;
   for (const e of parseBitmapDirectory(bytes.subarray(at, at + size), header, bytes.length)) {
     if (e.name === name) {
-      const fd = await (await import('node:fs/promises')).open(file, 'r+');
+      const fd = await openFile(file, 'r+');
       const flags = Buffer.alloc(4);
       flags.writeUInt32BE(e.flags | 1);
       await fd.write(flags, 0, 4, entryAt + 12);
@@ -242,8 +242,7 @@ test('bitmaps a bitmap-unaware writer invalidated stay invalid', async (t) => {
   const files = await twins(t, '10M', [['b']]);
   // Clear the bitmaps autoclear bit (header byte 95, bit 0) on both, as a writer without bitmap support does.
   for (const file of [files.theirs, files.ours]) {
-    const fs = await import('node:fs/promises');
-    const fd = await fs.open(file, 'r+');
+    const fd = await openFile(file, 'r+');
     await fd.write(Buffer.from([0]), 0, 1, 95);
     await fd.close();
   }
@@ -373,4 +372,38 @@ test('library bitmap(): actions in order, errors with codes, earlier actions kep
   await t.throwsAsync(bitmap(file, 'b', []), { code: ErrorCodes.INVALID_ARGUMENT });
   await t.throwsAsync(bitmap(file, 'b', [{ kind: 'remove' }], { granularity: 4096 }), { message: 'granularity only supported with --add' });
   t.is((await checkOf(file)).code, 0);
+});
+
+test('a bitmap table entry that breaks the rules fails a writable open with a clear error and changes nothing', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'img.qcow2');
+  await qemuImg('create', '-q', '-f', 'qcow2', file, '10M');
+  await qemuImg('bitmap', '--add', file, 'b');
+  await qemuIo('-f', 'qcow2', '-c', 'write 0 64k', file);
+  const bytes = await readFile(file);
+  const header = parseHeader(bytes, bytes.length);
+  const { bitmapDirectoryOffset: at, bitmapDirectorySize: size } = header.bitmaps!;
+  const [entry] = parseBitmapDirectory(bytes.subarray(at, at + size), header, bytes.length);
+  const good = bytes.readBigUInt64BE(entry.bitmapTableOffset);
+  // qemu refuses all but the offset past the end at open; that one fails when its close frees the cluster.
+  const refused = /Could not read bitmap_table/;
+  const broken: [string, bigint, RegExp, RegExp][] = [
+    ['a reserved bit', good | (1n << 63n), /reserved bits 0x8000000000000000 set/, refused],
+    ['an unaligned offset', good + 512n, /is not aligned to the cluster size 65536/, refused],
+    ['an offset past the end of the file', BigInt((Math.ceil(bytes.length / 65536) + 4) * 65536), /lies past the end of the file/, /qcow2_free_clusters failed/],
+    ['an offset with the all-ones bit', good | 1n, /has an offset and the all-ones bit/, refused],
+  ];
+  for (const [what, value, message, qemuMessage] of broken) {
+    const copy = Buffer.from(bytes);
+    copy.writeBigUInt64BE(value, entry.bitmapTableOffset);
+    const [target, twin] = [path.join(dir, 'broken.qcow2'), path.join(dir, 'twin.qcow2')];
+    await writeFile(target, copy);
+    await writeFile(twin, copy);
+    const theirs = await runProgram('qemu-io', ['-f', 'qcow2', '-c', 'write 0 4k', twin]);
+    t.regex(theirs.stderr, qemuMessage, `qemu on ${what}`);
+    const error = await t.throwsAsync<Qcow2Error>(open(target), undefined, what);
+    t.is(error?.code, ErrorCodes.CORRUPT, what);
+    t.regex(error?.message ?? '', message, what);
+    t.true((await readFile(target)).equals(copy), `${what}: the image is unchanged`);
+  }
 });
