@@ -407,3 +407,38 @@ test('a bitmap table entry that breaks the rules fails a writable open with a cl
     t.true((await readFile(target)).equals(copy), `${what}: the image is unchanged`);
   }
 });
+
+test('overlap protection covers bitmap tables and data: a write mapped onto them is refused and marks the image corrupt', async (t) => {
+  for (const [structure, pick] of [
+    ['bitmap data', (table: number, data: number) => data],
+    ['bitmap table', (table: number) => table],
+  ] as const) {
+    const file = path.join(await tempDir(t), 'img.qcow2');
+    await qemuImg('create', '-q', '-f', 'qcow2', file, '4M');
+    await qemuImg('bitmap', '--add', file, 'b');
+    await qemuIo('-f', 'qcow2', '-c', 'write -P 1 0 64k', file);
+    const bytes = await readFile(file);
+    const header = parseHeader(bytes, bytes.length);
+    const { bitmapDirectoryOffset: at, bitmapDirectorySize: size } = header.bitmaps!;
+    const [entry] = parseBitmapDirectory(bytes.subarray(at, at + size), header, bytes.length);
+    const data = Number(bytes.readBigUInt64BE(entry.bitmapTableOffset) & 0x00fffffffffffe00n);
+    t.true(data > 0, 'the bitmap has a data cluster');
+    const target = pick(entry.bitmapTableOffset, data);
+    // Guest cluster 0's L2 entry now maps it, owned, onto the structure.
+    const l2 = Number(bytes.readBigUInt64BE(header.l1TableOffset) & 0x00fffffffffffe00n);
+    const mapped = Buffer.alloc(8);
+    mapped.writeBigUInt64BE(BigInt(target) | (1n << 63n));
+    const fd = await openFile(file, 'r+');
+    await fd.write(mapped, 0, 8, l2);
+    await fd.close();
+    const before = (await readFile(file)).subarray(target, target + 65536);
+    const image = await open(file);
+    const error = await t.throwsAsync<Qcow2Error>(image.write(Buffer.alloc(4096, 2), 0));
+    t.is(error?.code, ErrorCodes.CORRUPT, structure);
+    t.true(error?.message.includes(`overlaps with ${structure}`), error?.message);
+    // The bitmaps cannot be stored by an image marked corrupt: the close says so, and they stay in use.
+    await t.throwsAsync(image.close(), { code: ErrorCodes.CORRUPT });
+    t.true((await readFile(file)).subarray(target, target + 65536).equals(before), `${structure} unchanged`);
+    t.deepEqual((await bitmapStates(file)).map((s) => s.flags), [3]);
+  }
+});
