@@ -202,27 +202,35 @@ async function setInUse(file: string, name: string): Promise<void> {
   throw new Error(`no bitmap ${name}`);
 }
 
-/** Start a writer on `file` that writes and then waits; resolves once the write is done, with the process. */
-function startWriter(program: string, args: string[]): Promise<ReturnType<typeof spawn>> {
+/** Start a writer; resolves with the process once `ready` (polled) says it is mid-session. */
+function startWriter(program: string, args: string[], ready: (out: string) => Promise<boolean>): Promise<ReturnType<typeof spawn>> {
   return new Promise((resolve, reject) => {
     const child = spawn(program, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
-    child.stdout!.on('data', (chunk: Buffer) => {
-      out += chunk.toString();
-      if (out.includes('wrote')) resolve(child);
-    });
+    child.stdout!.on('data', (chunk: Buffer) => (out += chunk.toString()));
     child.on('error', reject);
-    child.on('exit', (code) => reject(new Error(`${program} exited ${code} before writing: ${out}`)));
+    child.on('exit', (code) => reject(new Error(`${program} exited ${code} before it was killed: ${out}`)));
+    const poll = async (): Promise<void> => {
+      if (await ready(out)) resolve(child);
+      else setTimeout(() => void poll().catch(reject), 20);
+    };
+    void poll().catch(reject);
   });
+}
+
+/** The bitmaps of `file` are marked in use (a writer has it open), and stay readable while it runs. */
+async function inUse(file: string): Promise<boolean> {
+  const states = await bitmapStates(file).catch(() => []);
+  return states.length > 0 && states.every((s) => (s.flags & 1) !== 0);
 }
 
 test('a writer killed with SIGKILL leaves every consistent bitmap in use, as qemu does', async (t) => {
   const files = await twins(t, '10M', [['auto'], ['-g', '128k', '--disable', 'off']]);
   const commands = ['-c', 'write 0 4k', '-c', 'sleep 60000'];
   const writers = await Promise.all([
-    // Line-buffered, so that qemu-io's "wrote" arrives before it sleeps.
-    startWriter('stdbuf', ['-oL', 'qemu-io', '-f', 'qcow2', ...commands, files.theirs]),
-    startWriter(process.execPath, [CLI, 'io', '-f', 'qcow2', ...commands, files.ours]),
+    // qemu-io's output to a pipe is block-buffered: its bitmaps being marked in use says it is running.
+    startWriter('qemu-io', ['-f', 'qcow2', ...commands, files.theirs], () => inUse(files.theirs)),
+    startWriter(process.execPath, [CLI, 'io', '-f', 'qcow2', ...commands, files.ours], async (out) => out.includes('wrote')),
   ]);
   await Promise.all(
     writers.map((w) => new Promise((resolve) => {
