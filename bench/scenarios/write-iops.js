@@ -10,7 +10,9 @@
  *   preallocation=falloc (twins reused by every pair; one untimed qemu-img bench run on each first,
  *   so that both sides write over blocks the file system has already written once).
  * empty: 4 KiB writes, 16 in flight, -S 65536 -c 20000 (every write allocates a cluster), into a
- *   4 GiB image created afresh for each run.
+ *   4 GiB image created afresh for each run: before each pair both twins are deleted and made again,
+ *   then the script waits SETTLE_MS, because deleting the last pair's 1.3 GiB files (20,000 extents
+ *   each) keeps ext4 and the disk busy for a few seconds (online discard), whichever side runs next.
  * Each pair prints both sides' times (the "Run completed in" line: requests only, as qemu-img
  * times them), IOPS, CPU time of the whole process, the ratio of IOPS (ours / qemu-img's) and the
  * 1-minute load average before the pair; then the median and range of the ratios. At the end each of
@@ -46,6 +48,9 @@ const WORKLOADS = {
     target: 4,
   },
 };
+
+/** Pause after deleting and creating the empty twins, before a pair (see the header). */
+const SETTLE_MS = 6000;
 
 const log = (line) => process.stderr.write(`${line}\n`);
 
@@ -113,13 +118,15 @@ async function runWorkload(id, pairs) {
       }
     }
     for (let pair = 0; pair < pairs; pair++) {
-      const before = load();
       const order = pair % 2 === 0 ? ['ours', 'theirs'] : ['theirs', 'ours'];
       const result = {};
-      for (const side of order) {
-        if (w.fresh) await createImage(files[side], w);
-        result[side] = await benchRun(tools[side], w, files[side]);
+      if (w.fresh) {
+        for (const side of order) await createImage(files[side], w);
+        await mustRun(['sync']);
+        await new Promise((resolve) => setTimeout(resolve, SETTLE_MS));
       }
+      const before = load();
+      for (const side of order) result[side] = await benchRun(tools[side], w, files[side]);
       const iops = { ours: w.count / result.ours.seconds, theirs: w.count / result.theirs.seconds };
       const ratio = iops.ours / iops.theirs;
       ratios.push(ratio);
