@@ -362,7 +362,8 @@ class Engine {
   Status ReadBacking(uint8_t* buf, uint64_t len, GuestOffset at);
   /// PlanDirectWrite() for clusters held alone: some need fresh clusters, allocated here under metaMu_.
   bool PlanDirectAllocation(const uint8_t* buf, uint64_t len, GuestOffset at, DirectWrite* plan);
-  /// Add the host pieces of `plans` to `plan`; false when they do not fit or the file cannot take them as they are.
+  /// Fill `plan` with the host pieces of `plans` (contiguous ones merged), then claim them in the file:
+  /// false, holding nothing, when the file cannot take them as they are.
   bool AddDirectPieces(const uint8_t* buf, uint64_t len, GuestOffset at, const std::vector<ClusterPlan>& plans,
                        DirectWrite* plan);
   /// Whoever holds resizeMu_ alone to keep every request out (resize, snapshot changes) waits here
@@ -476,6 +477,7 @@ struct Engine::ClusterPlan {
 };
 
 struct Engine::DirectWrite {
+  /// Guest clusters (so host pieces) one direct write may span; longer requests take the pool.
   static constexpr size_t kMaxPieces = 8;
   /// `length` bytes of the request from `at` go to host offset `host` of `file`.
   struct Piece {

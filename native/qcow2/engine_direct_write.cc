@@ -101,19 +101,8 @@ bool Engine::PlanDirectAllocation(const uint8_t* buf, uint64_t len, GuestOffset 
   }
   plan->allocating = true;
   // Allocated now: from here on the data goes to these clusters, through the ring or, when the
-  // file cannot take the pieces as they are, by the caller's fallback write.
-  if (!AddDirectPieces(buf, len, at, plans, plan)) {
-    plan->count = 0;
-    uint64_t host = 0;
-    for (size_t i = 0; i < plans.size(); i++) {
-      const uint64_t start = (plan->first + i) << g.clusterBits;
-      const uint64_t from = std::max(start, at.value), to = std::min(start + g.clusterSize, at.value + len);
-      host = plans[i].host + (from - start);
-      plan->pieces[plan->count++] = {from - at.value, to - from, host};
-    }
-    plan->fd = -1;
-    plan->file = &DataFile();
-  }
+  // file cannot take the pieces as they are (fd -1), by the caller's fallback write.
+  if (!AddDirectPieces(buf, len, at, plans, plan)) plan->fd = -1;
   return true;
 }
 
@@ -124,7 +113,6 @@ bool Engine::AddDirectPieces(const uint8_t* buf, uint64_t len, GuestOffset at, c
   plan->count = 0;
   plan->file = &file;
   plan->fd = file.fd();
-  if (plan->fd < 0) return false;
   for (size_t i = 0; i < plans.size(); i++) {
     const uint64_t start = (plan->first + i) << g.clusterBits;
     const uint64_t from = std::max(start, at.value), to = std::min(start + g.clusterSize, at.value + len);
@@ -136,6 +124,7 @@ bool Engine::AddDirectPieces(const uint8_t* buf, uint64_t len, GuestOffset at, c
       plan->pieces[plan->count++] = {from - at.value, to - from, host};
     }
   }
+  if (plan->fd < 0) return false;
   for (size_t i = 0; i < plan->count; i++) {
     const DirectWrite::Piece& p = plan->pieces[i];
     // Host offsets written in place come from disk: never onto metadata (the pool path says why and marks the image).
