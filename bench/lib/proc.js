@@ -197,4 +197,18 @@ function shellQuote(argv) {
   return argv.map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`)).join(' ');
 }
 
-module.exports = { ROOT, CLI, hasGnuTime, splitCommand, resolveCommand, toArgv, runMeasured, runChecked, dropCaches, shellQuote };
+/**
+ * Delete `file` and let the disk settle (untimed): on a file system mounted with `discard`, freeing
+ * a large, fragmented output sends thousands of discards at the next journal commit, and they
+ * would otherwise land on whichever command runs next. `sync` forces that commit; the pause lets
+ * the discards drain.
+ */
+async function removeAndSettle(file, pauseMs = 5000) {
+  const existed = fs.existsSync(file);
+  fs.rmSync(file, { force: true });
+  if (!existed) return;
+  spawnSync('sync', [], { stdio: 'ignore' });
+  await new Promise((resolve) => setTimeout(resolve, pauseMs));
+}
+
+module.exports = { ROOT, CLI, hasGnuTime, splitCommand, resolveCommand, toArgv, runMeasured, runChecked, dropCaches, shellQuote, removeAndSettle };

@@ -18,7 +18,7 @@ const { BENCH_DIR, benchDirUsage, benchPath, cleanBenchDir } = require('../lib/b
 const { compareCommands } = require('../lib/compare.js');
 const { runFioJob, runFioTogether, STANDARD_JOBS } = require('../lib/fio.js');
 const { GiB, MiB, agedQcow2, compressedQcow2, fullQcow2 } = require('../lib/fixtures.js');
-const { dropCaches, runChecked, runMeasured, toArgv } = require('../lib/proc.js');
+const { dropCaches, removeAndSettle, runChecked, runMeasured, toArgv } = require('../lib/proc.js');
 const { formatBytes, formatCount, formatKiB, formatMs, formatRatio, markdownTable, median, printTable } = require('../lib/stats.js');
 
 const USAGE =
@@ -91,7 +91,7 @@ async function convertScenario(id, title, image, maxRatio, options, memory, kind
       dropCaches: options.dropCaches,
       watch: diskWatch,
       log,
-      before: async (side) => fs.rmSync(side === 'ours' ? outOurs : outTheirs, { force: true }),
+      before: (side) => removeAndSettle(side === 'ours' ? outOurs : outTheirs),
     });
     const same = result.ours.failed ? '' : await compareOutputs(outOurs, outTheirs);
     memory.push({ what: title, kind, imageSize: fileSizes(image), kib: result.ours.maxRssKiB, failed: result.ours.failed });

@@ -21,7 +21,7 @@ const { BENCH_DIR, benchDirUsage, benchPath } = require('../lib/benchdir.js');
 const { compareCommands } = require('../lib/compare.js');
 const { runFioJob, runFioTogether, STANDARD_JOBS } = require('../lib/fio.js');
 const { GiB, MiB, halfCompressibleRaw, randomRaw } = require('../lib/fixtures.js');
-const { dropCaches, runMeasured } = require('../lib/proc.js');
+const { dropCaches, removeAndSettle, runMeasured } = require('../lib/proc.js');
 const { formatKiB, formatMs, formatRatio, markdownTable, printTable } = require('../lib/stats.js');
 
 const USAGE = 'usage: node bench/scenarios/write-path.js [--runs N] [--only ID,ID] [--small] [--no-drop-caches] [--markdown]';
@@ -93,8 +93,8 @@ async function convertScenario(id, title, source, extra, maxRatio, options) {
       watch: diskWatch,
       log,
       before: async (side) => {
+        await removeAndSettle(out[side]);
         loads.push(load());
-        fs.rmSync(out[side], { force: true });
       },
     });
     const problem = result.ours.failed || result.theirs.failed ? '' : await verifyOutputs(out.ours, out.theirs);
