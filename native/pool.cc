@@ -11,6 +11,14 @@ Napi::Error MakeError(Napi::Env env, const Status& status) {
   return error;
 }
 
+void SettleVoid(Napi::Env env, Napi::Promise::Deferred& deferred, const Status& status) {
+  if (status.ok()) {
+    deferred.Resolve(env.Undefined());
+  } else {
+    deferred.Reject(MakeError(env, status).Value());
+  }
+}
+
 void PromiseJob::Complete(Napi::Env env) {
   if (!status.ok()) {
     deferred_.Reject(MakeError(env, status).Value());

@@ -70,6 +70,8 @@ class Pool {
 
 /// Build the JS Error for a failed status: message plus a `code` property.
 Napi::Error MakeError(Napi::Env env, const Status& status);
+/// Settle `deferred`: resolved with undefined when `status` is ok, else rejected with its error.
+void SettleVoid(Napi::Env env, Napi::Promise::Deferred& deferred, const Status& status);
 
 /// The per-environment addon state.
 struct AddonData {

@@ -44,11 +44,7 @@ void PieceDone(Napi::Env env, PieceRead* piece, const Status& status) {
   if (!status.ok() && request->status.ok()) request->status = status;
   if (--request->remaining > 0) return;
   request->engine->EndRead();
-  if (request->status.ok()) {
-    request->deferred.Resolve(env.Undefined());
-  } else {
-    request->deferred.Reject(MakeError(env, request->status).Value());
-  }
+  SettleVoid(env, request->deferred, request->status);
   delete request;
 }
 
@@ -93,11 +89,7 @@ struct PendingWrite : RingOp {
 
   /// Settle the promise and free the request (JS thread).
   void Settle(Napi::Env env, const Status& status) {
-    if (status.ok()) {
-      deferred.Resolve(env.Undefined());
-    } else {
-      deferred.Reject(MakeError(env, status).Value());
-    }
+    SettleVoid(env, deferred, status);
     delete this;
   }
 

@@ -29,11 +29,7 @@ struct EngineWrite {
 
   /// Settle the promise and free the request.
   void Settle(Napi::Env env, const Status& status) {
-    if (status.ok()) {
-      deferred.Resolve(env.Undefined());
-    } else {
-      deferred.Reject(MakeError(env, status).Value());
-    }
+    SettleVoid(env, deferred, status);
     delete this;
   }
 

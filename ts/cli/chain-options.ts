@@ -26,7 +26,7 @@ export function parseChainCommand(argv: string[], spec: ArgSpec, usage: string):
   return args;
 }
 
-/** --object and --image-opts (secrets, option strings instead of file names) are not implemented: say so instead of ignoring them. */
+/** --object and --image-opts (secrets, option strings instead of file names) are refused with an error naming them, never ignored. */
 export function refuseObjectOptions(args: ParsedArgs): void {
   for (const name of ['object', 'image-opts']) {
     if (hasFlag(args, name)) throw new Qcow2Error(ErrorCodes.UNSUPPORTED, `--${name} is not supported`);
