@@ -20,6 +20,7 @@ const { runFioJob, runFioTogether, STANDARD_JOBS } = require('../lib/fio.js');
 const { GiB, MiB, agedQcow2, compressedQcow2, fullQcow2 } = require('../lib/fixtures.js');
 const { dropCaches, removeAndSettle, runChecked, runMeasured, toArgv } = require('../lib/proc.js');
 const { formatBytes, formatCount, formatKiB, formatMs, formatRatio, markdownTable, median, printTable } = require('../lib/stats.js');
+const { checkScenarioOptions } = require('../lib/options.js');
 
 const USAGE =
   'usage: node bench/scenarios/read-path.js [--runs N] [--only ID,ID] [--small] [--no-drop-caches] [--markdown] [--read-count N] [--clean]';
@@ -42,10 +43,7 @@ function parseCommandLine(argv) {
     else if (arg === '-h' || arg === '--help') return null;
     else throw new Error(`unknown argument '${arg}'\n${USAGE}`);
   }
-  const unknown = options.only.filter((id) => !ALL.includes(id));
-  if (unknown.length) throw new Error(`unknown scenario ${unknown.join(', ')} (known: ${ALL.join(', ')})`);
-  if (!Number.isSafeInteger(options.runs) || options.runs <= 0) throw new Error(`--runs needs a positive integer, got ${options.runs}`);
-  return options;
+  return checkScenarioOptions(options, { known: ALL, what: 'scenario', countName: '--runs', count: options.runs });
 }
 
 /** Image sizes of the real scenarios, or of the --small trial. */

@@ -25,6 +25,7 @@ const os = require('node:os');
 const { benchPath } = require('../lib/benchdir.js');
 const { runMeasured } = require('../lib/proc.js');
 const { formatRatio, markdownTable, median, printTable } = require('../lib/stats.js');
+const { checkScenarioOptions } = require('../lib/options.js');
 
 const USAGE = 'usage: node bench/scenarios/write-iops.js [--pairs N] [--only prealloc,empty] [--markdown]';
 
@@ -64,10 +65,7 @@ function parseCommandLine(argv) {
     else if (arg === '-h' || arg === '--help') return null;
     else throw new Error(`unknown argument '${arg}'\n${USAGE}`);
   }
-  const unknown = options.only.filter((id) => !(id in WORKLOADS));
-  if (unknown.length) throw new Error(`unknown workload ${unknown.join(', ')} (known: ${Object.keys(WORKLOADS).join(', ')})`);
-  if (!Number.isSafeInteger(options.pairs) || options.pairs <= 0) throw new Error(`--pairs needs a positive integer, got ${options.pairs}`);
-  return options;
+  return checkScenarioOptions(options, { known: Object.keys(WORKLOADS), what: 'workload', countName: '--pairs', count: options.pairs });
 }
 
 /** The 1-minute load average: other work on the machine skews every figure. */

@@ -23,6 +23,7 @@ const { runFioJob, runFioTogether, STANDARD_JOBS } = require('../lib/fio.js');
 const { GiB, MiB, halfCompressibleRaw, randomRaw } = require('../lib/fixtures.js');
 const { dropCaches, removeAndSettle, runMeasured } = require('../lib/proc.js');
 const { formatKiB, formatMs, formatRatio, markdownTable, printTable } = require('../lib/stats.js');
+const { checkScenarioOptions } = require('../lib/options.js');
 
 const USAGE = 'usage: node bench/scenarios/write-path.js [--runs N] [--only ID,ID] [--small] [--no-drop-caches] [--markdown]';
 const ALL = ['convert-random', 'convert-zlib', 'convert-zstd', 'fio'];
@@ -43,10 +44,7 @@ function parseCommandLine(argv) {
     else if (arg === '-h' || arg === '--help') return null;
     else throw new Error(`unknown argument '${arg}'\n${USAGE}`);
   }
-  const unknown = options.only.filter((id) => !ALL.includes(id));
-  if (unknown.length) throw new Error(`unknown scenario ${unknown.join(', ')} (known: ${ALL.join(', ')})`);
-  if (!Number.isSafeInteger(options.runs) || options.runs <= 0) throw new Error(`--runs needs a positive integer, got ${options.runs}`);
-  return options;
+  return checkScenarioOptions(options, { known: ALL, what: 'scenario', countName: '--runs', count: options.runs });
 }
 
 /** Source sizes of the real scenarios, or of the --small trial. */
