@@ -5,7 +5,7 @@ import path from 'node:path';
 import test, { ExecutionContext } from 'ava';
 
 import { ErrorCodes, amend, readHeader } from '../ts/index.js';
-import { mapShape, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
+import { headerFacts, mapShape, qemuImg, qemuIo, runProgram, tempDir } from './helpers/qemu.js';
 import { runTwin, twinDirs } from './helpers/twin.js';
 
 type Dirs = { theirs: string; ours: string };
@@ -29,23 +29,6 @@ async function twinImages(t: ExecutionContext): Promise<Dirs> {
   const dirs = await twinDirs(await tempDir(t));
   await Promise.all([makeImages(dirs.theirs), makeImages(dirs.ours)]);
   return dirs;
-}
-
-/** What qemu-img info says of a header. */
-async function headerFacts(file: string): Promise<unknown> {
-  const info = JSON.parse(await qemuImg('info', '--output=json', '-U', file)) as Record<string, unknown>;
-  const specific = (info['format-specific'] as { data?: Record<string, unknown> } | undefined)?.data ?? {};
-  return {
-    backing: info['backing-filename'],
-    backingFormat: info['backing-filename-format'],
-    size: info['virtual-size'],
-    dirty: info['dirty-flag'],
-    compat: specific.compat,
-    lazy: specific['lazy-refcounts'],
-    refcountBits: specific['refcount-bits'],
-    dataFile: specific['data-file'],
-    dataFileRaw: specific['data-file-raw'],
-  };
 }
 
 /** Run `amend ARGS` with both tools; outputs, exit codes, and the header, content and allocation of `image` must agree. */

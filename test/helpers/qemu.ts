@@ -88,3 +88,20 @@ export async function mapShape(file: string): Promise<string> {
   }
   return JSON.stringify(runs);
 }
+
+/** What qemu-img info says of an image's header: backing file and format, size, flags, format-specific facts. */
+export async function headerFacts(file: string): Promise<Record<string, unknown>> {
+  const info = JSON.parse(await qemuImg('info', '--output=json', '-U', file)) as Record<string, unknown>;
+  const specific = (info['format-specific'] as { data?: Record<string, unknown> } | undefined)?.data ?? {};
+  return {
+    backing: info['backing-filename'],
+    backingFormat: info['backing-filename-format'],
+    size: info['virtual-size'],
+    dirty: info['dirty-flag'],
+    compat: specific.compat,
+    lazy: specific['lazy-refcounts'],
+    refcountBits: specific['refcount-bits'],
+    dataFile: specific['data-file'],
+    dataFileRaw: specific['data-file-raw'],
+  };
+}
